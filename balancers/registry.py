@@ -1,0 +1,41 @@
+"""Look up balancers by name (used by the experiment runner and configuration files)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch.optim import Optimizer
+
+from mtl import BalancedOptimizer
+
+__all__ = ["BALANCERS", "balancer_class", "make_balancer"]
+
+#: name -> "module:Class" (imported lazily)
+BALANCERS: dict[str, str] = {
+    "equal": "balancers.equal:EqualWeight",
+    "mgda": "balancers.mgda:MGDA",
+    "multibalance": "balancers.multibalance:MultiBalance",
+    "gradops": "balancers.gradops:GradOPS",
+    "pcgrad": "balancers.pcgrad:PCGrad",
+    "marigold": "balancers.marigold:MARIGOLD",
+}
+
+_ALIASES = {"equalweight": "equal", "ew": "equal", "mgda-ub": "mgda", "mgda_ub": "mgda"}
+
+
+def balancer_class(name: str) -> type[BalancedOptimizer]:
+    """The balancer class registered under ``name`` (case-insensitive)."""
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    if key not in BALANCERS:
+        raise ValueError(f"unknown balancer {name!r}; choose from {sorted(BALANCERS)}")
+    module, cls = BALANCERS[key].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_balancer(
+    name: str, optimizer: Optimizer, num_tasks: int | None = None, **options: Any
+) -> BalancedOptimizer:
+    """Instantiate a balancer by name: ``make_balancer("mgda", Adam(...), 2, normalization="l2")``."""
+    return balancer_class(name)(optimizer, num_tasks, **options)

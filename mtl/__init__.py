@@ -1,0 +1,13 @@
+"""mtl: multi-task gradient balancing for PyTorch ranking models (core).
+
+The public entry points are :class:`BalancedOptimizer` (subclassed by every method in
+:mod:`balancers`) and :class:`BalanceInfo`; models live in :mod:`mtl.models`, metrics in
+:mod:`mtl.metrics`.
+"""
+
+from ._graph import depends_on, gram_matrix
+from ._info import BalanceInfo, NonFiniteError
+from ._optimizer import BalancedOptimizer
+
+__all__ = ["BalanceInfo", "BalancedOptimizer", "NonFiniteError", "depends_on", "gram_matrix"]
+__version__ = "0.1.0"

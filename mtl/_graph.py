@@ -1,0 +1,59 @@
+"""Autograd-graph utilities: dependency checks and Gram matrices of task gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["depends_on", "gram_matrix"]
+
+
+def _node_of(t: Tensor) -> object | None:
+    """The autograd node that receives ``t``'s gradient (grad_fn, or AccumulateGrad for leaves)."""
+    if t.grad_fn is not None:
+        return t.grad_fn
+    if t.requires_grad:
+        # A leaf: its AccumulateGrad node is reachable through an expand view.
+        return t.view_as(t).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+    return None
+
+
+def depends_on(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
+    """For each output, whether its autograd graph reaches any of ``inputs``.
+
+    A walk over the graph (no gradient is computed): a loss like ``0 * z`` depends on ``z``,
+    a loss computed from ``z.detach()`` does not. Shared sub-graphs are visited once.
+    """
+    targets = {id(n) for n in (_node_of(t) for t in inputs) if n is not None}
+    memo: dict[int, bool] = {}
+
+    def reaches(root: object | None) -> bool:
+        if root is None:
+            return False
+        stack: list[tuple[object, bool]] = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            key = id(node)
+            if key in memo and not expanded:
+                continue
+            if key in targets:
+                memo[key] = True
+                continue
+            children = [c for c, _ in getattr(node, "next_functions", ()) if c is not None]
+            if expanded:
+                memo[key] = any(memo.get(id(c), False) for c in children)
+                continue
+            memo[key] = False  # provisional; graphs are acyclic
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in memo)
+        return memo[id(root)]
+
+    return [reaches(o.grad_fn) for o in outputs]
+
+
+def gram_matrix(rows: Tensor) -> Tensor:
+    """Float64 Gram matrix ``rows @ rows.T`` of a ``(K, N)`` matrix of flattened gradients."""
+    r = rows if rows.dtype == torch.float64 else rows.to(torch.float64)
+    return r @ r.T

@@ -1,0 +1,689 @@
+"""``BalancedOptimizer``: a ``torch.optim.Optimizer`` wrapper that balances task gradients.
+
+One training step (see DESIGN.md, "One training step")::
+
+    x --trunk--> z (balance point) --heads--> L_1 .. L_K
+    representation level:  h_k = dL_k/dz through the heads only (K cheap backward passes)
+    parameter level:       g_k = dL_k/d(theta_shared) (K backward passes)
+    Gram M_ij = <h_i, h_j> (float64)  -->  balancer  -->  coefficients c in R^K
+    representation level:  ONE ordinary backward in which z's incoming gradient is replaced by
+                           sum_k c_k h_k (the trunk gets exactly grad of sum_k c_k L_k)
+    parameter level:       sum_k c_k g_k into the shared parameters' .grad
+    heads: their own task's gradient (unweighted unless ``weight_heads=True``)
+    inner optimizer step
+
+Subclasses implement :meth:`BalancedOptimizer._compute_weights`, a function of the Gram matrix
+and the losses; the plumbing lives here once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._graph import depends_on, gram_matrix
+from ._info import BalanceInfo, NonFiniteError
+
+__all__ = ["BalancedOptimizer"]
+
+_NONFINITE_MODES = ("raise", "skip")
+_GRAD_MODES = ("loop", "batched")
+
+
+class BalancedOptimizer(Optimizer):
+    """Wrap any ``torch.optim.Optimizer`` and balance the task gradients on the shared part.
+
+    The wrapper is itself an ``Optimizer`` whose ``param_groups``, ``state`` and ``defaults`` ARE
+    the inner optimizer's (forwarded, never copied), so LR schedulers, ``torch.amp.GradScaler``,
+    ``clip_grad_norm_`` and gradient accumulation work unchanged.
+
+    This base class applies fixed coefficients of one (the plain sum); subclasses override
+    :meth:`_compute_weights`.
+
+    Args:
+        optimizer: the inner optimizer, over all model parameters (trunk and heads).
+        num_tasks: K; inferred from the first call to :meth:`backward` when ``None``.
+        task_names: names used in error messages and diagnostics (default ``task 0`` ...).
+        weight_heads: when ``True`` the heads receive ``c_k * grad L_k`` too; by default
+            (``False``) each head receives its own task's unweighted gradient.
+        on_nonfinite: ``"raise"`` (default): a NaN/inf loss or gradient raises
+            :class:`~mtl.NonFiniteError` naming the task; ``"skip"``: no gradient is written, the
+            balancer state is left untouched, the next :meth:`step` is skipped and
+            ``num_skipped`` is incremented.
+        grad_mode: how the K representation gradients are computed: ``"loop"`` (default, K
+            ``autograd.grad`` calls through the heads; fastest on CPU) or ``"batched"`` (one
+            vmapped call with ``is_grads_batched=True``).
+        process_group: under ``torch.distributed`` with more than one rank, the Gram matrix and
+            the losses are all-reduced so every rank computes identical coefficients.
+            ``"auto"`` (default) uses the default group when one is initialized; ``None``
+            turns the reduction off; or pass a ``ProcessGroup``.
+        compute_gram: force the Gram matrix to be computed (for diagnostics) by methods that do
+            not need it. ``None`` = the method's default.
+    """
+
+    #: whether the method needs per-task gradients and their Gram matrix.
+    requires_gram: ClassVar[bool] = True
+    #: whether the method computes one set of weights per block (representation tensor or
+    #: shared parameter tensor) rather than one for the whole shared part.
+    per_block: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        num_tasks: int | None = None,
+        *,
+        task_names: Sequence[str] | None = None,
+        weight_heads: bool = False,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        grad_mode: Literal["loop", "batched"] = "loop",
+        process_group: Any = "auto",
+        compute_gram: bool | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, BalancedOptimizer):
+            raise TypeError("optimizer is already a BalancedOptimizer; wrap the inner optimizer")
+        if num_tasks is not None:
+            if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+                raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        if task_names is not None:
+            task_names = [str(n) for n in task_names]
+            if num_tasks is None:
+                num_tasks = len(task_names)
+            elif len(task_names) != num_tasks:
+                raise ValueError(
+                    f"task_names has {len(task_names)} names but num_tasks={num_tasks}"
+                )
+        if on_nonfinite not in _NONFINITE_MODES:
+            raise ValueError(
+                f"on_nonfinite must be one of {_NONFINITE_MODES}, got {on_nonfinite!r}"
+            )
+        if grad_mode not in _GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {_GRAD_MODES}, got {grad_mode!r}")
+
+        self.optimizer = optimizer
+        self.num_tasks: int | None = num_tasks
+        self.task_names: list[str] | None = task_names
+        self.weight_heads = bool(weight_heads)
+        self.on_nonfinite = on_nonfinite
+        self.grad_mode = grad_mode
+        self.process_group = process_group
+        self.compute_gram = self.requires_gram if compute_gram is None else bool(compute_gram)
+        #: balancer state saved by state_dict (moving averages, weights...); subclasses fill it.
+        self.balancer_state: dict[str, Any] = {}
+        self.num_steps = 0  # balanced backward passes that updated the balancer
+        self.num_skipped = 0  # steps skipped because of a non-finite loss or gradient
+        self._skip_next_step = False
+
+        # What torch.optim.Optimizer.__init__ would set up, minus param_groups/state/defaults
+        # (forwarded to the inner optimizer below).
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ forwarding
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Step the inner optimizer, unless the last balanced backward was skipped."""
+        if self._skip_next_step:
+            self._skip_next_step = False
+            return None
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        inner = repr(self.optimizer).replace("\n", "\n    ")
+        return f"{type(self).__name__}(num_tasks={self.num_tasks}, {self._repr_options()})\n    {inner}"
+
+    def _repr_options(self) -> str:
+        return f"weight_heads={self.weight_heads}"
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner optimizer's state dict plus a ``"balancer"`` entry with the balancer state."""
+        sd = self.optimizer.state_dict()
+        sd["balancer"] = {
+            "method": type(self).__name__,
+            "num_tasks": self.num_tasks,
+            "num_steps": self.num_steps,
+            "num_skipped": self.num_skipped,
+            "skip_next_step": self._skip_next_step,
+            "state": _clone(self._balancer_state_dict()),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load what :meth:`state_dict` returned (a plain inner-optimizer dict is accepted too)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        sd = dict(state_dict)
+        bal = sd.pop("balancer", None)
+        if bal is not None:
+            if bal.get("method") != type(self).__name__:
+                raise ValueError(
+                    f"state_dict was saved by {bal.get('method')}, cannot load into "
+                    f"{type(self).__name__}"
+                )
+            k = bal.get("num_tasks")
+            if k is not None and self.num_tasks is not None and k != self.num_tasks:
+                raise ValueError(
+                    f"state_dict has num_tasks={k} but this optimizer has num_tasks={self.num_tasks}"
+                )
+        self.optimizer.load_state_dict(sd)
+        if bal is not None:
+            if bal.get("num_tasks") is not None:
+                self.num_tasks = bal["num_tasks"]
+            self.num_steps = int(bal["num_steps"])
+            self.num_skipped = int(bal["num_skipped"])
+            self._skip_next_step = bool(bal.get("skip_next_step", False))
+            self._load_balancer_state_dict(_clone(bal["state"]))
+
+    def _balancer_state_dict(self) -> dict[str, Any]:
+        """Balancer state to checkpoint; override when it holds more than ``balancer_state``."""
+        return self.balancer_state
+
+    def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
+        self.balancer_state = state
+
+    # ------------------------------------------------------------------ the method
+    def _compute_weights(
+        self, gram: Tensor | None, losses: Tensor, block_grams: Tensor | None
+    ) -> Tensor:
+        """Coefficients for the task gradients.
+
+        Args:
+            gram: ``(K, K)`` float64 Gram matrix of the task gradients (summed over blocks), or
+                ``None`` when ``compute_gram`` is off.
+            losses: ``(K,)`` float64 detached losses.
+            block_grams: ``(blocks, K, K)`` per-block Gram matrices, or ``None``.
+
+        Returns:
+            ``(K,)`` coefficients, or ``(blocks, K)`` for per-block methods. The base class
+            returns ones (the plain sum).
+        """
+        return torch.ones_like(losses)
+
+    def _extras(self) -> dict[str, Any]:
+        """Method-specific diagnostics of the last call, reported in ``BalanceInfo.extras``."""
+        return {}
+
+    # ------------------------------------------------------------------ backward
+    def backward(
+        self,
+        losses: Sequence[Tensor] | Tensor,
+        *,
+        representation: Tensor | Sequence[Tensor] | None = None,
+        shared_parameters: Iterable[Tensor] | None = None,
+    ) -> BalanceInfo:
+        """Balance the task gradients and write the combined gradient into ``.grad``.
+
+        Args:
+            losses: K scalar tensors (a sequence, or a 1-D tensor of length K).
+            representation: the balance point (a tensor every task loss depends on, or a
+                tuple/list of tensors treated as blocks). Exactly one of ``representation`` and
+                ``shared_parameters`` must be given.
+            shared_parameters: balance at the shared parameters instead (K backward passes).
+
+        Returns:
+            a :class:`~mtl.BalanceInfo`; gradients are accumulated into ``.grad`` (call
+            ``zero_grad()`` before, as with ``loss.backward()``).
+        """
+        task_losses = self._check_losses(losses)
+        if (representation is None) == (shared_parameters is None):
+            raise ValueError(
+                "pass exactly one of representation= and shared_parameters= "
+                f"(got {'both' if representation is not None else 'neither'})"
+            )
+        values = torch.stack([loss.detach().to(torch.float64) for loss in task_losses])
+        bad = self._nonfinite_tasks(values)
+        if representation is not None:
+            level: Literal["representation", "parameters"] = "representation"
+            blocks = self._check_representation(representation)
+        else:
+            level = "parameters"
+            blocks = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
+        if bad:
+            return self._nonfinite(level, values, "loss", bad)
+        if level == "representation":
+            return self._backward_representation(task_losses, values, blocks)
+        return self._backward_parameters(task_losses, values, blocks)
+
+    # -- checks
+    def _name(self, k: int) -> str:
+        if self.task_names is not None:
+            return f"task {k} ({self.task_names[k]!r})"
+        return f"task {k}"
+
+    def _check_losses(self, losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
+        if isinstance(losses, Tensor):
+            if losses.dim() != 1:
+                raise ValueError(
+                    "losses given as a tensor must be 1-D of length K, got shape "
+                    f"{tuple(losses.shape)}"
+                )
+            items = list(losses.unbind(0))
+        elif isinstance(losses, (list, tuple)):
+            items = list(losses)
+        else:
+            raise TypeError(
+                f"losses must be a sequence of scalar tensors or a 1-D tensor, got "
+                f"{type(losses).__name__}"
+            )
+        if len(items) == 0:
+            raise ValueError("losses is empty")
+        if self.num_tasks is None:
+            self.num_tasks = len(items)
+        if len(items) != self.num_tasks:
+            raise ValueError(f"expected {self.num_tasks} losses (num_tasks), got {len(items)}")
+        for k, loss in enumerate(items):
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"loss of {self._name(k)} is a {type(loss).__name__}, not a Tensor")
+            if loss.dim() != 0:
+                raise ValueError(
+                    f"loss of {self._name(k)} must be a scalar tensor, got shape {tuple(loss.shape)}"
+                    " (reduce it with .mean() or .sum())"
+                )
+            if not loss.requires_grad:
+                raise ValueError(f"loss of {self._name(k)} does not require grad")
+        return items
+
+    def _check_representation(self, representation: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        if isinstance(representation, Tensor):
+            blocks = [representation]
+        elif isinstance(representation, (list, tuple)) and len(representation) > 0:
+            blocks = list(representation)
+        else:
+            raise TypeError(
+                "representation must be a tensor or a non-empty tuple/list of tensors, got "
+                f"{type(representation).__name__}"
+            )
+        for b, z in enumerate(blocks):
+            where = "representation" if len(blocks) == 1 else f"representation block {b}"
+            if not isinstance(z, Tensor):
+                raise TypeError(f"{where} is a {type(z).__name__}, not a Tensor")
+            if not z.requires_grad:
+                raise ValueError(
+                    f"{where} does not require grad: it is detached from the trunk, so the "
+                    "shared layers would receive no gradient"
+                )
+            if z.grad_fn is None:
+                raise ValueError(
+                    f"{where} is a leaf tensor: nothing below it would receive the balanced "
+                    "gradient. Pass the output of the shared trunk, or use shared_parameters="
+                )
+        return blocks
+
+    def _check_parameters(self, shared_parameters: Iterable[Tensor]) -> list[Tensor]:
+        if isinstance(shared_parameters, Tensor):
+            raise TypeError(
+                "shared_parameters must be an iterable of parameters, got a single tensor "
+                "(wrap it in a list)"
+            )
+        params = list(shared_parameters)
+        if not params:
+            raise ValueError("shared_parameters is empty")
+        seen: set[int] = set()
+        managed = {id(p) for g in self.param_groups for p in g["params"]}
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"shared_parameters[{i}] is a {type(p).__name__}, not a Tensor")
+            if not p.requires_grad:
+                raise ValueError(f"shared_parameters[{i}] does not require grad")
+            if id(p) in seen:
+                raise ValueError(f"shared_parameters[{i}] appears twice")
+            if id(p) not in managed:
+                raise ValueError(
+                    f"shared_parameters[{i}] (shape {tuple(p.shape)}) is not managed by the inner "
+                    "optimizer, so it would never be updated"
+                )
+            seen.add(id(p))
+        return params
+
+    def _nonfinite_tasks(self, values: Tensor) -> list[int]:
+        if bool(torch.isfinite(values).all()):
+            return []
+        return [k for k in range(values.shape[0]) if not math.isfinite(float(values[k]))]
+
+    def _nonfinite(
+        self,
+        level: Literal["representation", "parameters"],
+        values: Tensor,
+        what: str,
+        bad: list[int],
+    ) -> BalanceInfo:
+        names = ", ".join(self._name(k) for k in bad)
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"non-finite {what} for {names}; pass on_nonfinite='skip' to skip such steps"
+            )
+        self.num_skipped += 1
+        self._skip_next_step = True
+        k = values.shape[0]
+        return BalanceInfo(
+            weights=torch.zeros(k, dtype=torch.float64),
+            losses=values,
+            gram=None,
+            level=level,
+            skipped=True,
+            extras={"reason": f"non-finite {what} for {names}"},
+        )
+
+    # -- distributed
+    def _group(self) -> tuple[bool, Any]:
+        """(active, group): whether losses and Gram matrices are all-reduced, and over what."""
+        if self.process_group is None or not dist.is_available() or not dist.is_initialized():
+            return False, None
+        group = None if self.process_group == "auto" else self.process_group
+        return dist.get_world_size(group) > 1, group
+
+    def _reduce(self, values: Tensor, block_grams: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Global losses (mean over ranks) and Gram matrices (sum over ranks / W^2).
+
+        With mean-reduced losses and DDP's averaged gradients, the global gradient of task k is
+        the mean of the ranks' gradients, so its Gram matrix is sum_r M_r / W^2.
+        """
+        active, group = self._group()
+        if not active:
+            return values, block_grams
+        world = dist.get_world_size(group)
+        parts = [values] if block_grams is None else [values, block_grams.reshape(-1)]
+        packed = torch.cat(parts)
+        dist.all_reduce(packed, group=group)
+        k = values.shape[0]
+        values = packed[:k] / world
+        if block_grams is not None:
+            block_grams = packed[k:].reshape(block_grams.shape) / world**2
+        return values, block_grams
+
+    # -- weights
+    def _weights(
+        self, values: Tensor, block_grams: Tensor | None, num_blocks: int
+    ) -> tuple[Tensor, Tensor | None]:
+        gram = None if block_grams is None else block_grams.sum(0)
+        weights = self._compute_weights(gram, values, block_grams)
+        k = values.shape[0]
+        if not isinstance(weights, Tensor):
+            weights = torch.as_tensor(weights, dtype=torch.float64)
+        weights = weights.detach().to(torch.float64)
+        if weights.shape not in ((k,), (num_blocks, k)):
+            raise RuntimeError(
+                f"{type(self).__name__}._compute_weights returned shape {tuple(weights.shape)}, "
+                f"expected ({k},) or ({num_blocks}, {k})"
+            )
+        if not bool(torch.isfinite(weights).all()):
+            raise NonFiniteError(f"{type(self).__name__} produced non-finite weights {weights}")
+        return weights, gram
+
+    def _block_weights(self, weights: Tensor, num_blocks: int) -> Tensor:
+        return weights.expand(num_blocks, -1) if weights.dim() == 1 else weights
+
+    def _head_coefficients(self, weights: Tensor) -> Tensor | None:
+        """Coefficients of the task losses in the head backward (None = plain sum)."""
+        if not self.weight_heads:
+            return None
+        return weights if weights.dim() == 1 else weights.mean(0)
+
+    def _check_gram(
+        self, level: Literal["representation", "parameters"], values: Tensor, block_grams: Tensor
+    ) -> BalanceInfo | None:
+        diag = block_grams.diagonal(dim1=-2, dim2=-1).sum(0)
+        bad = self._nonfinite_tasks(diag)
+        if not bad and not bool(torch.isfinite(block_grams).all()):
+            bad = list(range(values.shape[0]))
+        return self._nonfinite(level, values, "gradient", bad) if bad else None
+
+    # -- representation level
+    def _task_representation_grads(
+        self, losses: list[Tensor], blocks: list[Tensor]
+    ) -> list[list[Tensor]]:
+        """``grads[k][b] = dL_k / d blocks[b]``; raises for a loss that does not reach any block."""
+        k_tasks = len(losses)
+        if self.grad_mode == "batched":
+            stacked = torch.stack(losses)
+            eye = torch.eye(k_tasks, dtype=stacked.dtype, device=stacked.device)
+            per_block = torch.autograd.grad(
+                stacked,
+                blocks,
+                grad_outputs=eye,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            missing = [b for b, g in enumerate(per_block) if g is None]
+            if len(missing) == len(blocks):
+                self._raise_unreached(losses, blocks)
+            out = []
+            for k in range(k_tasks):
+                row = [
+                    torch.zeros_like(z) if g is None else g[k] for z, g in zip(blocks, per_block)
+                ]
+                out.append(row)
+            # a task that reaches no block has all-zero rows but must still be reported
+            reached = depends_on(losses, blocks)
+            if not all(reached):
+                self._raise_unreached(losses, blocks)
+            return out
+        out = []
+        for k, loss in enumerate(losses):
+            gs = torch.autograd.grad(loss, blocks, retain_graph=True, allow_unused=True)
+            if all(g is None for g in gs):
+                self._raise_unreached(losses, blocks, only=k)
+            out.append([torch.zeros_like(z) if g is None else g for z, g in zip(blocks, gs)])
+        return out
+
+    def _raise_unreached(
+        self, losses: list[Tensor], blocks: list[Tensor], only: int | None = None
+    ) -> None:
+        reached = depends_on(losses, blocks)
+        bad = [k for k, r in enumerate(reached) if not r] if only is None else [only]
+        names = ", ".join(self._name(k) for k in bad)
+        raise ValueError(
+            f"the loss of {names} does not depend on the representation: its graph never "
+            "reaches the given tensor (was it computed from a detached copy, or from another "
+            "tensor than the one the heads consume?)"
+        )
+
+    def _backward_representation(
+        self, losses: list[Tensor], values: Tensor, blocks: list[Tensor]
+    ) -> BalanceInfo:
+        if not self.compute_gram and self._plain_backward_is_exact():
+            return self._backward_plain(losses, values, blocks)
+        grads = self._task_representation_grads(losses, blocks)
+        rows = [
+            torch.stack([grads[k][b].reshape(-1) for k in range(len(losses))])
+            for b in range(len(blocks))
+        ]
+        block_grams = torch.stack([gram_matrix(r) for r in rows])
+        failed = self._check_gram("representation", values, block_grams)
+        if failed is not None:
+            return failed
+        values, block_grams = self._reduce(values, block_grams)
+        weights, gram = self._weights(values, block_grams, len(blocks))
+        bw = self._block_weights(weights, len(blocks))
+        combined = [
+            (bw[b].to(rows[b].dtype) @ rows[b]).view_as(blocks[b]) for b in range(len(blocks))
+        ]
+        handles = [z.register_hook(_replace_with(c)) for z, c in zip(blocks, combined)]
+        try:
+            _sum_backward(losses, self._head_coefficients(weights))
+        finally:
+            for h in handles:
+                h.remove()
+        self.num_steps += 1
+        return BalanceInfo(
+            weights=weights,
+            losses=values,
+            gram=gram,
+            level="representation",
+            block_grams=block_grams if len(blocks) > 1 else None,
+            extras=self._extras(),
+        )
+
+    def _plain_backward_is_exact(self) -> bool:
+        """Whether one plain backward of sum_k c_k L_k gives the balanced gradients.
+
+        True only for methods whose weights depend neither on gradients nor on losses (so they
+        are known before any backward pass) and that apply them to the heads too, or whose
+        weights are all one. Overridden by EqualWeight.
+        """
+        return False
+
+    def _backward_plain(
+        self, losses: list[Tensor], values: Tensor, blocks: list[Tensor]
+    ) -> BalanceInfo:
+        reached = depends_on(losses, blocks)
+        if not all(reached):
+            self._raise_unreached(losses, blocks)
+        values, _ = self._reduce(values, None)
+        weights, _ = self._weights(values, None, len(blocks))
+        _sum_backward(losses, weights)
+        self.num_steps += 1
+        return BalanceInfo(
+            weights=weights,
+            losses=values,
+            gram=None,
+            level="representation",
+            extras=self._extras(),
+        )
+
+    # -- parameter level
+    def _backward_parameters(
+        self, losses: list[Tensor], values: Tensor, params: list[Tensor]
+    ) -> BalanceInfo:
+        k_tasks = len(losses)
+        grads: list[list[Tensor]] = []
+        for k, loss in enumerate(losses):
+            gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            if all(g is None for g in gs):
+                raise ValueError(
+                    f"the loss of {self._name(k)} does not depend on any of the shared_parameters"
+                )
+            grads.append([_dense_grad(g, p) for g, p in zip(gs, params)])
+        rows = [
+            torch.stack([grads[k][i].reshape(-1) for k in range(k_tasks)])
+            for i in range(len(params))
+        ]
+        block_grams = torch.stack([gram_matrix(r) for r in rows])
+        failed = self._check_gram("parameters", values, block_grams)
+        if failed is not None:
+            return failed
+        values, block_grams = self._reduce(values, block_grams)
+        weights, gram = self._weights(values, block_grams, len(params))
+        bw = self._block_weights(weights, len(params))
+        shared = {id(p) for p in params}
+        heads = [
+            p
+            for g in self.param_groups
+            for p in g["params"]
+            if p.requires_grad and id(p) not in shared
+        ]
+        if heads:  # heads only: the trunk is not traversed again
+            _sum_backward(losses, self._head_coefficients(weights), inputs=heads)
+        for i, p in enumerate(params):
+            g = (bw[i].to(rows[i].dtype) @ rows[i]).view_as(p)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad = p.grad + g if p.grad.is_sparse else p.grad.add_(g)
+        self.num_steps += 1
+        return BalanceInfo(
+            weights=weights,
+            losses=values,
+            gram=gram,
+            level="parameters",
+            block_grams=block_grams,
+            extras=self._extras(),
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+def _replace_with(grad: Tensor) -> Callable[[Tensor], Tensor]:
+    def hook(_incoming: Tensor) -> Tensor:
+        return grad
+
+    return hook
+
+
+def _sum_backward(
+    losses: list[Tensor], coefficients: Tensor | None, inputs: list[Tensor] | None = None
+) -> None:
+    if coefficients is None or bool((coefficients == 1).all()):
+        total = losses[0]
+        for loss in losses[1:]:
+            total = total + loss
+    else:
+        cs = coefficients.tolist()
+        total = cs[0] * losses[0]
+        for c, loss in zip(cs[1:], losses[1:]):
+            total = total + c * loss
+    if inputs is None:
+        total.backward()
+    else:
+        total.backward(inputs=inputs)
+
+
+def _dense_grad(g: Tensor | None, p: Tensor) -> Tensor:
+    if g is None:
+        return torch.zeros_like(p, memory_format=torch.contiguous_format)
+    return g.to_dense() if g.is_sparse else g
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone(v) for v in obj)
+    return copy.deepcopy(obj)

@@ -1,0 +1,54 @@
+"""Input and output containers shared by every multi-task model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Features", "ModelOutput"]
+
+
+class Features(NamedTuple):
+    """A batch of tabular inputs.
+
+    Attributes:
+        numeric: float tensor of shape ``(B, n_numeric)``, or ``None`` when there is no numeric
+            feature.
+        categorical: int64 tensor of shape ``(B, n_categorical)`` holding category ids in
+            ``[0, cardinality)`` per column, or ``None`` when there is no categorical feature.
+    """
+
+    numeric: Tensor | None
+    categorical: Tensor | None
+
+    @property
+    def batch_size(self) -> int:
+        t = self.numeric if self.numeric is not None else self.categorical
+        if t is None:
+            raise ValueError("Features has neither numeric nor categorical columns")
+        return int(t.shape[0])
+
+    def to(self, device: torch.device | str) -> Features:
+        return Features(
+            None if self.numeric is None else self.numeric.to(device),
+            None if self.categorical is None else self.categorical.to(device),
+        )
+
+
+@dataclass
+class ModelOutput:
+    """What every multi-task model returns.
+
+    Attributes:
+        task_outputs: one tensor of shape ``(B,)`` per task: a logit for a binary task, the
+            prediction for a regression task.
+        representation: the balance point, i.e. the tensor (or tuple of tensors, treated as
+            blocks) that every task's output depends on; pass it to
+            ``BalancedOptimizer.backward(..., representation=out.representation)``.
+    """
+
+    task_outputs: list[Tensor]
+    representation: Tensor | tuple[Tensor, ...]
