@@ -1,0 +1,459 @@
+"""MultiBalance (He et al., arXiv 2411.11871) and its parent MetaBalance (He et al., WWW 2022).
+
+Moving-average gradient-magnitude balancing toward an anchor magnitude, per block: per
+representation tensor with ``representation=`` (MultiBalance), per shared parameter tensor with
+``shared_parameters=`` (MetaBalance's "each part of the network" semantics).
+
+Only MetaBalance's full text and reference code were available; MultiBalance's weight rule,
+anchor and moving-average placement are a reconstruction ([R] in
+``reference/methods.md`` section 2.C) grounded in MetaBalance. See ``docs/methods/multibalance.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from mtl import BalancedOptimizer, NonFiniteError
+
+from .mgda import mgda_weights
+
+__all__ = ["MultiBalance", "multibalance_weights", "update_norm_averages"]
+
+Strategy = Literal["A", "B", "C"]
+Anchor = int | Literal["mean", "max", "min"] | None
+Rule = Literal["magnitude", "mgda"]
+
+_STRATEGIES = ("A", "B", "C")
+_STATISTICS = ("mean", "max", "min")
+_RULES = ("magnitude", "mgda")
+_FLOAT64_MAX = torch.finfo(torch.float64).max
+
+
+# ---------------------------------------------------------------------- validation
+def _check_relax_factor(relax_factor: float) -> float:
+    r = float(relax_factor)
+    if not 0.0 <= r <= 1.0:  # also rejects NaN
+        raise ValueError(f"relax_factor must be in [0, 1], got {relax_factor!r}")
+    return r
+
+
+def _check_beta(beta: float) -> float:
+    b = float(beta)
+    if not 0.0 <= b < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    return b
+
+
+def _check_strategy(strategy: str) -> str:
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+    return strategy
+
+
+def _check_eps(eps: float) -> float:
+    e = float(eps)
+    if not (math.isfinite(e) and e >= 0.0):
+        raise ValueError(f"eps must be finite and non-negative, got {eps!r}")
+    return e
+
+
+def _check_clamp(clamp: tuple[float, float] | None) -> tuple[float, float] | None:
+    if clamp is None:
+        return None
+    try:
+        lo, hi = (float(c) for c in clamp)
+    except (TypeError, ValueError):
+        raise ValueError(f"clamp must be None or a pair (low, high), got {clamp!r}") from None
+    if not (math.isfinite(lo) and 0.0 <= lo <= 1.0 <= hi):  # hi may be inf; NaN fails
+        raise ValueError(
+            f"clamp must satisfy 0 <= low <= 1 <= high (weight 1 = no change must stay "
+            f"reachable), got {clamp!r}"
+        )
+    return lo, hi
+
+
+def _check_skip_empty(skip_empty: float | None) -> float | None:
+    if skip_empty is None:
+        return None
+    s = float(skip_empty)
+    if not 0.0 <= s < 1.0:
+        raise ValueError(f"skip_empty must be None or in [0, 1), got {skip_empty!r}")
+    return s
+
+
+def _check_anchor(anchor: Anchor, num_tasks: int | None) -> Anchor:
+    if anchor is None or (isinstance(anchor, str) and anchor in _STATISTICS):
+        return anchor
+    if isinstance(anchor, bool) or not isinstance(anchor, int):
+        raise ValueError(
+            f"anchor must be None, a task index or one of {_STATISTICS}, got {anchor!r}"
+        )
+    if anchor < 0 or (num_tasks is not None and anchor >= num_tasks):
+        k = "K" if num_tasks is None else str(num_tasks)
+        raise ValueError(f"anchor={anchor} is out of range: expected a task index in [0, {k})")
+    return anchor
+
+
+def _as_matrix(x: Tensor, name: str) -> Tensor:
+    if x.dim() not in (1, 2) or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (K,) or (blocks, K), got {tuple(x.shape)}")
+    x = x.detach().to(torch.float64)
+    if not bool(torch.isfinite(x).all()) or bool((x < 0).any()):
+        raise ValueError(f"{name} must be finite and non-negative, got {x.tolist()}")
+    return x.reshape(-1, x.shape[-1])
+
+
+# ---------------------------------------------------------------------- pure functions
+def _reference(m: Tensor, anchor: Anchor) -> Tensor:
+    """``m_ref`` per block from a ``(blocks, K)`` matrix; 0 where it is undefined."""
+    observed = m > 0
+    if isinstance(anchor, int):
+        return m[:, anchor]
+    if anchor == "max":
+        return m.amax(-1)
+    if anchor == "min":
+        inf = torch.full_like(m, math.inf)
+        lo = torch.where(observed, m, inf).amin(-1)
+        return torch.where(torch.isinf(lo), torch.zeros_like(lo), lo)
+    count = observed.sum(-1)  # None and "mean": mean over the observed tasks
+    return m.sum(-1) / count.clamp(min=1).to(m.dtype)
+
+
+def multibalance_weights(
+    norms_ma: Tensor,
+    *,
+    relax_factor: float = 0.7,
+    strategy: Strategy = "C",
+    anchor: Anchor = None,
+    eps: float = 1e-12,
+    clamp: tuple[float, float] | None = (0.1, 10.0),
+) -> Tensor:
+    """MetaBalance/MultiBalance weights from moving averages of gradient norms (pure function).
+
+    For each block (row) with averages ``m_1..m_K``::
+
+        m_ref = m_anchor                 (anchor = task index: MetaBalance's target task)
+              = mean/max/min of the m_k > 0   (anchor = "mean" (= None, default), "max", "min")
+        w_k   = r * m_ref / (m_k + eps) + (1 - r)   if the strategy condition holds, else 1
+                A: m_k > m_ref only (shrink dominating tasks); B: m_k < m_ref only (enlarge weak
+                tasks); C: always
+        w_k   = clamp(w_k, low, high)               (skipped when clamp is None)
+
+    This is Eq. 4 of MetaBalance (``w = (m_tar / m_aux - 1) r + 1``) with ``eps`` in the
+    denominator. Exceptions: the anchor task (integer anchor) gets exactly 1; a task with
+    ``m_k = 0`` (never observed: no gradient yet) gets 1; a block whose ``m_ref`` is 0 gets all
+    ones. The symmetric statistics ignore tasks with ``m_k = 0``. Ratios overflowing float64
+    are capped at its largest value before the clamp, so the result is always finite.
+
+    Args:
+        norms_ma: ``(K,)`` or ``(blocks, K)`` finite non-negative moving averages.
+        relax_factor: ``r`` in [0, 1]; 0 = plain sum, 1 = every adapted task's balanced
+            magnitude equals ``m_ref``.
+        strategy: ``"A"``, ``"B"`` or ``"C"`` (default).
+        anchor: a task index, ``None``/``"mean"`` (default), ``"max"`` or ``"min"``.
+        eps: added to ``m_k`` in the denominator (default 1e-12; 0 allowed).
+        clamp: ``(low, high)`` with ``0 <= low <= 1 <= high`` (default ``(0.1, 10.0)``), or None.
+
+    Returns:
+        float64 weights of the shape of ``norms_ma``.
+    """
+    r = _check_relax_factor(relax_factor)
+    strategy = _check_strategy(strategy)
+    eps = _check_eps(eps)
+    bounds = _check_clamp(clamp)
+    if not isinstance(norms_ma, Tensor):
+        norms_ma = torch.as_tensor(norms_ma, dtype=torch.float64)
+    m = _as_matrix(norms_ma, "norms_ma")
+    anchor = _check_anchor(anchor, m.shape[1])
+    ref = _reference(m, anchor)[:, None]
+    observed = m > 0
+    denom = torch.where(observed, m + eps, torch.ones_like(m))
+    ratio = (ref / denom).clamp(max=_FLOAT64_MAX)
+    w = r * ratio + (1.0 - r)
+    if strategy == "A":
+        active = m > ref
+    elif strategy == "B":
+        active = m < ref
+    else:
+        active = torch.ones_like(observed)
+    active = active & observed & (ref > 0)
+    if isinstance(anchor, int):
+        active[:, anchor] = False
+    w = torch.where(active, w, torch.ones_like(w))
+    if bounds is not None:
+        w = w.clamp(bounds[0], bounds[1])
+    return w.reshape(norms_ma.shape)
+
+
+def update_norm_averages(
+    norms_ma: Tensor,
+    norms: Tensor,
+    *,
+    beta: float = 0.9,
+    skip_empty: float | None = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """One moving-average step ``m_k <- beta m_k + (1 - beta) n_k`` with the empty-task rule.
+
+    Per block (row), the observation ``n_k`` is *empty* when ``n_k <= skip_empty * max_j n_j``
+    (so an exactly-zero gradient is always empty, and so is every task of an all-zero block);
+    empty entries keep their previous average. ``skip_empty=None`` updates every entry every
+    step (exact MetaBalance).
+
+    Returns:
+        ``(new_averages, updated)``: float64 averages and the boolean mask of updated entries,
+        both of the shape of ``norms``.
+    """
+    b = _check_beta(beta)
+    skip = _check_skip_empty(skip_empty)
+    norms = torch.as_tensor(norms, dtype=torch.float64)
+    n = _as_matrix(norms, "norms")
+    m = _as_matrix(torch.as_tensor(norms_ma, dtype=torch.float64), "norms_ma").to(n.device)
+    if m.shape != n.shape:
+        raise ValueError(
+            f"norms_ma has shape {tuple(m.shape)} but norms has shape {tuple(n.shape)}"
+        )
+    if skip is None:
+        updated = torch.ones_like(n, dtype=torch.bool)
+    else:
+        updated = n > skip * n.amax(-1, keepdim=True)
+    new = torch.where(updated, b * m + (1.0 - b) * n, m)
+    return new.reshape(norms.shape), updated.reshape(norms.shape)
+
+
+def _effective_averages(m: Tensor, counts: Tensor, beta: float) -> Tensor:
+    """Rescale each entry to the warm-up level of the most-updated task of its block.
+
+    ``m~_k = m_k (1 - beta^T) / (1 - beta^t_k)`` with ``t_k`` the entry's number of updates and
+    ``T = max_j t_j``; 0 where ``t_k = 0``. When every task was updated equally often (always,
+    unless the empty-task rule skipped one) the factor is exactly 1.
+    """
+    if beta == 0.0 or bool((counts == counts[:, :1]).all()):
+        return m
+    t = counts.to(m.dtype)
+    big_t = t.amax(-1, keepdim=True)
+    num = 1.0 - torch.pow(torch.full_like(big_t, beta), big_t)
+    den = 1.0 - torch.pow(torch.full_like(t, beta), t)
+    factor = torch.where(counts > 0, num / torch.where(counts > 0, den, torch.ones_like(den)), 0)
+    return m * factor
+
+
+# ---------------------------------------------------------------------- the optimizer
+class MultiBalance(BalancedOptimizer):
+    """Moving-average gradient-magnitude balancing toward an anchor magnitude (MultiBalance).
+
+    Per step and per block ``b`` (one per representation tensor with ``representation=``, one
+    per shared parameter tensor with ``shared_parameters=``), with ``M^b`` the block's Gram
+    matrix of the task gradients ``g_k`` at the balance point:
+
+    1. ``n_k = sqrt(M^b_kk)`` (Frobenius norm of task k's gradient on the block);
+    2. ``m_k <- beta m_k + (1 - beta) n_k`` (state initialised to 0, no bias correction), except
+       for *empty* observations ``n_k <= skip_empty * max_j n_j`` (always for ``n_k = 0``),
+       which keep the previous ``m_k``;
+    3. weights from :func:`multibalance_weights` on ``m~`` where
+       ``m~_k = m_k (1 - beta^T) / (1 - beta^t_k)``, ``t_k`` = number of updates of ``m_k`` and
+       ``T = max_j t_j`` (exactly ``m~ = m`` while no observation was skipped; otherwise a task
+       that was skipped is not under-estimated):
+       ``w_k = clamp(r m_ref / (m~_k + eps) + (1 - r))`` where the strategy holds, else 1;
+    4. the shared part receives ``sum_k w_k g_k`` on each block; heads get their own unweighted
+       gradient (``weight_heads=True``: ``w_k`` averaged over blocks).
+
+    Zero-gradient rule (a task with no signal in a batch, e.g. a masked conversion loss with no
+    clicks): its observation is skipped (the moving average is not dragged toward 0); a task
+    never observed yet (``t_k = 0``, e.g. all-zero at step 1) gets weight 1 and is left out of
+    the symmetric statistics; if ``m_ref`` is 0 (anchor never observed) the block gets all ones.
+    Weights are always finite (``eps`` and the clamp).
+
+    Fidelity: MetaBalance (WWW'22, Algorithm 2) is verified; with ``shared_parameters=``,
+    ``anchor=0`` (the first loss is the target), ``strategy="C"``, ``clamp=None`` and
+    ``skip_empty=None`` this is exactly MetaBalance per parameter tensor (plus ``eps``). The
+    MultiBalance default (gradients w.r.t. the representation, symmetric ``"mean"`` anchor, the
+    clamp, the empty-task rule) is a reconstruction [R]: the paper's weight rule was not
+    available.
+
+    Args:
+        optimizer: the inner optimizer.
+        num_tasks: K.
+        relax_factor: ``r`` in [0, 1] (default 0.7, MetaBalance's); 0 = plain sum.
+        beta: moving-average coefficient in [0, 1) (default 0.9).
+        strategy: ``"A"`` (shrink only), ``"B"`` (enlarge only) or ``"C"`` (both; default).
+        anchor: ``None`` (default) = ``"mean"`` of the tasks' averages [R]; ``"max"``,
+            ``"min"``; or a task index (MetaBalance target task, keeps weight 1).
+        eps: added to the denominator (default 1e-12).
+        clamp: ``(low, high)`` bounds of the weights (default ``(0.1, 10.0)`` [R]) or ``None``.
+        skip_empty: relative threshold of the empty-task rule (default 1e-6 [R]); ``0`` skips
+            only exactly-zero gradients; ``None`` never skips (exact MetaBalance).
+        rule: ``"magnitude"`` (default, the reconstruction above) or ``"mgda"``: MGDA-UB
+            weights (:func:`balancers.mgda_weights`, normalization ``"none"``) per block on the
+            same Gram matrices, empty tasks excluded from the solve (weight 0); ``relax_factor``,
+            ``strategy``, ``anchor``, ``eps`` and ``clamp`` are then unused.
+        mgda_ema: with ``rule="mgda"``, smooth the simplex weights
+            ``a <- beta a + (1 - beta) alpha`` (initialised with the first ``alpha``; stays on the
+            simplex). Default ``False``.
+        **kwargs: options of :class:`mtl.BalancedOptimizer` (``task_names``, ``weight_heads``,
+            ``on_nonfinite``, ...).
+
+    ``BalanceInfo.weights``: ``(K,)`` with a single block, ``(blocks, K)`` otherwise.
+    ``BalanceInfo.extras``: ``norms`` (``n``), ``norms_ma`` (``m``, the state after the update),
+    ``norms_effective`` (``m~``), ``reference`` (``m_ref``), ``updated`` (mask of updated
+    averages); with ``rule="mgda"``: ``alpha`` (this step's min-norm weights). Shapes follow
+    ``weights`` (``reference``: a scalar or ``(blocks,)``).
+
+    State (``state_dict()["balancer"]["state"]``): ``norms_ma`` ``(blocks, K)`` float64,
+    ``num_updates`` ``(blocks, K)`` int64, and ``alpha_ema`` with ``rule="mgda", mgda_ema=True``.
+    The block partition must not change between steps (``ValueError``; see :meth:`reset_state`).
+    """
+
+    requires_gram = True
+    per_block = True
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        num_tasks: int | None = None,
+        *,
+        relax_factor: float = 0.7,
+        beta: float = 0.9,
+        strategy: Strategy = "C",
+        anchor: Anchor = None,
+        eps: float = 1e-12,
+        clamp: tuple[float, float] | Sequence[float] | None = (0.1, 10.0),
+        skip_empty: float | None = 1e-6,
+        rule: Rule = "magnitude",
+        mgda_ema: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.relax_factor = _check_relax_factor(relax_factor)
+        self.beta = _check_beta(beta)
+        self.strategy = _check_strategy(strategy)
+        self.eps = _check_eps(eps)
+        self.clamp = _check_clamp(clamp)  # type: ignore[arg-type]
+        self.skip_empty = _check_skip_empty(skip_empty)
+        if rule not in _RULES:
+            raise ValueError(f"rule must be one of {_RULES}, got {rule!r}")
+        self.rule = rule
+        self.mgda_ema = bool(mgda_ema)
+        super().__init__(optimizer, num_tasks, **kwargs)
+        self.anchor = _check_anchor(anchor, self.num_tasks)
+        self._last: dict[str, Any] = {}
+
+    def _repr_options(self) -> str:
+        opts = (
+            f"relax_factor={self.relax_factor}, beta={self.beta}, strategy={self.strategy!r}, "
+            f"anchor={self.anchor!r}, eps={self.eps}, clamp={self.clamp}, "
+            f"skip_empty={self.skip_empty}, rule={self.rule!r}"
+        )
+        if self.rule == "mgda":
+            opts += f", mgda_ema={self.mgda_ema}"
+        return f"{opts}, {super()._repr_options()}"
+
+    def reset_state(self) -> None:
+        """Forget the moving averages (e.g. before changing the block partition)."""
+        self.balancer_state = {}
+        self._last = {}
+
+    # -- state
+    def _state_for(self, num_blocks: int, k: int, device: torch.device) -> dict[str, Tensor]:
+        st = self.balancer_state
+        if "norms_ma" not in st:
+            return {
+                "norms_ma": torch.zeros(num_blocks, k, dtype=torch.float64, device=device),
+                "num_updates": torch.zeros(num_blocks, k, dtype=torch.int64, device=device),
+            }
+        m = st["norms_ma"]
+        if m.shape[0] != num_blocks:
+            raise ValueError(
+                f"MultiBalance keeps moving averages for {m.shape[0]} block(s) but this step has "
+                f"{num_blocks} (one block per representation tensor or per shared parameter "
+                "tensor); pass the same tensors every step, or call reset_state() to start over"
+            )
+        if m.shape[1] != k:
+            raise ValueError(f"MultiBalance state is for {m.shape[1]} tasks, this step has {k}")
+        out = {
+            "norms_ma": m.to(device=device, dtype=torch.float64),
+            "num_updates": st.get("num_updates", torch.ones_like(m, dtype=torch.int64)).to(device),
+        }
+        if "alpha_ema" in st:
+            out["alpha_ema"] = st["alpha_ema"].to(device=device, dtype=torch.float64)
+        return out
+
+    def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"MultiBalance state must be a dict, got {type(state).__name__}")
+        if "norms_ma" in state:
+            m = state["norms_ma"]
+            if not isinstance(m, Tensor) or m.dim() != 2:
+                raise ValueError("MultiBalance state 'norms_ma' must be a (blocks, K) tensor")
+            n = state.get("num_updates")
+            if n is not None and (not isinstance(n, Tensor) or n.shape != m.shape):
+                raise ValueError("MultiBalance state 'num_updates' must match 'norms_ma'")
+        self.balancer_state = state
+
+    # -- the method
+    def _compute_weights(
+        self, gram: Tensor | None, losses: Tensor, block_grams: Tensor | None
+    ) -> Tensor:
+        if block_grams is None:
+            raise RuntimeError("MultiBalance needs the per-block Gram matrices")
+        k = losses.shape[0]
+        self.anchor = _check_anchor(self.anchor, k)
+        num_blocks = block_grams.shape[0]
+        norms = block_grams.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+        st = self._state_for(num_blocks, k, block_grams.device)
+        new_ma, updated = update_norm_averages(
+            st["norms_ma"], norms, beta=self.beta, skip_empty=self.skip_empty
+        )
+        counts = st["num_updates"] + updated.to(torch.int64)
+        effective = _effective_averages(new_ma, counts, self.beta)
+        new_state: dict[str, Tensor] = {"norms_ma": new_ma, "num_updates": counts}
+        extras: dict[str, Tensor] = {}
+        if self.rule == "magnitude":
+            weights = multibalance_weights(
+                effective,
+                relax_factor=self.relax_factor,
+                strategy=self.strategy,
+                anchor=self.anchor,
+                eps=self.eps,
+                clamp=self.clamp,
+            )
+        else:
+            alpha = torch.stack(
+                [_mgda_block(block_grams[b], updated[b]) for b in range(num_blocks)]
+            )
+            extras["alpha"] = alpha
+            weights = alpha
+            if self.mgda_ema:
+                prev = st.get("alpha_ema")
+                if prev is not None:
+                    weights = self.beta * prev + (1.0 - self.beta) * alpha
+                new_state["alpha_ema"] = weights
+        if not bool(torch.isfinite(weights).all()):  # state untouched
+            raise NonFiniteError(f"MultiBalance produced non-finite weights {weights.tolist()}")
+        self.balancer_state = new_state
+        extras.update(norms=norms, norms_ma=new_ma, norms_effective=effective, updated=updated)
+        if self.rule == "magnitude":
+            extras["reference"] = _reference(effective, self.anchor)
+        single = num_blocks == 1
+        self._last = {name: v[0] if single else v for name, v in extras.items()}
+        return weights[0] if single else weights
+
+    def _extras(self) -> dict[str, Any]:
+        return {name: v.detach().clone() for name, v in self._last.items()}
+
+
+def _mgda_block(gram: Tensor, present: Tensor) -> Tensor:
+    """MGDA min-norm weights of one block, restricted to the non-empty tasks (0 for the others)."""
+    k = gram.shape[0]
+    idx = torch.nonzero(present).flatten()
+    alpha = torch.zeros(k, dtype=torch.float64, device=gram.device)
+    if idx.numel() == 0:
+        return torch.full_like(alpha, 1.0 / k)
+    sub = gram.index_select(0, idx).index_select(1, idx)
+    c, _ = mgda_weights(sub)
+    alpha[idx] = c.to(alpha)
+    return alpha
