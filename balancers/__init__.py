@@ -10,5 +10,19 @@ Every class subclasses :class:`mtl.BalancedOptimizer` and is used the same way::
 from ._min_norm import min_norm_weights, project_simplex
 from .equal import EqualWeight
 from .mgda import MGDA, mgda_weights
+from .multibalance import MultiBalance, multibalance_weights, update_norm_averages
+from .regularizers import LSPR, SCR, PerturbationRegularizer
 
-__all__ = ["MGDA", "EqualWeight", "mgda_weights", "min_norm_weights", "project_simplex"]
+__all__ = [
+    "LSPR",
+    "MGDA",
+    "SCR",
+    "EqualWeight",
+    "MultiBalance",
+    "PerturbationRegularizer",
+    "mgda_weights",
+    "min_norm_weights",
+    "multibalance_weights",
+    "project_simplex",
+    "update_norm_averages",
+]

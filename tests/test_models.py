@@ -320,3 +320,26 @@ def test_plain_pair_input_matches_features() -> None:
     a, b = model(x), model((x.numeric, x.categorical))  # type: ignore[arg-type]
     for s, t in zip(a.task_outputs, b.task_outputs):
         torch.testing.assert_close(s, t)
+
+
+@pytest.mark.parametrize("name", ["shared_bottom", "mmoe", "ple"])
+@pytest.mark.parametrize("balance_point", [None, "input"])
+@pytest.mark.parametrize("num_levels", [1, 2])
+def test_heads_recompute_outputs_bitwise(name: str, balance_point: str | None, num_levels: int):
+    from mtl.models import build_model
+
+    if name != "ple" and num_levels == 2:
+        pytest.skip("levels only apply to PLE")
+    torch.manual_seed(0)
+    kw: dict = {} if balance_point is None else {"balance_point": balance_point}
+    if name == "ple":
+        kw["num_levels"] = num_levels
+    model = build_model(name, num_numeric=3, cardinalities=[5, 7], num_tasks=3, **kw)
+    x = Features(torch.randn(6, 3), torch.randint(0, 5, (6, 2)))
+    out = model(x)
+    assert out.heads is not None
+    again = out.heads(out.representation)
+    for a, b in zip(out.task_outputs, again):
+        assert torch.equal(a, b)
+    shifted = out.heads(out.representation + 0.1)
+    assert any(not torch.equal(a, b) for a, b in zip(out.task_outputs, shifted))

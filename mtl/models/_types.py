@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,7 +49,13 @@ class ModelOutput:
         representation: the balance point, i.e. the tensor (or tuple of tensors, treated as
             blocks) that every task's output depends on; pass it to
             ``BalancedOptimizer.backward(..., representation=out.representation)``.
+        heads: a callable recomputing the K task outputs from a (perturbed) representation,
+            reusing every intermediate that does not depend on it (gate weights,
+            task-specific experts); ``heads(representation)`` equals ``task_outputs``. Used by
+            the perturbation regularizers (LSPR, SCR) and by MARIGOLD's extra forward at the
+            representation level. ``None`` when the model does not provide it.
     """
 
     task_outputs: list[Tensor]
     representation: Tensor | tuple[Tensor, ...]
+    heads: Callable[[Tensor], list[Tensor]] | None = None

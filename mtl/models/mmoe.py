@@ -93,11 +93,21 @@ class MMoE(MultiTaskModel):
     def forward(self, x: Features | Tensor) -> ModelOutput:
         """Return the K task outputs (each ``(B,)``) and the balance-point tensor."""
         e = self.embedding(x)
+        if self.balance_point == "input":
+            return ModelOutput(
+                task_outputs=self._from_input(e), representation=e, heads=self._from_input
+            )
         experts = torch.stack([expert(e) for expert in self.experts], dim=1)  # (B, E, H)
-        outputs = []
-        for gate, tower in zip(self.gates, self.towers):
-            weights = torch.softmax(gate(e), dim=-1)  # (B, E)
-            mixture = torch.bmm(weights.unsqueeze(1), experts).squeeze(1)  # (B, H)
-            outputs.append(tower(mixture))
-        rep = e if self.balance_point == "input" else experts
-        return ModelOutput(task_outputs=outputs, representation=rep)
+        gates = [torch.softmax(gate(e), dim=-1).unsqueeze(1) for gate in self.gates]  # (B, 1, E)
+
+        def heads(stack: Tensor) -> list[Tensor]:
+            return [tower(torch.bmm(w, stack).squeeze(1)) for w, tower in zip(gates, self.towers)]
+
+        return ModelOutput(task_outputs=heads(experts), representation=experts, heads=heads)
+
+    def _from_input(self, e: Tensor) -> list[Tensor]:
+        experts = torch.stack([expert(e) for expert in self.experts], dim=1)
+        return [
+            tower(torch.bmm(torch.softmax(gate(e), dim=-1).unsqueeze(1), experts).squeeze(1))
+            for gate, tower in zip(self.gates, self.towers)
+        ]

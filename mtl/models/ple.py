@@ -183,13 +183,41 @@ class PLE(MultiTaskModel):
     def forward(self, x: Features | Tensor) -> ModelOutput:
         """Return the K task outputs (each ``(B,)``) and the balance-point tensor."""
         e = self.embedding(x)
+        if self.balance_point == "input":
+            return ModelOutput(
+                task_outputs=self._from_input(e), representation=e, heads=self._from_input
+            )
+        levels = list(self.levels)
         task_inputs: list[Tensor] = [e] * self.num_tasks
         shared_input: Tensor | None = e
-        shared_stack: Tensor | None = None
+        for level in levels[:-1]:
+            assert shared_input is not None
+            task_inputs, shared_input, _ = level(task_inputs, shared_input)
+        assert shared_input is not None
+        last = levels[-1]
+        shared = torch.stack([f(shared_input) for f in last.shared_experts], dim=1)
+        owns = [
+            torch.stack([f(x_k) for f in experts_k], dim=1) if len(experts_k) > 0 else None
+            for x_k, experts_k in zip(task_inputs, last.task_experts)
+        ]
+        gates = [
+            torch.softmax(g(x_k), dim=-1).unsqueeze(1)
+            for g, x_k in zip(last.task_gates, task_inputs)
+        ]
+
+        def heads(stack: Tensor) -> list[Tensor]:
+            outs = []
+            for own, w, tower in zip(owns, gates, self.towers):
+                candidates = stack if own is None else torch.cat([own, stack], dim=1)
+                outs.append(tower(torch.bmm(w, candidates).squeeze(1)))
+            return outs
+
+        return ModelOutput(task_outputs=heads(shared), representation=shared, heads=heads)
+
+    def _from_input(self, e: Tensor) -> list[Tensor]:
+        task_inputs: list[Tensor] = [e] * self.num_tasks
+        shared_input: Tensor | None = e
         for level in self.levels:
             assert shared_input is not None
-            task_inputs, shared_input, shared_stack = level(task_inputs, shared_input)
-        assert shared_stack is not None
-        outputs = [tower(h) for tower, h in zip(self.towers, task_inputs)]
-        rep = e if self.balance_point == "input" else shared_stack
-        return ModelOutput(task_outputs=outputs, representation=rep)
+            task_inputs, shared_input, _ = level(task_inputs, shared_input)
+        return [tower(h) for tower, h in zip(self.towers, task_inputs)]

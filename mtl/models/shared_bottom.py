@@ -77,8 +77,14 @@ class SharedBottom(MultiTaskModel):
     def forward(self, x: Features | Tensor) -> ModelOutput:
         """Return the K task outputs (each ``(B,)``) and the balance-point tensor."""
         e = self.embedding(x)
-        z = self.bottom(e)
-        outputs = [tower(z) for tower in self.towers]
-        return ModelOutput(
-            task_outputs=outputs, representation=e if self.balance_point == "input" else z
-        )
+        if self.balance_point == "input":
+            rep, heads = e, self._from_input
+        else:
+            rep, heads = self.bottom(e), self._from_bottom
+        return ModelOutput(task_outputs=heads(rep), representation=rep, heads=heads)
+
+    def _from_bottom(self, z: Tensor) -> list[Tensor]:
+        return [tower(z) for tower in self.towers]
+
+    def _from_input(self, e: Tensor) -> list[Tensor]:
+        return self._from_bottom(self.bottom(e))
