@@ -8,6 +8,14 @@ The public entry points are :class:`BalancedOptimizer` (subclassed by every meth
 from ._graph import depends_on, gram_matrix
 from ._info import BalanceInfo, NonFiniteError
 from ._optimizer import BalancedOptimizer
+from .conflict import ConflictTracker
 
-__all__ = ["BalanceInfo", "BalancedOptimizer", "NonFiniteError", "depends_on", "gram_matrix"]
+__all__ = [
+    "BalanceInfo",
+    "BalancedOptimizer",
+    "ConflictTracker",
+    "NonFiniteError",
+    "depends_on",
+    "gram_matrix",
+]
 __version__ = "0.1.0"

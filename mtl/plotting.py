@@ -1,0 +1,371 @@
+"""Matplotlib plots of task-conflict diagnostics and of the 2-D toy problem.
+
+Every function takes an optional ``ax``; without one it creates a new figure with
+``matplotlib.pyplot`` (so it displays in notebooks and with ``plt.show()``; under a headless
+backend such as Agg nothing is shown). Every function returns the :class:`~matplotlib.figure.Figure`
+(close it with ``plt.close(fig)`` when making many). Nothing is printed.
+
+History plots accept a :class:`~mtl.conflict.ConflictTracker` or its ``history`` (a list of flat
+records, e.g. read back with ``ConflictTracker.from_json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .conflict import ConflictTracker, cosine_matrix
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "plot_conflict_over_training",
+    "plot_cosine_heatmap",
+    "plot_gradient_norms",
+    "plot_toy_trajectories",
+    "plot_weights_over_training",
+]
+
+History = ConflictTracker | Sequence[Mapping[str, Any]]
+SourceChoice = Literal["balance", "probe", "all"]
+
+
+# ---------------------------------------------------------------------- helpers
+def _axes(ax: Axes | None, figsize: tuple[float, float] = (6.4, 4.0)) -> tuple[Figure, Axes]:
+    if ax is not None:
+        fig = ax.figure
+        return getattr(fig, "figure", fig), ax  # the root figure, also for subfigures
+    import matplotlib.pyplot as plt
+
+    fig, new_ax = plt.subplots(figsize=figsize)
+    return fig, new_ax
+
+
+def _records(history: History) -> list[Mapping[str, Any]]:
+    if isinstance(history, ConflictTracker):
+        return list(history.history)
+    if isinstance(history, Mapping):
+        raise TypeError("history must be a ConflictTracker or a list of records, not one record")
+    recs = list(history)
+    for r in recs:
+        if not isinstance(r, Mapping) or "step" not in r:
+            raise TypeError("history records must be mappings with a 'step' key")
+    return recs
+
+
+def _task_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    return [k[5:-1] for k in records[0] if k.startswith("norm[") and k.endswith("]")]
+
+
+def _sources(records: Sequence[Mapping[str, Any]], source: SourceChoice) -> list[str]:
+    if source not in ("balance", "probe", "all"):
+        raise ValueError(f"source must be 'balance', 'probe' or 'all', got {source!r}")
+    present = [s for s in ("balance", "probe") if any(r.get("source") == s for r in records)]
+    return present if source == "all" else [s for s in present if s == source]
+
+
+def _series(
+    records: Sequence[Mapping[str, Any]], key: str, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    rs = [r for r in records if r.get("source", "balance") == source]
+    steps = np.array([r["step"] for r in rs], dtype=np.float64)
+    vals = np.array([float(r.get(key, np.nan)) for r in rs], dtype=np.float64)
+    return steps, vals
+
+
+_STYLE = {"balance": "-", "probe": "--"}
+_SUFFIX = {"balance": "", "probe": " (parameters)"}
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _finish(ax: Axes, title: str | None, ylabel: str, any_line: bool) -> None:
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if any_line:
+        ax.legend(fontsize="small", loc="best")
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+# ---------------------------------------------------------------------- conflict plots
+def plot_cosine_heatmap(
+    matrix: Tensor | np.ndarray | Sequence[Sequence[float]],
+    task_names: Sequence[str] | None = None,
+    *,
+    ax: Axes | None = None,
+    annotate: bool = True,
+    cmap: str = "RdBu_r",
+    title: str | None = "Task-gradient cosine",
+) -> Figure:
+    """Heatmap of the pairwise cosines of the task gradients, on a fixed ``[-1, 1]`` scale.
+
+    Args:
+        matrix: a ``(K, K)`` Gram matrix or cosine matrix (:func:`mtl.conflict.cosine_matrix`
+            is applied; it leaves a cosine matrix unchanged).
+        task_names: axis labels (default ``0 .. K-1``).
+        ax: axes to draw on (default: a new figure).
+        annotate: write the values in the cells.
+        cmap: a diverging colormap (red = aligned, blue = conflicting by default).
+        title: axes title (``None`` for none).
+    """
+    cos = cosine_matrix(torch.as_tensor(_to_numpy(matrix))).numpy()
+    k = cos.shape[0]
+    names = [str(i) for i in range(k)] if task_names is None else [str(n) for n in task_names]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} task names for a {k} x {k} matrix")
+    fig, ax = _axes(ax, figsize=(1.2 + 0.9 * k, 0.8 + 0.8 * k))
+    im = ax.imshow(cos, cmap=cmap, vmin=-1.0, vmax=1.0)
+    ax.set_xticks(range(k), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels=names)
+    if annotate:
+        for i in range(k):
+            for j in range(k):
+                ax.text(
+                    j,
+                    i,
+                    f"{cos[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if abs(cos[i, j]) > 0.6 else "black",
+                    fontsize="small",
+                )
+    ax.figure.colorbar(im, ax=ax, label="cosine")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_conflict_over_training(
+    history: History,
+    *,
+    ax: Axes | None = None,
+    source: SourceChoice = "all",
+    show_pairs: bool = True,
+    show_rate: bool = True,
+    max_pair_labels: int = 6,
+    title: str | None = "Gradient conflict",
+) -> Figure:
+    """Pairwise cosines ``cos[a,b]`` and the conflict rate over training.
+
+    Balance-point records are drawn solid, parameter-level probes dashed. The conflict rate (share
+    of pairs with negative cosine) is drawn in black on the same ``[-1, 1]`` axis; a zero line
+    marks the conflict threshold.
+
+    Args:
+        history: a :class:`~mtl.conflict.ConflictTracker` or its ``history``.
+        ax: axes to draw on (default: a new figure).
+        source: ``"balance"``, ``"probe"`` or ``"all"`` (default).
+        show_pairs: draw one line per task pair.
+        max_pair_labels: with more pairs than this, the pair lines are drawn thin and
+            translucent in one colour under a single legend entry.
+        show_rate: draw the conflict rate.
+        title: axes title.
+    """
+    recs = _records(history)
+    names = _task_names(recs)
+    fig, ax = _axes(ax)
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    any_line = False
+    colors = [f"C{i}" for i in range(10)]
+    for src in _sources(recs, source):
+        ls, sfx = _STYLE[src], _SUFFIX[src]
+        if show_pairs:
+            pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+            many = len(pairs) > max_pair_labels
+            for p, (a, b) in enumerate(pairs):
+                x, y = _series(recs, f"cos[{a},{b}]", src)
+                if many:  # one legend entry for all pairs
+                    label = f"pairwise cosines{sfx}" if p == 0 else None
+                    ax.plot(x, y, ls, color="tab:blue", alpha=0.35, lw=0.8, label=label)
+                else:
+                    label = f"cos({a}, {b}){sfx}"
+                    ax.plot(x, y, ls, color=colors[p % 10], label=label, lw=1.2)
+                any_line = True
+        if show_rate:
+            x, y = _series(recs, "conflict_rate", src)
+            ax.plot(x, y, ls, color="black", label=f"conflict rate{sfx}", lw=1.6)
+            any_line = True
+    ax.set_ylim(-1.05, 1.05)
+    _finish(ax, title, "cosine / conflict rate", any_line)
+    return fig
+
+
+def plot_weights_over_training(
+    history: History,
+    *,
+    ax: Axes | None = None,
+    title: str | None = "Task weights",
+) -> Figure:
+    """The coefficients ``weight[name]`` applied to each task's gradient, over training.
+
+    Taken from the balance-point records (per-block weights appear as their mean over blocks).
+    """
+    recs = _records(history)
+    names = _task_names(recs)
+    fig, ax = _axes(ax)
+    any_line = False
+    for i, n in enumerate(names):
+        x, y = _series(recs, f"weight[{n}]", "balance")
+        if x.size:
+            ax.plot(x, y, "-", color=f"C{i % 10}", label=n)
+            any_line = True
+    _finish(ax, title, "weight", any_line)
+    return fig
+
+
+def plot_gradient_norms(
+    history: History,
+    *,
+    ax: Axes | None = None,
+    source: SourceChoice = "balance",
+    log: bool | None = None,
+    title: str | None = "Task-gradient norms",
+) -> Figure:
+    """Per-task gradient norms ``norm[name]`` over training.
+
+    Args:
+        history: a :class:`~mtl.conflict.ConflictTracker` or its ``history``.
+        ax: axes to draw on.
+        source: ``"balance"`` (default; norms at the balance point), ``"probe"`` (parameter level)
+            or ``"all"`` (both; their scales differ, dashed = parameters).
+        log: logarithmic y axis; default: when every plotted norm is positive.
+        title: axes title.
+    """
+    recs = _records(history)
+    names = _task_names(recs)
+    fig, ax = _axes(ax)
+    any_line = False
+    positive = True
+    for src in _sources(recs, source):
+        for i, n in enumerate(names):
+            x, y = _series(recs, f"norm[{n}]", src)
+            if not x.size:
+                continue
+            finite = y[np.isfinite(y)]
+            positive = positive and bool((finite > 0).all())
+            ax.plot(x, y, _STYLE[src], color=f"C{i % 10}", label=f"{n}{_SUFFIX[src]}")
+            any_line = True
+    if (log is None and any_line and positive) or log:
+        ax.set_yscale("log")
+    _finish(ax, title, "gradient norm", any_line)
+    return fig
+
+
+# ---------------------------------------------------------------------- toy problem
+def _grid_losses(
+    loss_fn: Callable[[Any], Any], x1: np.ndarray, x2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    pts = torch.from_numpy(np.stack([x1, x2], axis=-1))
+    with torch.no_grad():
+        out = loss_fn(pts)
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        l1, l2 = _to_numpy(out[0]), _to_numpy(out[1])
+    else:
+        arr = _to_numpy(out)
+        if arr.shape != (*x1.shape, 2):
+            raise ValueError(
+                f"loss_fn must return shape {(*x1.shape, 2)} (or a pair of {x1.shape} arrays) "
+                f"for inputs of shape {tuple(pts.shape)}, got {arr.shape}"
+            )
+        l1, l2 = arr[..., 0], arr[..., 1]
+    if l1.shape != x1.shape or l2.shape != x1.shape:
+        raise ValueError(f"loss_fn returned losses of shapes {l1.shape}, {l2.shape}")
+    return l1, l2
+
+
+def plot_toy_trajectories(
+    trajectories: Mapping[str, Sequence[Any] | Any],
+    loss_fn: Callable[[Any], Any] | None = None,
+    pareto: Any | None = None,
+    *,
+    ax: Axes | None = None,
+    xlim: tuple[float, float] = (-10.0, 10.0),
+    ylim: tuple[float, float] = (-10.0, 10.0),
+    grid: int = 200,
+    contour: Literal["mean", "both"] = "mean",
+    levels: int = 20,
+    title: str | None = None,
+) -> Figure:
+    """Optimisation trajectories on a 2-D two-objective problem, over its loss contours.
+
+    Args:
+        trajectories: ``{method: [traj, ...]}`` with each ``traj`` a ``(T, 2)`` array or tensor
+            of points ``(x1, x2)`` (a single ``(T, 2)`` array per method is accepted too). One
+            colour per method; a circle marks each start, a star each end.
+        loss_fn: optional callable evaluated once on the grid: it receives a float64 tensor of
+            shape ``(n, n, 2)`` and returns the two losses as ``(n, n, 2)`` (tensor or array) or
+            a pair of ``(n, n)``, e.g. ``tasks.toy.toy_losses``. ``None``: no contours.
+        pareto: optional ``(P, 2)`` points of the Pareto set in ``x`` space (e.g.
+            ``tasks.toy.pareto_front()``), drawn as a thick grey line.
+        ax: axes to draw on.
+        xlim, ylim: the plotted region (also the contour grid).
+        grid: contour grid resolution per axis.
+        contour: ``"mean"`` (default): filled contours of ``(L1 + L2) / 2``; ``"both"``: line
+            contours of ``L1`` (solid) and ``L2`` (dashed).
+        levels: number of contour levels.
+        title: axes title.
+    """
+    if contour not in ("mean", "both"):
+        raise ValueError(f"contour must be 'mean' or 'both', got {contour!r}")
+    fig, ax = _axes(ax, figsize=(6.0, 5.0))
+    if loss_fn is not None:
+        g1 = np.linspace(xlim[0], xlim[1], int(grid))
+        g2 = np.linspace(ylim[0], ylim[1], int(grid))
+        x1, x2 = np.meshgrid(g1, g2)
+        l1, l2 = _grid_losses(loss_fn, x1, x2)
+        if contour == "mean":
+            cs = ax.contourf(x1, x2, 0.5 * (l1 + l2), levels=levels, cmap="viridis", alpha=0.75)
+            ax.figure.colorbar(cs, ax=ax, label="(L1 + L2) / 2")
+        else:
+            ax.contour(x1, x2, l1, levels=levels, colors="tab:blue", linewidths=0.6, alpha=0.7)
+            ax.contour(
+                x1,
+                x2,
+                l2,
+                levels=levels,
+                colors="tab:red",
+                linewidths=0.6,
+                linestyles="dashed",
+                alpha=0.7,
+            )
+    if pareto is not None:
+        p = _to_numpy(pareto)
+        if p.ndim != 2 or p.shape[1] != 2:
+            raise ValueError(f"pareto must have shape (P, 2), got {p.shape}")
+        ax.plot(p[:, 0], p[:, 1], "-", color="0.4", lw=5, alpha=0.6, label="Pareto set")
+    for m, (method, trajs) in enumerate(trajectories.items()):
+        items = [trajs] if isinstance(trajs, (np.ndarray, Tensor)) else list(trajs)
+        color = f"C{m % 10}"
+        for t, traj in enumerate(items):
+            a = _to_numpy(traj)
+            if a.ndim != 2 or a.shape[1] != 2 or a.shape[0] == 0:
+                raise ValueError(
+                    f"trajectory {t} of {method!r} must have shape (T, 2), got {a.shape}"
+                )
+            ax.plot(a[:, 0], a[:, 1], "-", color=color, lw=1.5, label=method if t == 0 else None)
+            ax.plot(a[0, 0], a[0, 1], "o", color=color, ms=5)
+            ax.plot(a[-1, 0], a[-1, 1], "*", color=color, ms=11, markeredgecolor="black")
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_xlabel("x1")
+    ax.set_ylabel("x2")
+    if title:
+        ax.set_title(title)
+    if trajectories or pareto is not None:
+        ax.legend(fontsize="small", loc="best")
+    return fig
