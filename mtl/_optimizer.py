@@ -36,6 +36,7 @@ __all__ = ["BalancedOptimizer"]
 
 _NONFINITE_MODES = ("raise", "skip")
 _GRAD_MODES = ("loop", "batched")
+_PARAM_UPDATES = ("auto", "direct", "backward")
 
 
 class BalancedOptimizer(Optimizer):
@@ -67,6 +68,12 @@ class BalancedOptimizer(Optimizer):
             turns the reduction off; or pass a ``ProcessGroup``.
         compute_gram: force the Gram matrix to be computed (for diagnostics) by methods that do
             not need it. ``None`` = the method's default.
+        parameter_update: how the combined gradient reaches the shared parameters at parameter
+            level: ``"direct"`` accumulates ``sum_k c_k g_k`` into ``.grad`` and back-propagates
+            the heads only (fastest); ``"backward"`` runs one full backward of ``sum_k L_k`` in
+            which tensor hooks on the shared parameters replace their gradient by
+            ``sum_k c_k g_k``, so DDP's gradient averaging sees it; ``"auto"`` (default) picks
+            ``"backward"`` under ``torch.distributed`` with more than one rank, else ``"direct"``.
     """
 
     #: whether the method needs per-task gradients and their Gram matrix.
@@ -86,6 +93,7 @@ class BalancedOptimizer(Optimizer):
         grad_mode: Literal["loop", "batched"] = "loop",
         process_group: Any = "auto",
         compute_gram: bool | None = None,
+        parameter_update: Literal["auto", "direct", "backward"] = "auto",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -110,6 +118,10 @@ class BalancedOptimizer(Optimizer):
             )
         if grad_mode not in _GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {_GRAD_MODES}, got {grad_mode!r}")
+        if parameter_update not in _PARAM_UPDATES:
+            raise ValueError(
+                f"parameter_update must be one of {_PARAM_UPDATES}, got {parameter_update!r}"
+            )
 
         self.optimizer = optimizer
         self.num_tasks: int | None = num_tasks
@@ -119,6 +131,9 @@ class BalancedOptimizer(Optimizer):
         self.grad_mode = grad_mode
         self.process_group = process_group
         self.compute_gram = self.requires_gram if compute_gram is None else bool(compute_gram)
+        self.parameter_update = parameter_update
+        #: level of the backward in progress ("representation" or "parameters"), for subclasses
+        self.level: Literal["representation", "parameters"] | None = None
         #: balancer state saved by state_dict (moving averages, weights...); subclasses fill it.
         self.balancer_state: dict[str, Any] = {}
         self.num_steps = 0  # balanced backward passes that updated the balancer
@@ -164,6 +179,9 @@ class BalancedOptimizer(Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        # A new accumulation window: a skip pending from a discarded window (the caller saw
+        # info.skipped and moved on without step()) must not swallow the next good step.
+        self._skip_next_step = False
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
@@ -291,8 +309,11 @@ class BalancedOptimizer(Optimizer):
         else:
             level = "parameters"
             blocks = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
+        self.level = level
         if bad:
             return self._nonfinite(level, values, "loss", bad)
+        if not self.compute_gram and self._plain_backward_is_exact():
+            return self._backward_plain(task_losses, values, blocks, level)
         if level == "representation":
             return self._backward_representation(task_losses, values, blocks)
         return self._backward_parameters(task_losses, values, blocks)
@@ -320,9 +341,7 @@ class BalancedOptimizer(Optimizer):
             )
         if len(items) == 0:
             raise ValueError("losses is empty")
-        if self.num_tasks is None:
-            self.num_tasks = len(items)
-        if len(items) != self.num_tasks:
+        if self.num_tasks is not None and len(items) != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses (num_tasks), got {len(items)}")
         for k, loss in enumerate(items):
             if not isinstance(loss, Tensor):
@@ -334,6 +353,8 @@ class BalancedOptimizer(Optimizer):
                 )
             if not loss.requires_grad:
                 raise ValueError(f"loss of {self._name(k)} does not require grad")
+        if self.num_tasks is None:
+            self.num_tasks = len(items)
         return items
 
     def _check_representation(self, representation: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -400,11 +421,22 @@ class BalancedOptimizer(Optimizer):
         what: str,
         bad: list[int],
     ) -> BalanceInfo:
-        names = ", ".join(self._name(k) for k in bad)
+        """Raise, or skip the step without touching the balancer state.
+
+        When skipping, the ``.grad`` of every parameter of the inner optimizer is set to NaN (no
+        backward pass is run): ``torch.amp.GradScaler`` then sees the overflow and lowers its
+        scale, and the next :meth:`step` is a no-op in any case. ``zero_grad()`` clears them.
+        """
+        names = ", ".join(self._name(k) for k in bad) if bad else "the summed tasks"
         if self.on_nonfinite == "raise":
             raise NonFiniteError(
                 f"non-finite {what} for {names}; pass on_nonfinite='skip' to skip such steps"
             )
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        p.grad = torch.full_like(p, float("nan"))
         self.num_skipped += 1
         self._skip_next_step = True
         k = values.shape[0]
@@ -473,7 +505,10 @@ class BalancedOptimizer(Optimizer):
         return weights if weights.dim() == 1 else weights.mean(0)
 
     def _check_gram(
-        self, level: Literal["representation", "parameters"], values: Tensor, block_grams: Tensor
+        self,
+        level: Literal["representation", "parameters"],
+        values: Tensor,
+        block_grams: Tensor,
     ) -> BalanceInfo | None:
         diag = block_grams.diagonal(dim1=-2, dim2=-1).sum(0)
         bad = self._nonfinite_tasks(diag)
@@ -535,8 +570,7 @@ class BalancedOptimizer(Optimizer):
     def _backward_representation(
         self, losses: list[Tensor], values: Tensor, blocks: list[Tensor]
     ) -> BalanceInfo:
-        if not self.compute_gram and self._plain_backward_is_exact():
-            return self._backward_plain(losses, values, blocks)
+        self._check_trunk(blocks)
         grads = self._task_representation_grads(losses, blocks)
         rows = [
             torch.stack([grads[k][b].reshape(-1) for k in range(len(losses))])
@@ -578,24 +612,80 @@ class BalancedOptimizer(Optimizer):
         return False
 
     def _backward_plain(
-        self, losses: list[Tensor], values: Tensor, blocks: list[Tensor]
+        self,
+        losses: list[Tensor],
+        values: Tensor,
+        blocks: list[Tensor],
+        level: Literal["representation", "parameters"],
     ) -> BalanceInfo:
-        reached = depends_on(losses, blocks)
-        if not all(reached):
-            self._raise_unreached(losses, blocks)
+        """One plain backward of ``sum_k c_k L_k``, for weights known without any gradient.
+
+        Still checks that every loss reaches the balance point (a walk of the autograd graph)
+        and that the gradient arriving at the balance point (representation level: a tensor
+        hook; parameter level: the shared ``.grad``) is finite.
+        """
+        if level == "representation":
+            self._check_trunk(blocks)
+            reached = depends_on(losses, blocks)
+            if not all(reached):
+                self._raise_unreached(losses, blocks)
+        else:
+            for k, r in enumerate(depends_on(losses, blocks)):
+                if not r:
+                    raise ValueError(
+                        f"the loss of {self._name(k)} does not depend on any of the "
+                        "shared_parameters"
+                    )
         values, _ = self._reduce(values, None)
         weights, _ = self._weights(values, None, len(blocks))
-        _sum_backward(losses, weights)
+        finite = [True]
+        handles = []
+        if level == "representation":
+
+            def check(grad: Tensor) -> None:
+                if not bool(torch.isfinite(grad).all()):
+                    finite[0] = False
+
+            handles = [z.register_hook(check) for z in blocks]
+        try:
+            _sum_backward(losses, weights)
+        finally:
+            for h in handles:
+                h.remove()
+        if level == "parameters":
+            finite[0] = all(
+                p.grad is None or bool(torch.isfinite(_values_of(p.grad)).all()) for p in blocks
+            )
+        if not finite[0]:
+            return self._nonfinite(level, values, "gradient", [])
         self.num_steps += 1
         return BalanceInfo(
             weights=weights,
             losses=values,
             gram=None,
-            level="representation",
+            level=level,
             extras=self._extras(),
         )
 
+    def _check_trunk(self, blocks: list[Tensor]) -> None:
+        """Raise when no trainable parameter lies below the balance point (the trunk would
+        receive no gradient, e.g. a representation rebuilt from a detached tensor)."""
+        managed = {id(p) for g in self.param_groups for p in g["params"]}
+        for b, z in enumerate(blocks):
+            if not _reaches_parameter(z.grad_fn, managed):
+                where = "representation" if len(blocks) == 1 else f"representation block {b}"
+                raise ValueError(
+                    f"no trainable parameter lies below the {where}: the shared trunk would "
+                    "receive no gradient (is the representation computed from a detached "
+                    "tensor?)"
+                )
+
     # -- parameter level
+    def _parameter_update_mode(self) -> str:
+        if self.parameter_update != "auto":
+            return self.parameter_update
+        return "backward" if self._group()[0] else "direct"
+
     def _backward_parameters(
         self, losses: list[Tensor], values: Tensor, params: list[Tensor]
     ) -> BalanceInfo:
@@ -626,14 +716,24 @@ class BalancedOptimizer(Optimizer):
             for p in g["params"]
             if p.requires_grad and id(p) not in shared
         ]
-        if heads:  # heads only: the trunk is not traversed again
-            _sum_backward(losses, self._head_coefficients(weights), inputs=heads)
-        for i, p in enumerate(params):
-            g = (bw[i].to(rows[i].dtype) @ rows[i]).view_as(p)
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad = p.grad + g if p.grad.is_sparse else p.grad.add_(g)
+        combined = [(bw[i].to(rows[i].dtype) @ rows[i]).view_as(p) for i, p in enumerate(params)]
+        if self._parameter_update_mode() == "backward":
+            # one ordinary backward; hooks replace each shared parameter's incoming gradient,
+            # so DDP's own hooks average the combined gradient as usual
+            handles = [p.register_hook(_replace_with(g)) for p, g in zip(params, combined)]
+            try:
+                _sum_backward(losses, self._head_coefficients(weights))
+            finally:
+                for h in handles:
+                    h.remove()
+        else:
+            if heads:  # heads only: the trunk is not traversed again
+                _sum_backward(losses, self._head_coefficients(weights), inputs=heads)
+            for p, g in zip(params, combined):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad = p.grad + g if p.grad.is_sparse else p.grad.add_(g)
         self.num_steps += 1
         return BalanceInfo(
             weights=weights,
@@ -669,6 +769,26 @@ def _sum_backward(
         total.backward()
     else:
         total.backward(inputs=inputs)
+
+
+def _values_of(grad: Tensor) -> Tensor:
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def _reaches_parameter(root: object | None, params: set[int]) -> bool:
+    """Whether an autograd graph reaches one of ``params`` (ids; depth-first, early exit)."""
+    stack = [root]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in params:
+            return True
+        stack.extend(c for c, _ in getattr(node, "next_functions", ()))
+    return False
 
 
 def _dense_grad(g: Tensor | None, p: Tensor) -> Tensor:

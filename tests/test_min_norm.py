@@ -1,0 +1,374 @@
+"""Tests for the exact min-norm solver (balancers._min_norm): KKT, oracle, symmetries, projection.
+
+The min-norm problem is ``min_{alpha in simplex} alpha^T M alpha`` with ``M = G G^T``; its KKT
+conditions are ``(M alpha)_i >= alpha^T M alpha`` for every ``i``, with equality where
+``alpha_i > 0`` (reference/methods.md, Sec. 6.10).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from balancers import min_norm_weights, project_simplex
+
+SUPPORT = 1e-9  # alpha_i above this counts as "in the support"
+
+
+# ---------------------------------------------------------------------- helpers
+def solve(g: np.ndarray, **kwargs: float) -> np.ndarray:
+    """min_norm_weights on the Gram matrix of the rows of ``g``, as a numpy array."""
+    m = torch.from_numpy(g @ g.T)
+    alpha = min_norm_weights(m, **kwargs)
+    assert isinstance(alpha, torch.Tensor)
+    assert alpha.dtype == torch.float64
+    assert alpha.shape == (g.shape[0],)
+    return alpha.numpy()
+
+
+def kkt_tolerance(m: np.ndarray) -> float:
+    return 1e-6 * float(np.max(np.diag(m)))
+
+
+def assert_on_simplex(alpha: np.ndarray) -> None:
+    assert np.isfinite(alpha).all(), alpha
+    assert (alpha >= 0).all(), alpha
+    assert abs(alpha.sum() - 1.0) < 1e-12, alpha.sum()
+
+
+def assert_kkt(m: np.ndarray, alpha: np.ndarray) -> None:
+    tol = kkt_tolerance(m)
+    m_alpha = m @ alpha
+    value = float(alpha @ m_alpha)
+    assert (m_alpha >= value - tol).all(), (m_alpha - value, tol)
+    support = alpha > SUPPORT
+    assert np.abs(m_alpha[support] - value).max() <= tol, (m_alpha - value, tol)
+
+
+def oracle(m: np.ndarray) -> tuple[float, np.ndarray]:
+    """Brute force: the equality-constrained QP on every support, the best feasible point."""
+    k = m.shape[0]
+    best_value, best_alpha = np.inf, np.zeros(k)
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            s = list(support)
+            kkt = np.zeros((size + 1, size + 1))
+            kkt[:size, :size] = m[np.ix_(s, s)]
+            kkt[:size, size] = 1.0
+            kkt[size, :size] = 1.0
+            rhs = np.zeros(size + 1)
+            rhs[size] = 1.0
+            sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+            beta = sol[:size]
+            if np.abs(kkt @ sol - rhs).max() > 1e-9 or (beta < -1e-12).any():
+                continue  # singular and inconsistent, or infeasible
+            alpha = np.zeros(k)
+            alpha[s] = np.clip(beta, 0.0, None)
+            alpha /= alpha.sum()
+            value = float(alpha @ m @ alpha)
+            if value < best_value:
+                best_value, best_alpha = value, alpha
+    return best_value, best_alpha
+
+
+def is_independent(g: np.ndarray, max_cond: float = 1e6) -> bool:
+    """Rows linearly independent, and not nearly dependent after normalising each row."""
+    norms = np.linalg.norm(g, axis=1)
+    if g.shape[1] < g.shape[0] or (norms == 0).any():
+        return False
+    return bool(np.linalg.cond(g / norms[:, None]) < max_cond)
+
+
+# ---------------------------------------------------------------------- strategies
+ENTRY = st.integers(-1000, 1000).map(lambda i: i / 1000.0)  # grid: exact ties and dependences
+EXPONENT = st.floats(-8.0, 8.0, allow_nan=False)  # per-row scale 10^-8 .. 10^8
+
+
+@st.composite
+def gradient_matrices(draw: st.DrawFn, min_k: int = 2, max_k: int = 8) -> np.ndarray:
+    """K x D gradients (K in [min_k, max_k], D in 1..12) with zero rows, duplicates, wild scales."""
+    k = draw(st.integers(min_k, max_k))
+    d = draw(st.integers(1, 12))
+    g = np.array(draw(st.lists(st.lists(ENTRY, min_size=d, max_size=d), min_size=k, max_size=k)))
+    scales = 10.0 ** np.array(draw(st.lists(EXPONENT, min_size=k, max_size=k)))
+    g = g * scales[:, None]
+    for i in range(k):
+        action = draw(st.sampled_from(["keep", "keep", "keep", "zero", "duplicate"]))
+        if action == "zero":
+            g[i] = 0.0
+        elif action == "duplicate" and i > 0:
+            g[i] = g[draw(st.integers(0, i - 1))]
+    return g
+
+
+@st.composite
+def independent_matrices(draw: st.DrawFn, min_k: int = 2, max_k: int = 8) -> np.ndarray:
+    """K x D gradients with linearly independent rows (D >= K), per-row scales 10^-8 .. 10^8."""
+    k = draw(st.integers(min_k, max_k))
+    d = draw(st.integers(k, 12))
+    seed = draw(st.integers(0, 2**32 - 1))
+    g = np.random.default_rng(seed).standard_normal((k, d))
+    scales = 10.0 ** np.array(draw(st.lists(EXPONENT, min_size=k, max_size=k)))
+    g = g * scales[:, None]
+    assume(is_independent(g))
+    return g
+
+
+def random_matrix(rng: np.random.Generator, k: int, degenerate: bool) -> np.ndarray:
+    d = int(rng.integers(1, 13)) if degenerate else int(rng.integers(k, 13))
+    g = rng.standard_normal((k, d)) * 10.0 ** rng.uniform(-3, 3, size=(k, 1))
+    if degenerate:
+        for i in range(1, k):
+            u = rng.random()
+            if u < 0.15:
+                g[i] = 0.0
+            elif u < 0.3:
+                g[i] = g[rng.integers(0, i)]
+            elif u < 0.4:
+                g[i] = -g[rng.integers(0, i)]
+    return g
+
+
+# ---------------------------------------------------------------------- hand cases
+# reference/methods.md Sec. 6.10 (the pure solver; MGDA-level and wrapper-level in test_mgda.py)
+SANITY = [
+    ([[1, 0], [0, 1]], [0.5, 0.5]),
+    ([[1, 0], [-1, 1]], [0.6, 0.4]),
+    ([[1, 0], [2, 0]], [1.0, 0.0]),
+    ([[1, 0], [-1, 0]], [0.5, 0.5]),
+    ([[1, 0], [0, 1], [1, 1]], [0.5, 0.5, 0.0]),
+    ([[1, 0, 0], [0, 1, 0], [0, 0, 1]], [1 / 3, 1 / 3, 1 / 3]),
+]
+
+
+@pytest.mark.parametrize(("rows", "expected"), SANITY)
+def test_sanity_cases(rows: list[list[float]], expected: list[float]) -> None:
+    g = np.array(rows, dtype=np.float64)
+    alpha = solve(g)
+    np.testing.assert_allclose(alpha, expected, atol=1e-9, rtol=0)
+    assert_on_simplex(alpha)
+    assert_kkt(g @ g.T, alpha)
+
+
+def test_sanity_cases_exact_kkt_values() -> None:
+    # (1,0), (-1,1): d = (0.2, 0.4), g_1.d = g_2.d = |d|^2 = 0.2
+    g = np.array([[1.0, 0.0], [-1.0, 1.0]])
+    d = solve(g) @ g
+    np.testing.assert_allclose(d, [0.2, 0.4], atol=1e-9)
+    np.testing.assert_allclose(g @ d, [0.2, 0.2], atol=1e-9)
+    # opposite gradients: Pareto-stationary, d = 0
+    g = np.array([[1.0, 0.0], [-1.0, 0.0]])
+    np.testing.assert_allclose(solve(g) @ g, [0.0, 0.0], atol=1e-12)
+
+
+def test_accepts_numpy_and_float32_gram() -> None:
+    m = np.array([[1.0, -1.0], [-1.0, 2.0]])
+    np.testing.assert_allclose(min_norm_weights(m).numpy(), [0.6, 0.4], atol=1e-9)
+    alpha = min_norm_weights(torch.tensor(m, dtype=torch.float32))
+    assert alpha.dtype == torch.float64
+    np.testing.assert_allclose(alpha.numpy(), [0.6, 0.4], atol=1e-6)
+
+
+def test_degenerate_inputs() -> None:
+    np.testing.assert_array_equal(min_norm_weights(torch.tensor([[3.0]])).numpy(), [1.0])
+    np.testing.assert_array_equal(min_norm_weights(torch.zeros(4, 4)).numpy(), [0.25] * 4)
+    # a single zero gradient among non-zero ones takes all the weight (d = 0)
+    g = np.array([[1.0, 2.0], [0.0, 0.0], [-3.0, 1.0]])
+    np.testing.assert_allclose(solve(g), [0.0, 1.0, 0.0], atol=1e-9)
+    # all gradients identical: any alpha is optimal, ties are split equally
+    g = np.array([[1.0, -2.0]] * 3)
+    np.testing.assert_array_equal(solve(g), [1 / 3] * 3)
+
+
+@pytest.mark.parametrize(
+    ("gram", "match"),
+    [
+        (torch.zeros(2, 3), "square"),
+        (torch.zeros(0, 0), "non-empty"),
+        (torch.zeros(3), "square"),
+        (torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), "NaN or infinite"),
+        (torch.tensor([[float("inf"), 0.0], [0.0, 1.0]]), "NaN or infinite"),
+    ],
+)
+def test_bad_gram_raises(gram: torch.Tensor, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        min_norm_weights(gram)
+
+
+def test_face_optimum_is_exact() -> None:
+    """Where Frank-Wolfe stalls (optimum on a face), the active-set solver is exact."""
+    g = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 3.0], [0.5, 4.0]])
+    np.testing.assert_allclose(solve(g), [0.5, 0.5, 0.0, 0.0, 0.0], atol=1e-9)
+
+
+# ---------------------------------------------------------------------- properties
+@given(gradient_matrices())
+def test_simplex_and_kkt(g: np.ndarray) -> None:
+    m = g @ g.T
+    alpha = solve(g)
+    assert_on_simplex(alpha)
+    assert_kkt(m, alpha)
+
+
+@given(gradient_matrices())
+def test_exact_duplicates_get_equal_weights(g: np.ndarray) -> None:
+    alpha = solve(g)
+    k = g.shape[0]
+    for i, j in itertools.combinations(range(k), 2):
+        if np.array_equal(g[i], g[j]):
+            assert alpha[i] == alpha[j], (i, j, alpha)
+
+
+@given(independent_matrices(max_k=6), st.integers(0, 10**6))
+def test_duplicating_a_row_splits_its_weight(g: np.ndarray, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    j = int(rng.integers(0, g.shape[0]))
+    alpha = solve(g)
+    alpha_dup = solve(np.vstack([g, g[j : j + 1]]))
+    assert alpha_dup[j] == alpha_dup[-1]
+    merged = alpha_dup[:-1].copy()
+    merged[j] += alpha_dup[-1]
+    np.testing.assert_allclose(merged, alpha, atol=1e-6, rtol=0)
+
+
+@given(independent_matrices(), st.randoms(use_true_random=False))
+def test_permutation_equivariance_of_alpha(g: np.ndarray, rnd) -> None:  # noqa: ANN001
+    perm = list(range(g.shape[0]))
+    rnd.shuffle(perm)
+    alpha = solve(g)
+    alpha_perm = solve(g[perm])
+    np.testing.assert_allclose(alpha_perm, alpha[perm], atol=1e-6, rtol=0)
+
+
+@given(gradient_matrices(), st.randoms(use_true_random=False))
+def test_permutation_equivariance_of_direction(g: np.ndarray, rnd) -> None:  # noqa: ANN001
+    """d = sum alpha_k g_k is unique even where alpha is not (dependent rows, duplicates)."""
+    perm = list(range(g.shape[0]))
+    rnd.shuffle(perm)
+    m = g @ g.T
+    alpha = solve(g)
+    alpha_perm = solve(g[perm])
+    diff = np.empty_like(alpha)
+    diff[perm] = alpha_perm  # back to the original order
+    diff -= alpha
+    gap = float(diff @ m @ diff)  # |d_perm - d|^2 through the Gram matrix
+    assert gap <= 1e-10 * float(np.max(np.diag(m))) + 1e-300, gap
+
+
+@given(gradient_matrices(), st.integers(-40, 40))
+def test_scale_invariance_power_of_two_is_exact(g: np.ndarray, e: int) -> None:
+    m = g @ g.T
+    alpha = min_norm_weights(torch.from_numpy(m)).numpy()
+    alpha_scaled = min_norm_weights(torch.from_numpy(m * 2.0**e)).numpy()
+    np.testing.assert_array_equal(alpha_scaled, alpha)
+
+
+@given(independent_matrices(), st.floats(-6.0, 6.0))
+def test_scale_invariance_of_alpha(g: np.ndarray, e: float) -> None:
+    m = g @ g.T
+    c = 10.0**e
+    alpha = min_norm_weights(torch.from_numpy(m)).numpy()
+    alpha_scaled = min_norm_weights(torch.from_numpy(c * m)).numpy()
+    np.testing.assert_allclose(alpha_scaled, alpha, atol=1e-6, rtol=0)
+
+
+@given(gradient_matrices(), st.floats(-6.0, 6.0))
+def test_scale_invariance_of_direction(g: np.ndarray, e: float) -> None:
+    """With dependent rows alpha is fixed only by the ridge; d is unique and scale invariant."""
+    m = g @ g.T
+    alpha = min_norm_weights(torch.from_numpy(m)).numpy()
+    alpha_scaled = min_norm_weights(torch.from_numpy(10.0**e * m)).numpy()
+    diff = alpha_scaled - alpha
+    assert float(diff @ m @ diff) <= 1e-10 * float(np.max(np.diag(m))) + 1e-300
+
+
+@given(gradient_matrices(max_k=4))
+def test_matches_brute_force_oracle(g: np.ndarray) -> None:
+    """Adversarial inputs. Rows closer than ~1e-6 relative (|g_i - g_j|^2 <= 1e-12 (|g_i|^2 +
+    |g_j|^2)) are merged as duplicates and split their weight, which costs up to ~1e-6 relative
+    in the objective (and in d); hence the tolerance here. Generic inputs: 1e-9 (below)."""
+    m = g @ g.T
+    s = float(np.max(np.diag(m)))
+    assume(s > 0)
+    alpha = solve(g)
+    best, _ = oracle(m / s)
+    assert float(alpha @ (m / s) @ alpha) <= best + 1e-6
+
+
+@pytest.mark.parametrize("degenerate", [False, True])
+def test_matches_brute_force_oracle_random(degenerate: bool) -> None:
+    rng = np.random.default_rng(1234 + degenerate)
+    for _ in range(150):
+        k = int(rng.integers(2, 5))
+        g = random_matrix(rng, k, degenerate)
+        m = g @ g.T
+        s = float(np.max(np.diag(m)))
+        best, best_alpha = oracle(m / s)
+        for ridge in (1e-12, 0.0):
+            alpha = solve(g, ridge=ridge)
+            value = float(alpha @ (m / s) @ alpha)
+            assert value <= best + 1e-9, (ridge, value, best)
+            assert value >= best - 1e-9, (ridge, value, best)  # the oracle is the true minimum
+        if g.shape[1] >= k and np.linalg.cond(g) < 1e4:
+            # a well-conditioned unique minimiser. The default ridge (1e-12 relative) biases
+            # alpha where the optimum is tiny (|d|^2 ~ 1e-11 max |g_k|^2), so compare the
+            # unregularised solve
+            np.testing.assert_allclose(alpha, best_alpha, atol=1e-6, rtol=0)
+
+
+def test_larger_k_random_kkt() -> None:
+    """K up to 8 with K > D (dependent rows) and opposite pairs: KKT holds, no cycling."""
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        k = int(rng.integers(5, 9))
+        g = random_matrix(rng, k, degenerate=True)
+        alpha = solve(g)
+        assert_on_simplex(alpha)
+        assert_kkt(g @ g.T, alpha)
+
+
+def test_max_iter_caps_iterations() -> None:
+    g = np.random.default_rng(0).standard_normal((8, 12))
+    alpha = solve(g, max_iter=1)
+    assert_on_simplex(alpha)  # still a valid simplex point, if not optimal
+
+
+# ---------------------------------------------------------------------- simplex projection
+@pytest.mark.parametrize(
+    ("y", "expected"),
+    [
+        ([0.8, 0.8], [0.5, 0.5]),
+        ([2.0, 0.0], [1.0, 0.0]),
+        ([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]),
+        ([-1.0, -1.0, -1.0], [1 / 3, 1 / 3, 1 / 3]),
+        ([5.0], [1.0]),
+    ],
+)
+def test_project_simplex_cases(y: list[float], expected: list[float]) -> None:
+    out = project_simplex(torch.tensor(y, dtype=torch.float64))
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-12)
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=10))
+def test_project_simplex_properties(y: list[float]) -> None:
+    t = torch.tensor(y, dtype=torch.float64)
+    p = project_simplex(t)
+    assert (p >= 0).all()
+    assert abs(float(p.sum()) - 1.0) < 1e-9
+    # idempotent, and optimal: p = max(y - tau, 0) for one threshold tau
+    assert float((project_simplex(p) - p).abs().max()) <= 1e-9
+    support = p > 0
+    tau = t[support] - p[support]
+    assert float(tau.max() - tau.min()) < 1e-9 * (1 + float(t.abs().max()))
+    assert bool((t[~support] <= tau.mean() + 1e-9 * (1 + float(t.abs().max()))).all())
+
+
+@pytest.mark.parametrize("y", [torch.zeros(2, 2), torch.zeros(0)])
+def test_project_simplex_bad_input(y: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="1-D"):
+        project_simplex(y)
