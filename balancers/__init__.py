@@ -9,8 +9,10 @@ Every class subclasses :class:`mtl.BalancedOptimizer` and is used the same way::
 
 from ._min_norm import min_norm_weights, project_simplex
 from .equal import EqualWeight
+from .gradops import GradOPS, gradops_coefficients, gradops_projections, gradops_tradeoff_weights
 from .mgda import MGDA, mgda_weights
 from .multibalance import MultiBalance, multibalance_weights, update_norm_averages
+from .pcgrad import PCGrad, pcgrad_coefficients, pcgrad_orders, pcgrad_projections
 from .regularizers import LSPR, SCR, PerturbationRegularizer
 
 __all__ = [
@@ -18,11 +20,19 @@ __all__ = [
     "MGDA",
     "SCR",
     "EqualWeight",
+    "GradOPS",
     "MultiBalance",
+    "PCGrad",
     "PerturbationRegularizer",
+    "gradops_coefficients",
+    "gradops_projections",
+    "gradops_tradeoff_weights",
     "mgda_weights",
     "min_norm_weights",
     "multibalance_weights",
+    "pcgrad_coefficients",
+    "pcgrad_orders",
+    "pcgrad_projections",
     "project_simplex",
     "update_norm_averages",
 ]
