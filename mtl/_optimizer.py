@@ -476,6 +476,26 @@ class BalancedOptimizer(Optimizer):
             block_grams = packed[k:].reshape(block_grams.shape) / world**2
         return values, block_grams
 
+    def _average_rows(self, rows: list[Tensor]) -> list[Tensor]:
+        """Parameter level under DDP: the per-task gradients averaged over ranks.
+
+        Unlike representation gradients (disjoint coordinates per rank, so the global Gram is
+        sum_r M_r / W^2), parameter gradients of all ranks live in the same space and the global
+        Gram has cross-rank terms; it needs the averaged K x D gradients (one all-reduce of K
+        times the shared gradient size).
+        """
+        active, group = self._group()
+        if not active:
+            return rows
+        flat = torch.cat([r.reshape(-1) for r in rows])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        out, offset = [], 0
+        for r in rows:
+            out.append(flat[offset : offset + r.numel()].view_as(r))
+            offset += r.numel()
+        return out
+
     # -- weights
     def _weights(
         self, values: Tensor, block_grams: Tensor | None, num_blocks: int
@@ -702,11 +722,12 @@ class BalancedOptimizer(Optimizer):
             torch.stack([grads[k][i].reshape(-1) for k in range(k_tasks)])
             for i in range(len(params))
         ]
+        rows = self._average_rows(rows)
         block_grams = torch.stack([gram_matrix(r) for r in rows])
         failed = self._check_gram("parameters", values, block_grams)
         if failed is not None:
             return failed
-        values, block_grams = self._reduce(values, block_grams)
+        values, _ = self._reduce(values, None)
         weights, gram = self._weights(values, block_grams, len(params))
         bw = self._block_weights(weights, len(params))
         shared = {id(p) for p in params}
