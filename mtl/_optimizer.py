@@ -584,7 +584,9 @@ class BalancedOptimizer(Optimizer):
         raise ValueError(
             f"the loss of {names} does not depend on the representation: its graph never "
             "reaches the given tensor (was it computed from a detached copy, or from another "
-            "tensor than the one the heads consume?)"
+            "tensor than the one the heads consume? With torch.compile, compile the trunk and "
+            "the heads as separate regions so the representation is a boundary between them, "
+            "or balance at shared_parameters=)"
         )
 
     def _backward_representation(
