@@ -10,6 +10,7 @@ Every class subclasses :class:`mtl.BalancedOptimizer` and is used the same way::
 from ._min_norm import min_norm_weights, project_simplex
 from .equal import EqualWeight
 from .gradops import GradOPS, gradops_coefficients, gradops_projections, gradops_tradeoff_weights
+from .marigold import MARIGOLD
 from .mgda import MGDA, mgda_weights
 from .multibalance import MultiBalance, multibalance_weights, update_norm_averages
 from .pcgrad import PCGrad, pcgrad_coefficients, pcgrad_orders, pcgrad_projections
@@ -17,6 +18,7 @@ from .regularizers import LSPR, SCR, PerturbationRegularizer
 
 __all__ = [
     "LSPR",
+    "MARIGOLD",
     "MGDA",
     "SCR",
     "EqualWeight",
