@@ -4,7 +4,7 @@ Chen et al., "Feed m Birds with One Scone: Accelerating Multi-task Gradient Bala
 Bi-level Optimization" (arXiv 2603.07389). Only the abstract was available: the bi-level view,
 "zeroth-order solver" and "no per-task gradients" are the paper's [A]; EVERYTHING below (the
 algorithm, the estimators, the step rule, the defaults) is a documented reconstruction [R]
-(``/work/shared/reference/methods.md`` section 3.B, ``docs/methods/marigold.md``), never a claim
+(``/work/shared/reference/methods.md`` section 3.B, ``docs/methods.md (MARIGOLD)``), never a claim
 of fidelity to the paper.
 
 Bi-level view [R]::
@@ -193,7 +193,7 @@ def gaussian_smoothing_estimate(
 class MARIGOLD(BalancedOptimizer):
     """MARIGOLD [R]: bi-level task weighting with no per-task gradients (reconstruction).
 
-    Per step (all [R], see ``docs/methods/marigold.md``)::
+    Per step (all [R], see ``docs/methods.md (MARIGOLD)``)::
 
         1. losses l(theta) = (L_1..L_K) on the batch (the user's forward)
         2. ONE backward of sum_k lam_k L_k -> g_lam (shared part); heads get their own

@@ -6,7 +6,7 @@ representation tensor with ``representation=`` (MultiBalance), per shared parame
 
 Only MetaBalance's full text and reference code were available; MultiBalance's weight rule,
 anchor and moving-average placement are a reconstruction ([R] in
-``reference/methods.md`` section 2.C) grounded in MetaBalance. See ``docs/methods/multibalance.md``.
+``reference/methods.md`` section 2.C) grounded in MetaBalance. See ``docs/methods.md (MultiBalance)``.
 """
 
 from __future__ import annotations

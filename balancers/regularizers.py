@@ -6,7 +6,7 @@ introduce SCR (self-consistency regularization) and LSPR (loss-balanced small pe
 regularization), but only the abstract and a summary were available. What is perturbed, the
 perturbation law and size, SCR's divergence, LSPR's loss and what "loss-balanced" balances are
 NOT known: every formula below is a documented developer decision (tag [R] in
-``reference/methods.md`` §5.B), never the paper's method. See ``docs/methods/regularizers.md``.
+``reference/methods.md`` §5.B), never the paper's method. See ``docs/methods.md (SCR and LSPR)``.
 
 These classes are not optimizers. They PRODUCE the K per-task losses, which then go into
 ``opt.backward(losses, representation=...)`` of any balancer (or a plain
