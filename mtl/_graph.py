@@ -53,7 +53,22 @@ def depends_on(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool
     return [reaches(o.grad_fn) for o in outputs]
 
 
-def gram_matrix(rows: Tensor) -> Tensor:
-    """Float64 Gram matrix ``rows @ rows.T`` of a ``(K, N)`` matrix of flattened gradients."""
-    r = rows if rows.dtype == torch.float64 else rows.to(torch.float64)
-    return r @ r.T
+def gram_matrix(rows: Tensor, *, chunk: int = 1 << 15) -> Tensor:
+    """Float64 Gram matrix ``rows @ rows.T`` of a ``(K, N)`` matrix of flattened gradients.
+
+    Float64 rows: one float64 product. Lower precision rows (float32, and bfloat16/float16 which
+    are first widened to float32 one chunk at a time): float32 products over column chunks of
+    ``chunk`` entries, accumulated in float64. That avoids a float64 copy of the K x N
+    gradients (the dominant cost at large K) while keeping the rounding of each partial product
+    to about ``sqrt(chunk) * 6e-8`` relative; the sum over chunks adds no float32 rounding.
+    """
+    k, n = rows.shape
+    if rows.dtype == torch.float64:
+        return rows @ rows.T
+    out = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    for start in range(0, n, chunk):
+        part = rows[:, start : start + chunk]
+        if part.dtype != torch.float32:
+            part = part.float()
+        out += (part @ part.T).to(torch.float64)
+    return out

@@ -1,0 +1,497 @@
+"""Command line of the experiments: ``python -m experiments {run,compare,sweep,list,bench} ...``.
+
+Examples (from the repository root)::
+
+    python -m experiments compare --task synthetic --balancers all --seeds 3 --out runs/synthetic
+    python -m experiments compare --task census --config census_group1 --balancers equal,mgda \\
+        --seeds 5 --out runs/census1
+    python -m experiments run --task synthetic --model mmoe --balancer gradops --option alpha=-2
+    python -m experiments compare --task toy --balancers all --out runs/toy --steps 35000
+    python -m experiments sweep --task toy --balancer gradops \\
+        --param alpha=-4,-3,-2,-1,0,1,2 --seeds 1 --out runs/toy-sweep
+    python -m experiments list
+    python -m experiments bench --quick --out /tmp/bench     # experiments.bench (own options)
+
+Outputs of ``compare`` (``--out DIR``): ``results.json``, ``results.md`` (also printed),
+``metrics.png`` (per-task metrics per balancer, error bars over seeds), ``weights.png`` (task
+weights over training), ``curves.png`` (validation score per epoch); for the toy task
+``trajectories.png``. ``sweep`` writes ``results.json``, ``results.md``, ``sweep_metrics.png``
+and ``sweep_front.png``.
+
+Exit status: 0 success; 1 some runs failed (they are listed in the table); 2 bad arguments,
+configuration or balancer name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import config as cfgmod
+from . import report
+
+__all__ = ["main", "build_parser"]
+
+TASK_HELP = "synthetic | census | toy (or any tasks.load_task name, e.g. census1, csv)"
+
+
+class UsageError(Exception):
+    """A user error: reported as ``error: ...`` with exit status 2."""
+
+
+# ---------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help=TASK_HELP)
+    p.add_argument(
+        "--config",
+        help="configuration file or name in experiments/configs/ (default: the task's own, "
+        "e.g. synthetic, census, toy; others: census_group1, census_group3)",
+    )
+    p.add_argument("--model", help="shared_bottom | mmoe | ple (overrides model.name)")
+    p.add_argument("--epochs", type=int, help="maximum number of epochs (train.epochs)")
+    p.add_argument("--steps", type=int, help="toy: optimisation steps; others: train.max_steps")
+    p.add_argument("--batch-size", type=int, help="train.batch_size")
+    p.add_argument("--lr", type=float, help="learning rate of the inner optimizer")
+    p.add_argument(
+        "--level", choices=("representation", "parameters"), help="gradient source (train.level)"
+    )
+    p.add_argument("--device", help="torch device for training, e.g. cuda (train.device)")
+    p.add_argument("--group", help="census task group: 1, 2 or 3 (data.group)")
+    p.add_argument("--data-path", help="census/csv data file or directory (data.path)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any configuration entry, e.g. --set data.num_samples=2000 "
+        "--set balancers.gradops.alpha=-2 (JSON values)",
+    )
+    p.add_argument("--threads", type=int, help="torch threads (default: the config's, 1)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="parallel worker processes (seeds; for the toy, seed x balancer); default 1. "
+        "Step times are measured per process: compare them only between runs with the same "
+        "--jobs on an otherwise idle machine",
+    )
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments",
+        description="Multi-task gradient-balancing experiments (synthetic, Census-Income, toy).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="one model, one balancer, one task, one seed")
+    _common(p)
+    p.add_argument("--balancer", default="equal", help="balancer name (default equal)")
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="balancer option, e.g. --option normalization=l2 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--single-task", action="store_true", help="also train single-task baselines (Δm)"
+    )
+
+    p = sub.add_parser("compare", help="every balancer side by side over seeds")
+    _common(p)
+    p.add_argument(
+        "--balancers", default="all",
+        help="'all' (unavailable ones are skipped) or a comma-separated list",
+    )  # fmt: skip
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the config's)")
+    p.add_argument("--first-seed", type=int, default=0)
+    st = p.add_mutually_exclusive_group()
+    st.add_argument(
+        "--single-task", dest="single_task", action="store_true", default=None,
+        help="train single-task baselines for Δm (default: the config's single_task)",
+    )  # fmt: skip
+    st.add_argument("--no-single-task", dest="single_task", action="store_false")
+
+    p = sub.add_parser("sweep", help="one balancer over values of one option")
+    _common(p)
+    p.add_argument("--balancer", required=True)
+    p.add_argument(
+        "--param", required=True, metavar="NAME=V1,V2,...",
+        help="the option and its values, e.g. alpha=-4,-3,-2,-1,0,1,2",
+    )  # fmt: skip
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="fixed balancer option (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the config's)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--single-task", action="store_true", help="single-task baselines (Δm)")
+
+    sub.add_parser("list", help="balancers (and whether they are available), configs, tasks")
+    sub.add_parser(
+        "bench",
+        help="step time and peak memory of every balancer (experiments.bench; "
+        "python -m experiments bench --help)",
+        add_help=False,
+    )
+    return parser
+
+
+# ---------------------------------------------------------------------------- config
+def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    task = str(args.task).strip().lower()
+    try:
+        cfg = cfgmod.load_config(args.config, task=task, overrides=args.set)
+    except cfgmod.ConfigError as e:
+        raise UsageError(str(e)) from e
+    is_toy = task == "toy"
+    if getattr(args, "jobs", 1) < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.model:
+        cfg["model"]["name"] = args.model
+    if args.epochs is not None:
+        if is_toy:
+            raise UsageError("the toy task counts steps, not epochs: use --steps")
+        cfg["train"]["epochs"] = args.epochs
+    if args.steps is not None:
+        if is_toy:
+            cfg.setdefault("toy", {})["steps"] = args.steps
+        else:
+            cfg["train"]["max_steps"] = args.steps
+    if args.batch_size is not None:
+        cfg["train"]["batch_size"] = args.batch_size
+    if args.lr is not None:
+        if is_toy:
+            cfg.setdefault("toy", {})["lr"] = args.lr
+        else:
+            cfg["optimizer"]["lr"] = args.lr
+    if args.level is not None:
+        if is_toy:
+            cfg.setdefault("toy", {})["level"] = args.level
+        else:
+            cfg["train"]["level"] = args.level
+    if args.device is not None:
+        if is_toy:
+            raise UsageError("the toy task runs on the CPU only")
+        cfg["train"]["device"] = args.device
+    if args.group is not None:
+        cfg["data"]["group"] = cfgmod.parse_value(args.group)
+    if args.data_path is not None:
+        cfg["data"]["path"] = args.data_path
+    if args.threads is not None:
+        cfg["threads"] = args.threads
+    return cfg
+
+
+def _options(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        try:
+            k, v = cfgmod.parse_assignment(item)
+        except cfgmod.ConfigError as e:
+            raise UsageError(str(e)) from e
+        out[k] = v
+    return out
+
+
+def _param(text: str) -> tuple[str, list[Any]]:
+    if "=" not in text:
+        raise UsageError(f"--param must look like NAME=V1,V2,..., got {text!r}")
+    name, _, values = text.partition("=")
+    vals = [cfgmod.parse_value(v.strip()) for v in values.split(",") if v.strip()]
+    if not name.strip() or not vals:
+        raise UsageError(f"--param must look like NAME=V1,V2,..., got {text!r}")
+    return name.strip(), vals
+
+
+# ---------------------------------------------------------------------------- output
+def _jsonable(obj: Any) -> Any:
+    """NaN/inf -> None, tuples -> lists, numpy scalars -> Python (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return _jsonable(obj.item())
+    if hasattr(obj, "tolist"):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(data), f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def _out_dir(args: argparse.Namespace, default: str | None) -> Path | None:
+    if args.out:
+        return Path(args.out)
+    return None if default is None else Path("runs") / default
+
+
+class _Console:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    @staticmethod
+    def warn(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _finish_compare(
+    results: dict[str, Any], out: Path | None, plots: bool, console: _Console
+) -> int:
+    from . import plots as plotmod
+
+    task = results["task"]
+    if task == "toy":
+        from . import toy
+
+        table = toy.toy_table(results)
+    else:
+        summary = report.summarize(results)
+        table = report.compare_table(results, summary)
+    print(table, flush=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "results.json", results)
+        (out / "results.md").write_text(table, encoding="utf-8")
+        written = ["results.json", "results.md"]
+        if plots:
+            if task == "toy":
+                written += _toy_plots(results, out)
+            else:
+                plotmod.plot_compare_metrics(results, summary, out / "metrics.png")
+                plotmod.plot_weights(results, out / "weights.png")
+                plotmod.plot_curves(results, out / "curves.png")
+                written += ["metrics.png", "weights.png", "curves.png"]
+        console.log(f"wrote {', '.join(str(out / w) for w in written)}")
+    return 1 if any(r.get("error") for r in results.get("runs", [])) else 0
+
+
+def _toy_plots(results: dict[str, Any], out: Path) -> list[str]:
+    from tasks.toy import loss_grid
+
+    from . import plots as plotmod
+    from . import toy
+
+    scales = results["config"]["toy"]["scales"]
+    plotmod.plot_toy_trajectories(
+        results, out / "trajectories.png", grid=loss_grid((-10.0, 10.0), 160, scales),
+        pareto=toy._pareto(200),
+    )  # fmt: skip
+    return ["trajectories.png"]
+
+
+# ---------------------------------------------------------------------------- commands
+def _seeds(args: argparse.Namespace, cfg: dict[str, Any]) -> list[int]:
+    n = args.seeds if args.seeds is not None else int(cfg.get("seeds", 1))
+    if n < 1:
+        raise UsageError(f"--seeds must be >= 1, got {n}")
+    return list(range(args.first_seed, args.first_seed + n))
+
+
+def _resolve(spec: str | Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    from .runner import BalancerError, resolve_balancers
+
+    try:
+        return resolve_balancers(spec)
+    except BalancerError as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import runner
+
+    cfg = _config_from_args(args)
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    console = _Console(args.quiet)
+    names, unavailable = _resolve(args.balancers)
+    for name, why in unavailable.items():
+        console.warn(f"note: balancer {name!r} is unavailable and skipped ({why})")
+    if not names:
+        raise UsageError("no available balancer to run")
+    seeds = _seeds(args, cfg)
+    single = cfg.get("single_task", False) if args.single_task is None else args.single_task
+    progress = False if args.quiet else None
+    if cfg["task"] == "toy":
+        from . import toy
+
+        results = toy.run_toy(
+            cfg, names, seeds, unavailable=unavailable, progress=progress, log=console.log,
+            jobs=args.jobs,
+        )  # fmt: skip
+    else:
+        results = runner.run_compare(
+            cfg, names, seeds, single_task=bool(single), unavailable=unavailable,
+            progress=progress, log=console.log, jobs=args.jobs,
+        )  # fmt: skip
+    out = _out_dir(args, f"compare-{cfg['task']}")
+    return _finish_compare(results, out, not args.no_plots, console)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import runner
+
+    cfg = _config_from_args(args)
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    console = _Console(args.quiet)
+    names, _ = _resolve(args.balancer)
+    name = names[0]
+    options = {**dict((cfg.get("balancers") or {}).get(name) or {}), **_options(args.option)}
+    cfg.setdefault("balancers", {})[name] = options
+    progress = False if args.quiet else None
+    if cfg["task"] == "toy":
+        from . import toy
+
+        results = toy.run_toy(cfg, [name], [args.seed], progress=progress, log=console.log)
+    else:
+        t0 = time.perf_counter()
+        splits = runner.load_splits(cfg, args.seed)
+        baselines: list[dict[str, Any]] = []
+        if args.single_task:
+            baselines = runner.single_task_baselines(
+                cfg, splits, args.seed, progress=progress, log=console.log
+            )
+        rec = runner.train_one(
+            cfg,
+            splits,
+            name,
+            options,
+            args.seed,
+            progress=progress,
+            desc=f"{name} seed {args.seed}",
+        )
+        runner._attach_delta_m(rec, baselines, splits.tasks, cfg)
+        results = {
+            "task": cfg["task"],
+            "tasks": [{"name": t.name, "kind": t.kind} for t in splits.tasks],
+            "data": runner._json_info(splits),
+            "config": cfg,
+            "balancers": [name],
+            "seeds": [args.seed],
+            "runs": [rec],
+            "single_task": baselines,
+            "unavailable": {},
+            "environment": runner.environment(),
+            "wall_time_s": time.perf_counter() - t0,
+        }
+    return _finish_compare(results, _out_dir(args, None), not args.no_plots, console)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from . import plots as plotmod
+    from . import runner
+
+    cfg = _config_from_args(args)
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    console = _Console(args.quiet)
+    names, _ = _resolve(args.balancer)
+    name = names[0]
+    param, values = _param(args.param)
+    fixed = _options(args.option)
+    if fixed:
+        cfg.setdefault("balancers", {})[name] = {
+            **dict((cfg.get("balancers") or {}).get(name) or {}),
+            **fixed,
+        }
+    seeds = _seeds(args, cfg)
+    progress = False if args.quiet else None
+    if cfg["task"] == "toy":
+        from . import toy
+
+        results = toy.run_toy(
+            cfg, [name], seeds, progress=progress, log=console.log, param=param, values=values,
+            jobs=args.jobs,
+        )  # fmt: skip
+        table = toy.toy_sweep_table(results)
+    else:
+        results = runner.run_sweep(
+            cfg, name, param, values, seeds, single_task=args.single_task,
+            progress=progress, log=console.log, jobs=args.jobs,
+        )  # fmt: skip
+        table = report.sweep_table(results)
+    print(table, flush=True)
+    out = _out_dir(args, f"sweep-{cfg['task']}-{name}-{param}")
+    assert out is not None
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "results.json", results)
+    (out / "results.md").write_text(table, encoding="utf-8")
+    written = ["results.json", "results.md"]
+    if not args.no_plots:
+        plotmod.plot_sweep(results, out / "sweep_metrics.png", out / "sweep_front.png")
+        written += ["sweep_metrics.png", "sweep_front.png"]
+        if cfg["task"] == "toy":
+            written += _toy_plots(results, out)
+    console.log(f"wrote {', '.join(str(out / w) for w in written)}")
+    return 1 if any(r.get("error") for r in results.get("runs", [])) else 0
+
+
+def cmd_list(_args: argparse.Namespace) -> int:
+    from balancers.registry import BALANCERS
+
+    from .runner import balancer_status
+
+    print("balancers:")
+    for name in BALANCERS:
+        why = balancer_status(name)
+        print(f"  {name:14s} {report.DISPLAY_NAMES.get(name, name):14s} "
+              f"{'available' if why is None else 'UNAVAILABLE: ' + why}")  # fmt: skip
+    print("configs (experiments/configs/):")
+    for name in cfgmod.available_configs():
+        print(f"  {name}")
+    try:
+        from tasks import available_tasks
+
+        print("tasks (tasks.load_task) + toy:")
+        for name, desc in available_tasks().items():
+            print(f"  {name:14s} {desc}")
+    except ImportError as e:  # pragma: no cover - tasks not importable
+        print(f"tasks: not importable ({e})")
+    return 0
+
+
+_COMMANDS = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "list": cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse ``argv`` (default ``sys.argv[1:]``) and run the command.
+
+    Returns the exit status (0 ok, 1 some runs failed, 2 usage error).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # the benchmark has its own parser (experiments.bench)
+        try:
+            from .bench import main as bench_main
+        except ImportError as e:
+            print(f"error: the benchmark is not available ({e})", file=sys.stderr)
+            return 2
+        return int(bench_main(argv[1:]))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # e.g. the census file
+        print(f"error: {e}", file=sys.stderr)
+        return 2

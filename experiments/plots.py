@@ -1,0 +1,264 @@
+"""Matplotlib figures of the experiments (Agg backend; PNG files only)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import report  # noqa: E402
+
+__all__ = [
+    "plot_compare_metrics",
+    "plot_curves",
+    "plot_sweep",
+    "plot_toy_trajectories",
+    "plot_weights",
+]
+
+_DPI = 110
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(max_cols, max(1, n))
+    return math.ceil(n / cols), cols
+
+
+def plot_compare_metrics(
+    results: Mapping[str, Any], summary: Mapping[str, Any], path: Path
+) -> Path:
+    """One panel per (task, metric): a bar per balancer (mean ± std over seeds), the
+    single-task baseline as a dashed line with its ±std band."""
+    cfg = results.get("config", {})
+    level = cfg.get("train", {}).get("level", "representation")
+    columns = report.table_columns(results.get("tasks", []), cfg.get("table_metrics"))
+    bals = [b for b, s in summary["balancers"].items() if s["n"] > 0]
+    rows, cols = _grid(len(columns))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (task, metric) in enumerate(columns):
+        ax = axes[i // cols][i % cols]
+        means = [summary["balancers"][b]["metrics"][task][metric][0] for b in bals]
+        stds = [summary["balancers"][b]["metrics"][task][metric][1] for b in bals]
+        x = np.arange(len(bals))
+        ax.bar(x, means, yerr=stds, capsize=4, color=[colors[j % len(colors)] for j in x])
+        st = summary.get("single_task")
+        finite = [m for m in means if math.isfinite(m)]
+        lo_hi = [m - s for m, s in zip(means, stds) if math.isfinite(m)] + [
+            m + s for m, s in zip(means, stds) if math.isfinite(m)
+        ]
+        if st is not None:
+            m, s, _ = st["metrics"][task][metric]
+            if math.isfinite(m):
+                ax.axhline(m, color="k", ls="--", lw=1, label="single-task")
+                ax.axhspan(m - s, m + s, color="k", alpha=0.08)
+                lo_hi += [m - s, m + s]
+                ax.legend(loc="best", fontsize=8)
+        if finite and lo_hi:
+            lo, hi = min(lo_hi), max(lo_hi)
+            pad = 0.15 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-6
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xticks(x)
+        ax.set_xticklabels(
+            [report.display_name(b, None, level) for b in bals], rotation=30, ha="right"
+        )
+        arrow = "↑" if report.HIGHER_IS_BETTER.get(metric, True) else "↓"
+        ax.set_title(f"{task}: {report.METRIC_LABELS.get(metric, metric)} {arrow}")
+        ax.grid(axis="y", alpha=0.3)
+    for j in range(len(columns), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    n = len(results.get("seeds", []))
+    fig.suptitle(f"{results.get('task')}: test metrics (mean ± std over {n} seeds)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_weights(results: Mapping[str, Any], path: Path) -> Path:
+    """Task weights over training, one panel per balancer, one line per task and seed."""
+    cfg = results.get("config", {})
+    level = cfg.get("train", {}).get("level", "representation")
+    runs = [r for r in results.get("runs", []) if r.get("weights_trace")]
+    bals = list(dict.fromkeys(r["balancer"] for r in runs))
+    names = [t["name"] for t in results.get("tasks", [])]
+    rows, cols = _grid(max(1, len(bals)))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, b in enumerate(bals):
+        ax = axes[i // cols][i % cols]
+        for j, r in enumerate(r for r in runs if r["balancer"] == b):
+            steps = [s for s, _ in r["weights_trace"]]
+            w = np.asarray([ws for _, ws in r["weights_trace"]], dtype=float)
+            for k in range(w.shape[1]):
+                label = names[k] if j == 0 and k < len(names) else None
+                ax.plot(steps, w[:, k], color=colors[k % len(colors)], alpha=0.8 if j == 0 else 0.35,
+                        lw=1.2, label=label)  # fmt: skip
+        ax.set_title(report.display_name(b, None, level))
+        ax.set_xlabel("step")
+        ax.set_ylabel("weight")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    for j in range(len(bals), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.suptitle("task weights over training (window means; one line per seed)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
+    """Validation score per epoch (one line per balancer and seed)."""
+    cfg = results.get("config", {})
+    level = cfg.get("train", {}).get("level", "representation")
+    runs = [r for r in results.get("runs", []) if r.get("history")]
+    bals = list(dict.fromkeys(r["balancer"] for r in runs))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    late: list[float] = []  # scores after the first epochs set the y range
+    for r in runs:
+        n = len(r["history"])
+        late += [
+            h["score"]
+            for h in r["history"][max(1, n // 5) :]
+            if h.get("score") is not None and math.isfinite(h["score"])
+        ]
+    for i, b in enumerate(bals):
+        for j, r in enumerate(r for r in runs if r["balancer"] == b):
+            pts = [(h["epoch"], h["score"]) for h in r["history"] if h.get("score") is not None]
+            if not pts:
+                continue
+            ep, sc = zip(*pts)
+            ax.plot(ep, sc, color=colors[i % len(colors)], alpha=0.9 if j == 0 else 0.35,
+                    label=report.display_name(b, None, level) if j == 0 else None)  # fmt: skip
+    if late:
+        lo, hi = min(late), max(late)
+        pad = 0.1 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-6
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel("epoch")
+    sel = cfg.get("train", {}).get("selection_metric") or "mean AUC (binary) / −MSE (regression)"
+    ax.set_ylabel(f"validation score ({sel})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_sweep(results: Mapping[str, Any], metrics_path: Path, front_path: Path) -> list[Path]:
+    """Each task metric against the swept parameter, and task 1 vs task 2 as a front."""
+    values, columns, series = report.sweep_series(results)
+    param = results.get("param", "param")
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = list(values) if numeric else list(range(len(values)))
+    rows, cols = _grid(len(columns))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for i, (task, metric) in enumerate(columns):
+        ax = axes[i // cols][i % cols]
+        ms = [m for m, _ in series[(task, metric)]]
+        ss = [s for _, s in series[(task, metric)]]
+        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3)
+        if not numeric:
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(v) for v in values])
+        ax.set_xlabel(param)
+        arrow = "↑" if report.HIGHER_IS_BETTER.get(metric, True) else "↓"
+        ax.set_title(f"{task}: {report.METRIC_LABELS.get(metric, metric)} {arrow}")
+        ax.grid(alpha=0.3)
+    for j in range(len(columns), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.suptitle(f"{report.display_name(results.get('balancer', '?'))}: metrics vs {param}")
+    fig.tight_layout()
+    out = [_save(fig, metrics_path)]
+
+    # front: the first metric of task 1 vs the first metric of task 2
+    tasks = [t["name"] for t in results.get("tasks", [])]
+    firsts = []
+    for t in tasks[:2]:
+        col = next((c for c in columns if c[0] == t), None)
+        if col is not None:
+            firsts.append(col)
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    if len(firsts) == 2:
+        a, b = firsts
+        xa = [m for m, _ in series[a]]
+        xb = [m for m, _ in series[b]]
+        ea = [s for _, s in series[a]]
+        eb = [s for _, s in series[b]]
+        ax.errorbar(xa, xb, xerr=ea, yerr=eb, marker="o", capsize=3, lw=1)
+        for v, x, y in zip(values, xa, xb):
+            if math.isfinite(x) and math.isfinite(y):
+                ax.annotate(f"{param}={v}", (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8)  # fmt: skip
+        ax.set_xlabel(f"{a[0]} {report.METRIC_LABELS.get(a[1], a[1])}")
+        ax.set_ylabel(f"{b[0]} {report.METRIC_LABELS.get(b[1], b[1])}")
+        front = results.get("true_front")
+        if front:
+            arr = np.asarray(front, dtype=float)
+            ax.plot(arr[:, 0], arr[:, 1], "k--", lw=1, label="Pareto front")
+            ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "a front needs two tasks", ha="center", va="center")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"task 1 vs task 2 across {param}")
+    fig.tight_layout()
+    out.append(_save(fig, front_path))
+    return out
+
+
+def plot_toy_trajectories(
+    results: Mapping[str, Any],
+    path: Path,
+    *,
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    pareto: np.ndarray,
+    seed: int | None = None,
+) -> Path:
+    """One panel per balancer: trajectories from every start over the contours of L1 + L2."""
+    runs = [r for r in results.get("runs", []) if r.get("trajectory")]
+    if seed is None and runs:
+        seed = runs[0]["seed"]
+    runs = [r for r in runs if r["seed"] == seed]
+    bals = list(dict.fromkeys(r["balancer"] for r in runs)) or ["(none)"]
+    rows, cols = _grid(len(bals))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.8 * rows), squeeze=False)
+    x1, x2, losses = grid
+    total = losses[..., 0] + losses[..., 1]
+    level = results.get("config", {}).get("toy", {}).get("level", "parameters")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, b in enumerate(bals):
+        ax = axes[i // cols][i % cols]
+        ax.contourf(x1, x2, total, levels=30, cmap="Greys", alpha=0.55)
+        ax.contour(x1, x2, total, levels=15, colors="k", linewidths=0.3, alpha=0.5)
+        ax.plot(pareto[:, 0], pareto[:, 1], color="gold", lw=3, label="Pareto set")
+        for j, r in enumerate(r for r in runs if r["balancer"] == b):
+            traj = np.asarray(r["trajectory"], dtype=float)
+            c = colors[j % len(colors)]
+            ax.plot(traj[:, 0], traj[:, 1], color=c, lw=1.6)
+            ax.plot(traj[0, 0], traj[0, 1], "o", color=c, ms=5)
+            ax.plot(traj[-1, 0], traj[-1, 1], "*", color=c, ms=10, mec="k", mew=0.5)
+        ax.set_title(report.display_name(b, None, level))
+        ax.set_xlim(float(x1.min()), float(x1.max()))
+        ax.set_ylim(float(x2.min()), float(x2.max()))
+        ax.set_aspect("equal")
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
+    axes[0][0].legend(loc="upper left", fontsize=7)
+    for j in range(len(bals), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    steps = results.get("config", {}).get("toy", {}).get("steps")
+    fig.suptitle(f"2-D toy: trajectories ({steps} Adam steps; o start, * end) over L1 + L2")
+    fig.tight_layout()
+    return _save(fig, path)

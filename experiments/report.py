@@ -1,0 +1,378 @@
+"""Aggregation over seeds and markdown tables for compare and sweep results."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mtl.metrics import delta_m
+
+__all__ = [
+    "DISPLAY_NAMES",
+    "compare_table",
+    "delta_m_for",
+    "display_name",
+    "fmt_mean_std",
+    "mean_std",
+    "short_metrics",
+    "summarize",
+    "sweep_table",
+    "table_columns",
+]
+
+DISPLAY_NAMES = {
+    "equal": "EqualWeight",
+    "mgda": "MGDA",
+    "multibalance": "MultiBalance",
+    "gradops": "GradOPS",
+    "pcgrad": "PCGrad",
+    "marigold": "MARIGOLD",
+}
+
+HIGHER_IS_BETTER = {"auc": True, "log_loss": False, "ne": False, "mse": False, "loss": False}
+METRIC_LABELS = {"auc": "AUC", "ne": "NE", "log_loss": "log loss", "mse": "MSE", "loss": "loss"}
+
+CENSUS_NOTE = (
+    "Census-Income numbers are NOT comparable with the MMoE/PLE papers: only the UCI test file "
+    "(99,762 rows) is available, re-split 60/20/20 (stratified on the task labels, one split "
+    "per seed), i.e. about 4x less training data than the canonical train/test protocol."
+)
+
+
+def display_name(balancer: str, options: Mapping[str, Any] | None = None, level: str = "") -> str:
+    """``"MGDA-UB"`` for MGDA at the representation level, ``"GradOPS (alpha=-2)"`` etc."""
+    name = DISPLAY_NAMES.get(balancer, balancer)
+    if balancer == "mgda" and level == "representation":
+        name = "MGDA-UB"
+    if options:
+        name += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
+    return name
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof=1; 0 for one value) and count of the finite values."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return float("nan"), float("nan"), 0
+    arr = np.asarray(xs)
+    std = float(arr.std(ddof=1)) if len(xs) > 1 else 0.0
+    return float(arr.mean()), std, len(xs)
+
+
+def fmt_mean_std(mean: float, std: float, digits: int = 4, signed: bool = False) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    s = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return f"{s} ± {std:.{digits}f}"
+
+
+def short_metrics(metrics: Mapping[str, Mapping[str, float]] | None) -> str:
+    """One-line summary: ``task0 mse=0.0612  task1 mse=0.0587`` (AUC for binary tasks)."""
+    if not metrics:
+        return "-"
+    parts = []
+    for task, m in metrics.items():
+        key = "auc" if "auc" in m else "mse" if "mse" in m else next(iter(m), None)
+        if key is not None:
+            parts.append(f"{task} {key}={m[key]:.4f}")
+    return "  ".join(parts)
+
+
+def _kind(task: Any) -> str:
+    return task["kind"] if isinstance(task, Mapping) else task.kind
+
+
+def _name(task: Any) -> str:
+    return task["name"] if isinstance(task, Mapping) else task.name
+
+
+def delta_m_for(
+    metrics: Mapping[str, Mapping[str, float]],
+    baselines: Mapping[str, Mapping[str, float]],
+    tasks: Sequence[Any],
+    which: Mapping[str, Sequence[str]] | None = None,
+) -> float | None:
+    """Δm (%) of one run vs the single-task baselines of the same seed.
+
+    ``Δm = (100 / T) Σ_t ±(M_t − B_t) / |B_t|`` over the per-task metrics ``which[kind]``
+    (default AUC for binary tasks, MSE for regression), + when higher is better
+    (:func:`mtl.metrics.delta_m`). ``None`` when a value is missing or not finite.
+    """
+    which = which or {"binary": ["auc"], "regression": ["mse"]}
+    m: dict[str, float] = {}
+    b: dict[str, float] = {}
+    hib: dict[str, bool] = {}
+    for t in tasks:
+        name = _name(t)
+        for metric in which.get(_kind(t), []):
+            key = f"{name}/{metric}"
+            try:
+                m[key] = float(metrics[name][metric])
+                b[key] = float(baselines[name][metric])
+            except KeyError:
+                return None
+            hib[key] = HIGHER_IS_BETTER[metric]
+    if not m or not all(math.isfinite(v) for v in [*m.values(), *b.values()]):
+        return None
+    try:
+        return float(delta_m(m, b, hib))
+    except ValueError:
+        return None
+
+
+def table_columns(
+    tasks: Sequence[Any], which: Mapping[str, Sequence[str]] | None = None
+) -> list[tuple[str, str]]:
+    """``[(task, metric), ...]`` shown in the tables (AUC and NE for binary, MSE for regression)."""
+    which = which or {"binary": ["auc", "ne"], "regression": ["mse"]}
+    return [(_name(t), metric) for t in tasks for metric in which.get(_kind(t), [])]
+
+
+def _group(runs: Sequence[Mapping[str, Any]], key: Any) -> dict[Any, list[Mapping[str, Any]]]:
+    groups: dict[Any, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def _stats(runs: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    ok = [r for r in runs if r.get("metrics")]
+    out: dict[str, Any] = {"n": len(ok), "failed": len(runs) - len(ok), "metrics": {}}
+    for task, metric in columns:
+        vals = [r["metrics"].get(task, {}).get(metric) for r in ok]
+        out["metrics"].setdefault(task, {})[metric] = mean_std(vals)
+    out["delta_m"] = mean_std([r.get("delta_m") for r in ok])
+    out["step_time_s"] = mean_std([r.get("step_time_s") for r in ok])
+    out["epochs"] = mean_std([r.get("epochs") for r in ok])
+    ws = [r["weights_mean"] for r in ok if r.get("weights_mean")]
+    out["weights_mean"] = np.asarray(ws, dtype=float).mean(0).tolist() if ws else None
+    return out
+
+
+def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Mean ± std over seeds per balancer (and for the single-task baselines).
+
+    Returns ``{"balancers": {name: stats}, "single_task": stats | None}``; ``stats`` holds
+    ``metrics[task][metric] = (mean, std, n)``, ``delta_m``, ``step_time_s``, ``epochs`` as
+    ``(mean, std, n)``, ``weights_mean`` and ``step_ratio`` (mean step time / EqualWeight's).
+    """
+    tasks = results.get("tasks", [])
+    columns = table_columns(tasks, results.get("config", {}).get("table_metrics"))
+    by_bal = _group(results.get("runs", []), lambda r: r["balancer"])
+    out: dict[str, Any] = {"balancers": {}, "single_task": None}
+    for name, runs in by_bal.items():
+        out["balancers"][name] = _stats(runs, columns)
+    eq = out["balancers"].get("equal")
+    eq_time = eq["step_time_s"][0] if eq else float("nan")
+    for st in out["balancers"].values():
+        t = st["step_time_s"][0]
+        st["step_ratio"] = t / eq_time if math.isfinite(eq_time) and eq_time > 0 else float("nan")
+    base = results.get("single_task") or []
+    if base:
+        merged = []
+        for seed, group in _group(base, lambda r: r["seed"]).items():
+            m = {}
+            for r in group:
+                m.update(r["metrics"] or {})
+            eps = [r.get("epochs") for r in group if r.get("epochs") is not None]
+            merged.append(
+                {
+                    "seed": seed,
+                    "metrics": m,
+                    "step_time_s": None,
+                    "epochs": sum(eps) / len(eps) if eps else None,
+                }
+            )
+        out["single_task"] = _stats(merged, columns)
+    return out
+
+
+def _header_lines(results: Mapping[str, Any], what: str) -> list[str]:
+    cfg = results.get("config", {})
+    seeds = results.get("seeds", [])
+    train = cfg.get("train", {})
+    model = cfg.get("model", {}).get("name", "?")
+    data = results.get("data", {})
+    task = results.get("task", "?")
+    lines = [f"## {task}: {what}", ""]
+    if cfg.get("description"):
+        lines += [str(cfg["description"]), ""]
+    sizes = data.get("sizes")
+    size_txt = (
+        f" Data {data.get('name', task)}: train/valid/test = "
+        f"{sizes['train']}/{sizes['valid']}/{sizes['test']} rows."
+        if sizes
+        else ""
+    )
+    opt = dict(cfg.get("optimizer") or {})
+    opt_txt = f"{opt.pop('name', 'adam')}" + (f" lr {opt['lr']}" if "lr" in opt else "")
+    sched = cfg.get("scheduler")
+    if sched:
+        sched_name = sched if isinstance(sched, str) else sched.get("name", "?")
+        opt_txt += f", {sched_name} schedule"
+    lines.append(
+        f"Test-set metrics, mean ± std (sample std) over {len(seeds)} seed(s) "
+        f"({', '.join(map(str, seeds))}); model {model}; {train.get('level', 'representation')}-"
+        f"level balancing; {opt_txt}; batch {train.get('batch_size')}; up to "
+        f"{train.get('epochs')} epochs, early stopping on the validation score (patience "
+        f"{train.get('early_stopping_patience')}), best validation state restored.{size_txt}"
+    )
+    note = cfg.get("note")
+    if str(task).startswith("census") and CENSUS_NOTE not in str(note or ""):
+        note = f"{CENSUS_NOTE} {note or ''}".strip()
+    if note:
+        lines += ["", f"> **Note.** {note}"]
+    return lines
+
+
+def compare_table(results: Mapping[str, Any], summary: Mapping[str, Any] | None = None) -> str:
+    """The markdown report of a comparison: header notes and the mean ± std table."""
+    summary = summary or summarize(results)
+    cfg = results.get("config", {})
+    level = cfg.get("train", {}).get("level", "representation")
+    tasks = results.get("tasks", [])
+    columns = table_columns(tasks, cfg.get("table_metrics"))
+    has_dm = summary.get("single_task") is not None
+    dm_which = cfg.get("delta_m_metrics") or {"binary": ["auc"], "regression": ["mse"]}
+    dm_desc = ", ".join(
+        f"{_name(t)} {METRIC_LABELS.get(m, m)}" for t in tasks for m in dm_which.get(_kind(t), [])
+    )
+    lines = _header_lines(results, "balancer comparison")
+    lines.append("")
+    if has_dm:
+        lines.append(
+            f"Δm: mean relative change vs single-task baselines (one model per task, same data, "
+            f"seed and training budget) over {dm_desc}, in % (positive = better)."
+        )
+    else:
+        lines.append("Δm: not computed (run with --single-task for single-task baselines).")
+    lines.append(
+        "Step: median wall time of one `optimizer.backward` + `optimizer.step` (ms); "
+        "× EW: ratio to EqualWeight's step (one plain backward of the summed loss)."
+    )
+    lines.append("")
+    head = ["method"]
+    for task, metric in columns:
+        arrow = "↑" if HIGHER_IS_BETTER.get(metric, True) else "↓"
+        head.append(f"{task} {METRIC_LABELS.get(metric, metric)} {arrow}")
+    head += ["Δm % ↑", "step ms", "× EW", "epochs", "weights (mean)"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    st = summary.get("single_task")
+    if st is not None:
+        row = ["single-task"]
+        for task, metric in columns:
+            mean, std, _ = st["metrics"][task][metric]
+            row.append(fmt_mean_std(mean, std))
+        row += ["0 (reference)", "", "", f"{st['epochs'][0]:.1f}", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    options_by_bal = {r["balancer"]: r.get("options") for r in results.get("runs", [])}
+    for name, s in summary["balancers"].items():
+        row = [display_name(name, options_by_bal.get(name), level)]
+        if s["n"] == 0:
+            row += ["failed"] * len(columns) + ["", "", "", "", ""]
+            lines.append("| " + " | ".join(row) + " |")
+            continue
+        for task, metric in columns:
+            mean, std, _ = s["metrics"][task][metric]
+            row.append(fmt_mean_std(mean, std))
+        dm = s["delta_m"]
+        row.append(fmt_mean_std(dm[0], dm[1], 2, signed=True) if has_dm else "n/a")
+        t = s["step_time_s"]
+        row.append(f"{1e3 * t[0]:.2f} ± {1e3 * t[1]:.2f}" if math.isfinite(t[0]) else "n/a")
+        row.append(f"{s['step_ratio']:.2f}×" if math.isfinite(s["step_ratio"]) else "n/a")
+        row.append(f"{s['epochs'][0]:.1f}")
+        w = s.get("weights_mean")
+        row.append("[" + ", ".join(f"{x:.2f}" for x in w) + "]" if w else "")
+        if s["failed"]:
+            row[0] += f" ({s['failed']} failed)"
+        lines.append("| " + " | ".join(row) + " |")
+    lines += _footer(results)
+    return "\n".join(lines) + "\n"
+
+
+def _footer(results: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    unavailable = results.get("unavailable") or {}
+    if unavailable:
+        lines.append("")
+        lines.append(
+            "Not run (balancer not available): "
+            + "; ".join(f"{DISPLAY_NAMES.get(k, k)}: {v}" for k, v in unavailable.items())
+        )
+    failed = [r for r in results.get("runs", []) if r.get("error")]
+    if failed:
+        lines.append("")
+        lines.append("Failed runs:")
+        for r in failed:
+            lines.append(f"- {r['balancer']} seed {r['seed']}: {r['error']}")
+    env = results.get("environment") or {}
+    wall = results.get("wall_time_s")
+    if env or wall is not None:
+        lines.append("")
+        txt = f"torch {env.get('torch', '?')}, {env.get('threads', '?')} thread(s)"
+        if wall is not None:
+            txt += f"; total wall time {wall:.0f} s"
+        lines.append(f"_{txt}._")
+    return lines
+
+
+def sweep_table(results: Mapping[str, Any]) -> str:
+    """The markdown report of a parameter sweep: one row per parameter value."""
+    cfg = results.get("config", {})
+    tasks = results.get("tasks", [])
+    columns = table_columns(tasks, cfg.get("table_metrics"))
+    param = results.get("param", "?")
+    balancer = results.get("balancer", "?")
+    lines = _header_lines(results, f"{display_name(balancer)} sweep over {param}")
+    base = results.get("single_task") or []
+    has_dm = bool(base)
+    lines.append("")
+    head = [param] + [
+        f"{t} {METRIC_LABELS.get(m, m)} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}"
+        for t, m in columns
+    ]
+    if has_dm:
+        head.append("Δm % ↑")
+    head += ["step ms", "epochs", "weights (mean)"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---:"] * len(head)) + "|")
+    groups = _group(results.get("runs", []), lambda r: repr(r.get("value")))
+    for value in results.get("values", []):
+        runs = groups.get(repr(value), [])
+        s = _stats(runs, columns)
+        row = [str(value)]
+        for task, metric in columns:
+            mean, std, _ = s["metrics"][task][metric]
+            row.append(fmt_mean_std(mean, std))
+        if has_dm:
+            row.append(fmt_mean_std(s["delta_m"][0], s["delta_m"][1], 2, signed=True))
+        t = s["step_time_s"]
+        row.append(f"{1e3 * t[0]:.2f}" if math.isfinite(t[0]) else "n/a")
+        row.append(f"{s['epochs'][0]:.1f}" if math.isfinite(s["epochs"][0]) else "n/a")
+        w = s.get("weights_mean")
+        row.append("[" + ", ".join(f"{x:.2f}" for x in w) + "]" if w else "")
+        if s["failed"]:
+            row[0] += f" ({s['failed']} failed)"
+        lines.append("| " + " | ".join(row) + " |")
+    lines += _footer(results)
+    return "\n".join(lines) + "\n"
+
+
+def sweep_series(
+    results: Mapping[str, Any],
+) -> tuple[list[Any], list[tuple[str, str]], dict[tuple[str, str], list[tuple[float, float]]]]:
+    """``(values, columns, {(task, metric): [(mean, std) per value]})`` of a sweep."""
+    cfg = results.get("config", {})
+    columns = table_columns(results.get("tasks", []), cfg.get("table_metrics"))
+    groups = _group(results.get("runs", []), lambda r: repr(r.get("value")))
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {c: [] for c in columns}
+    for value in results.get("values", []):
+        s = _stats(groups.get(repr(value), []), columns)
+        for task, metric in columns:
+            mean, std, _ = s["metrics"][task][metric]
+            series[(task, metric)].append((mean, std))
+    return list(results.get("values", [])), columns, series

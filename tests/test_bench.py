@@ -1,0 +1,334 @@
+"""Tests of the benchmark harness ``python -m experiments bench`` (experiments/bench*.py).
+
+The --quick run end to end (JSON shape, markdown, ratios), the interleaved timing helper on fake
+callables with a fake clock, the exact sparse-aware Gram, and the path where the peer libraries
+(TorchJD, torch-rechub) are missing. No timing is asserted: only shapes and invariants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from experiments import bench, bench_core, bench_peers
+from experiments.bench_core import (
+    BenchModelConfig,
+    ModeSpec,
+    build_group,
+    interleaved_timings,
+    make_mode,
+    ratio_summary,
+    sparse_aware_gram,
+    task_losses,
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Any:
+    """--quick sets torch's thread count to 1; give the rest of the session its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------- the quick run
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    n = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("bench_quick")
+    try:
+        rc = bench.main(["--quick", "--out", str(out), "--quiet"])
+    finally:
+        torch.set_num_threads(n)
+    assert rc == 0
+    with open(out / "results.json", encoding="utf-8") as f:
+        return out, json.load(f)
+
+
+def test_quick_run_writes_outputs(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    out, res = quick_run
+    assert set(res) >= {
+        "meta",
+        "peers",
+        "sections",
+        "derived",
+        "marigold_lambda",
+        "mgda_agreement",
+        "budget",
+    }
+    assert set(res["sections"]) == {"rep", "param", "h2h"}
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "| mode | level | K | ratio [min–max] | ms/step | peak RSS MB | RSS ratio |" in md
+    assert "Performance budget" in md
+    assert res["meta"]["elapsed_s"] > 0
+    assert res["meta"]["model"]["fields"] >= 8
+    assert {b["item"].split(" ")[0] for b in res["budget"]} >= {"representation-level", "peak"}
+    for plot in res["meta"].get("plots", []):
+        assert (out / plot).stat().st_size > 0
+
+
+def test_quick_run_ratios(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, res = quick_run
+    rep = res["sections"]["rep"]
+    assert rep["tasks"] == [2, 4]
+    modes = {r["mode"] for r in rep["results"]}
+    assert {"plain", "rep:equal", "rep:mgda", "rep:multibalance"} <= modes
+    measured = 0
+    for section in res["sections"].values():
+        for r in section["results"]:
+            if r["mode"] == "plain":
+                assert r["error"] is None
+                assert r["ratio"] == 1.0 and r["ratio_min"] == 1.0 and r["ratio_max"] == 1.0
+            if r.get("error") is None:
+                measured += 1
+                assert r["ratio"] > 0 and r["ratio_min"] > 0 and r["ratio_max"] >= r["ratio_min"]
+                assert r["ms_per_step"] > 0
+                assert r["repeats"] == section["repeats"]
+                assert len(r["ratios"]) == section["repeats"]
+    assert measured >= 10
+    # every K of every section has a plain baseline
+    for section in res["sections"].values():
+        ks = {r["K"] for r in section["results"]}
+        plain_ks = {r["K"] for r in section["results"] if r["mode"] == "plain"}
+        assert ks == plain_ks
+
+
+def test_quick_run_memory_children(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, res = quick_run
+    rep = res["sections"]["rep"]
+    assert rep["memory"]["modes"] == ["plain", "rep:mgda"]
+    k = rep["memory"]["K"]
+    rows = {r["mode"]: r for r in rep["results"] if r["K"] == k}
+    assert rows["plain"]["rss_mb"] > 50  # torch alone is ~300 MB
+    assert rows["plain"]["rss_mb"] < 4000  # not the parent's high-water mark (ru_maxrss trap)
+    assert rows["plain"]["rss_ratio"] == 1.0
+    assert rows["rep:mgda"]["rss_ratio"] > 0
+
+
+def test_quick_run_derived(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, res = quick_run
+    d = res["derived"]
+    assert [r["K"] for r in d["mgda_ub"]] == [2, 4]
+    assert all(r["time_ratio"] > 0 for r in d["mgda_ub"])
+    assert [r["K"] for r in d["multibalance"]] == [2, 4]
+    assert [r["K"] for r in d["diagnostics"]] == [2, 4]
+    lam = res["marigold_lambda"]["runs"]
+    assert lam and lam[0]["K"] == 2
+    if lam[0]["error"] is None:
+        recs = lam[0]["records"]
+        assert recs and all(r["l1"] >= 0 and r["l1"] <= 2 + 1e-9 for r in recs)
+        assert all(abs(sum(r["mgda"]) - 1) < 1e-9 for r in recs)
+
+
+def test_quick_run_peers(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, res = quick_run
+    names = {r["mode"] for r in res["sections"]["param"]["results"]}
+    if res["peers"]["torchjd"]["available"]:
+        assert {"torchjd:mgda:emb", "torchjd:upgrad:noemb", "torchjd:pcgrad:emb"} <= names
+        ag = res["mgda_agreement"]
+        assert ag["available"]
+        # exact solver vs Frank-Wolfe on the same Gram: close, and never a worse objective
+        assert ag["torchjd_tight"]["max_abs_diff"] < 1e-3
+        assert ag["objective_ours"] <= ag["torchjd_default"]["objective"] * (1 + 1e-6) + 1e-12
+    else:
+        assert not any(n.startswith("torchjd") for n in names)
+    if res["peers"]["rechub"]["available"]:
+        assert "rechub:metabalance" in names
+
+
+# ---------------------------------------------------------------------- timing helper
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fake_modes(clock: FakeClock, costs: dict[str, float], log: list[str]) -> dict[str, Any]:
+    def make(name: str, cost: float) -> Any:
+        def fn() -> None:
+            log.append(name)
+            clock.now += cost * getattr(clock, "load", 1.0)
+
+        return fn
+
+    return {n: make(n, c) for n, c in costs.items()}
+
+
+def test_interleaved_timings_exact_on_fake_clock() -> None:
+    clock, log = FakeClock(), []
+    modes = _fake_modes(clock, {"plain": 1.0, "a": 2.0, "b": 3.0}, log)
+    res = interleaved_timings(
+        modes, repeats=3, warmup=1, steps={"plain": 2, "a": 1, "b": 4}, clock=clock, collect=False
+    )
+    assert res.errors == {}
+    assert res.times == {"plain": [1.0] * 3, "a": [2.0] * 3, "b": [3.0] * 3}
+    # rotated round-robin: every round runs every mode once, starting one further each time
+    assert res.order == [
+        ["plain", "a", "b"],
+        ["a", "b", "plain"],
+        ["b", "plain", "a"],
+        ["plain", "a", "b"],
+    ]
+    # blocks are contiguous: 2 plain calls, 1 a call, 4 b calls per round
+    assert log[:7] == ["plain", "plain", "a", "b", "b", "b", "b"]
+    assert log.count("plain") == 2 * 4 and log.count("a") == 4 and log.count("b") == 16
+    s = ratio_summary(res.times["b"], res.times["plain"])
+    assert s["ratio"] == 3.0 and s["ratio_min"] == 3.0 and s["ratio_max"] == 3.0
+    assert s["ms_per_step"] == 3000.0 and s["repeats"] == 3
+
+
+def test_ratios_cancel_load_that_drifts_between_rounds() -> None:
+    """A load factor that changes from round to round scales a whole round alike."""
+    clock, log = FakeClock(), []
+    modes = _fake_modes(clock, {"plain": 1.0, "x": 1.5}, log)
+    loads = [1.0, 3.0, 0.5, 2.0]  # one load factor per round (warm-up + 3 timed)
+    done = {"blocks": 0}
+
+    def on_block(_name: str, _round: int) -> None:
+        done["blocks"] += 1
+        clock.load = loads[min(done["blocks"] // 2, 3)]  # type: ignore[attr-defined]
+
+    clock.load = 1.0  # type: ignore[attr-defined]
+    res = interleaved_timings(
+        modes, repeats=3, warmup=1, clock=clock, on_block=on_block, collect=False
+    )
+    s = ratio_summary(res.times["x"], res.times["plain"])
+    assert s["ratio"] == pytest.approx(1.5)
+    assert s["ratio_min"] == pytest.approx(1.5) and s["ratio_max"] == pytest.approx(1.5)
+    assert s["ms_min"] < s["ms_max"]  # the raw times did drift
+
+
+def test_interleaved_timings_failing_mode_is_recorded_and_skipped() -> None:
+    clock, log = FakeClock(), []
+    calls = {"n": 0}
+
+    def bad() -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom\nsecond line")
+
+    modes = {**_fake_modes(clock, {"plain": 1.0}, log), "bad": bad}
+    res = interleaved_timings(modes, repeats=3, warmup=1, clock=clock, collect=False)
+    assert res.errors == {"bad": "RuntimeError: boom"}
+    assert res.times["bad"] == []
+    assert calls["n"] == 2
+    assert res.times["plain"] == [1.0, 1.0, 1.0]
+    assert math.isnan(ratio_summary(res.times["bad"], res.times["plain"])["ratio"])
+
+
+def test_interleaved_timings_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_timings({"a": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="steps"):
+        interleaved_timings({"a": lambda: None}, repeats=1, steps={"a": 0})
+
+
+# ---------------------------------------------------------------------- pieces
+TINY = BenchModelConfig(bottom=(8,), tower=(4,), batch_size=16, numeric=3, num_batches=2)
+
+
+def test_sparse_aware_gram_matches_dense_gram() -> None:
+    k, rows = 3, 50
+    sparse = build_group("t", TINY, k, rows, True, seed=3)
+    dense = build_group("t", TINY, k, rows, False, seed=3)
+    dense.model.load_state_dict(sparse.model.state_dict())
+    x, ys = sparse.batches[0]
+    g_sparse = sparse_aware_gram(task_losses(sparse.model(x).task_outputs, ys), sparse.shared)
+    g_dense = sparse_aware_gram(task_losses(dense.model(x).task_outputs, ys), dense.shared)
+    assert g_sparse.dtype == torch.float64 and g_sparse.shape == (k, k)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-9, atol=1e-12)
+
+
+def test_modes_train_with_the_combined_optimizer() -> None:
+    group = build_group("t", TINY, 2, 40, True, seed=1)
+    specs = [
+        ModeSpec(name="plain", kind="plain"),
+        ModeSpec(name="rep:mgda", kind="ours", method="mgda", level="representation"),
+        ModeSpec(name="param:marigold", kind="ours", method="marigold", level="parameters"),
+        ModeSpec(name="t", kind="tracker", method="mgda", level="representation"),
+    ]
+    before = [p.detach().clone() for p in group.model.parameters()]
+    for spec in specs:
+        fn = make_mode(spec, group)
+        for _ in range(2):
+            fn()
+    after = list(group.model.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+# ---------------------------------------------------------------------- peers missing
+def _hide_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "torchjd",
+        "torchjd.autojac",
+        "torchjd.aggregation",
+        "torch_rechub",
+        "torch_rechub.basic",
+        "torch_rechub.basic.metaoptimizer",
+    ):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
+
+
+def test_peer_status_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    _hide_peers(monkeypatch)
+    status = bench_peers.peer_status()
+    for key in ("torchjd", "rechub"):
+        assert status[key]["available"] is False
+        assert ".[bench]" in status[key]["reason"]
+
+
+def test_bench_runs_without_peers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hide_peers(monkeypatch)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--sections",
+            "param,h2h",
+            "--tasks",
+            "2",
+            "--memory",
+            "none",
+            "--balancers",
+            "equal,mgda",
+            "--lambda-steps",
+            "2",
+            "--no-plots",
+        ]
+    )
+    assert bench.run(args) == 0
+    err = capsys.readouterr().err
+    assert "install" in err.lower() and ".[bench]" in err
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert res["peers"]["torchjd"]["available"] is False
+    modes = {r["mode"] for s in res["sections"].values() for r in s["results"]}
+    assert modes == {"plain", "param:equal", "param:mgda", "rep:mgda"}
+    assert res["mgda_agreement"]["available"] is False
+    torchjd_item = [b for b in res["budget"] if "TorchJD" in b["item"]]
+    assert torchjd_item and torchjd_item[0]["met"] is None
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "torchjd not available" in md
+
+
+def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+    assert bench.main(["--quick", "--out", str(tmp_path), "--balancers", "nope", "--quiet"]) == 2
+    assert bench.main(["--quick", "--out", str(tmp_path), "--sections", "x", "--quiet"]) == 2
+
+
+def test_module_has_dispatch_pair() -> None:
+    assert callable(bench.add_arguments) and callable(bench.run) and callable(bench.main)
+    assert bench_core.CombinedOptimizer.__mro__[1] is torch.optim.Optimizer
