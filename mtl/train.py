@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from . import metrics as _metrics
 from ._info import BalanceInfo
@@ -363,152 +362,93 @@ def _capture_output(model: nn.Module) -> Iterator[list[Any]]:
         handle.remove()
 
 
+def _is_perturbation(regularizer: Any) -> bool:
+    """LSPR/SCR-style regularizers: ``reg(representation, heads, targets, loss_fns, ...)``."""
+    return hasattr(regularizer, "replay") and hasattr(regularizer, "state_dict")
+
+
 def _forward_losses(
     model: nn.Module,
     features: Any,
     targets: Sequence[Tensor],
     loss_fns: Sequence[LossFn],
+    kinds: Sequence[str],
     regularizer: Regularizer | None,
 ) -> tuple[list[Tensor], Any]:
     """The K task losses and the model output whose representation they depend on."""
+    if regularizer is not None and not _is_perturbation(regularizer):
+        with _capture_output(model) as outputs:
+            res = regularizer(model, features, targets, loss_fns)
+        if (
+            isinstance(res, tuple)
+            and len(res) == 2
+            and hasattr(res[1], "task_outputs")
+            and hasattr(res[1], "representation")
+        ):
+            return list(res[0]), res[1]
+        if not outputs:
+            raise ValueError("the regularizer returned losses without ever calling the model")
+        return list(res), outputs[0]
+    out = model(features)
+    if len(out.task_outputs) != len(loss_fns):
+        raise ValueError(
+            f"model returned {len(out.task_outputs)} task outputs but the data has "
+            f"{len(loss_fns)} tasks"
+        )
     if regularizer is None:
-        out = model(features)
-        if len(out.task_outputs) != len(loss_fns):
-            raise ValueError(
-                f"model returned {len(out.task_outputs)} task outputs but the data has "
-                f"{len(loss_fns)} tasks"
-            )
         return [fn(o, y) for fn, o, y in zip(loss_fns, out.task_outputs, targets)], out
-    with _capture_output(model) as outputs:
-        res = regularizer(model, features, targets, loss_fns)
-    if (
-        isinstance(res, tuple)
-        and len(res) == 2
-        and hasattr(res[1], "task_outputs")
-        and hasattr(res[1], "representation")
-    ):
-        return list(res[0]), res[1]
-    losses = list(res)
-    if not outputs:
-        raise ValueError("the regularizer returned losses without ever calling the model")
-    return losses, outputs[0]
+    if out.heads is None:
+        raise ValueError(
+            "a perturbation regularizer needs ModelOutput.heads (the map from the representation "
+            "to the task outputs); the models in mtl.models provide it"
+        )
+    losses = regularizer(
+        out.representation, out.heads, targets, loss_fns, outputs=out.task_outputs, kinds=kinds
+    )
+    return list(losses), out
 
 
-class _LocateOutputs(TorchFunctionMode):
-    """Record every tensor that a torch function returns during a forward pass."""
+def _make_closure(
+    level: Level,
+    model: nn.Module,
+    out: Any,
+    features: Any,
+    targets: Sequence[Tensor],
+    loss_fns: Sequence[LossFn],
+    kinds: Sequence[str],
+    regularizer: Regularizer | None,
+    rng_state: RngState,
+    devices: list[int],
+) -> Callable[..., list[Tensor]]:
+    """The ``closure=`` argument of balancers that take one (MARIGOLD).
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.outputs: list[Any] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        self.outputs.append(out)
-        return out
-
-
-class _SubstituteOutputs(TorchFunctionMode):
-    """Replace the results of the torch-function calls at given positions."""
-
-    def __init__(self, replacements: Mapping[int, Tensor]) -> None:
-        super().__init__()
-        self.replacements = dict(replacements)
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        new = self.replacements.get(self.count)
-        self.count += 1
-        if new is not None:
-            if not isinstance(out, Tensor) or out.shape != new.shape:
-                raise RuntimeError(
-                    "the model's forward pass changed between calls; cannot substitute the "
-                    "shifted representation"
-                )
-            return new
-        return out
-
-
-class _ClosureFactory:
-    """Builds the ``closure=`` argument of balancers that take one (MARIGOLD).
-
-    * parameter level: a zero-argument callable that re-runs the model on the same batch (with
-      the same dropout masks: the global RNG state of the original forward is replayed) and
-      returns the K losses;
-    * representation level: a callable mapping a (shifted) representation, same shape as
-      ``out.representation`` (a tensor, or a tuple for block representations), to the K losses.
-      The model's forward is re-run on the same batch with the result of the torch operation
-      that produced the representation replaced by the given tensor, so everything that does
-      not depend on the representation (e.g. MMoE's gates) is recomputed unchanged. The
-      position of that operation is found once, by tracing one forward pass.
+    * parameter level: re-runs the model on the same batch with the same dropout masks (the
+      random state of the original forward is replayed) and returns the K losses;
+    * representation level: maps a (shifted) representation to the K losses through
+      ``out.heads`` (everything that does not depend on the representation, e.g. MMoE's gates,
+      is reused as computed); with LSPR/SCR the same noise is replayed.
     """
+    if level == "parameters":
 
-    def __init__(self, devices: list[int] | None = None) -> None:
-        self._positions: list[int] | None = None
-        self._devices = list(devices or [])
+        def closure() -> list[Tensor]:
+            with torch.random.fork_rng(devices=devices):
+                _set_rng(rng_state, devices)
+                return _forward_losses(model, features, targets, loss_fns, kinds, regularizer)[0]
 
-    def _locate(self, model: nn.Module, run: Callable[[], tuple[list[Tensor], Any]]) -> list[int]:
-        if self._positions is None:
-            mode = _LocateOutputs()
-            with torch.no_grad(), torch.random.fork_rng(devices=self._devices), mode:
-                _, out = run()
-            rep = out.representation
-            blocks = list(rep) if isinstance(rep, (tuple, list)) else [rep]
-            positions = []
-            for b in blocks:
-                pos = [i for i, o in enumerate(mode.outputs) if o is b]
-                if not pos:
-                    raise RuntimeError(
-                        "could not locate the representation among the forward pass's torch "
-                        "operations; pass use_closure=False or balance at the parameter level"
-                    )
-                positions.append(pos[-1])
-            self._positions = positions
-        return self._positions
+        return closure
+    heads = getattr(out, "heads", None)
+    if heads is None:
+        raise ValueError(
+            "this balancer evaluates the losses at a shifted representation, which needs "
+            "ModelOutput.heads; use level='parameters' or a model from mtl.models"
+        )
+    if regularizer is not None and _is_perturbation(regularizer):
+        return regularizer.closure(heads, targets, loss_fns, kinds=kinds)
 
-    def make(
-        self,
-        level: Level,
-        model: nn.Module,
-        features: Any,
-        targets: Sequence[Tensor],
-        loss_fns: Sequence[LossFn],
-        regularizer: Regularizer | None,
-        rng_state: RngState,
-    ) -> Callable[..., list[Tensor]]:
-        devices = self._devices
+    def rep_closure(representation: Tensor) -> list[Tensor]:
+        return [fn(o, y) for fn, o, y in zip(loss_fns, heads(representation), targets)]
 
-        def run() -> tuple[list[Tensor], Any]:
-            _set_rng(rng_state, devices)
-            return _forward_losses(model, features, targets, loss_fns, regularizer)
-
-        if level == "parameters":
-
-            def closure() -> list[Tensor]:
-                with torch.random.fork_rng(devices=devices):
-                    return run()[0]
-
-            return closure
-
-        positions = self._locate(model, run)
-
-        def rep_closure(representation: Tensor | Sequence[Tensor]) -> list[Tensor]:
-            blocks = (
-                list(representation)
-                if isinstance(representation, (tuple, list))
-                else [representation]
-            )
-            if len(blocks) != len(positions):
-                raise ValueError(
-                    f"expected {len(positions)} representation block(s), got {len(blocks)}"
-                )
-            with (
-                torch.random.fork_rng(devices=devices),
-                _SubstituteOutputs(dict(zip(positions, blocks))),
-            ):
-                return run()[0]
-
-        return rep_closure
+    return rep_closure
 
 
 RngState = tuple[Tensor, list[Tensor]]
@@ -804,13 +744,13 @@ def fit(
             f"optimizer has num_tasks={optimizer.num_tasks} but the data has {k_tasks}"
         )
     loss_fns = task_loss_fns(tasks)
+    kinds = [t.kind for t in tasks]
     dev = torch.device(device)
     model.to(dev)
     train, valid = splits.train.to(dev), splits.valid.to(dev)
     shared = list(model.shared_parameters()) if level == "parameters" else None
     closure_on = _accepts_closure(optimizer) if use_closure is None else bool(use_closure)
     rng_devices = _rng_devices(dev)
-    closures = _ClosureFactory(rng_devices)
 
     generator = torch.Generator(device=dev)
     fingerprint = _fingerprint(level, batch_size, seed, k_tasks)
@@ -873,7 +813,9 @@ def fit(
                     break
                 t_iter = time.perf_counter()
                 rng_state = _get_rng(rng_devices) if closure_on else None
-                losses, out = _forward_losses(model, features, targets, loss_fns, regularizer)
+                losses, out = _forward_losses(
+                    model, features, targets, loss_fns, kinds, regularizer
+                )
                 optimizer.zero_grad()
                 kwargs: dict[str, Any] = (
                     {"representation": out.representation}
@@ -882,8 +824,17 @@ def fit(
                 )
                 if closure_on:
                     assert rng_state is not None
-                    kwargs["closure"] = closures.make(
-                        level, model, features, targets, loss_fns, regularizer, rng_state
+                    kwargs["closure"] = _make_closure(
+                        level,
+                        model,
+                        out,
+                        features,
+                        targets,
+                        loss_fns,
+                        kinds,
+                        regularizer,
+                        rng_state,
+                        rng_devices,
                     )
                 t0 = time.perf_counter()
                 info = optimizer.backward(losses, **kwargs)

@@ -343,3 +343,20 @@ def test_heads_recompute_outputs_bitwise(name: str, balance_point: str | None, n
         assert torch.equal(a, b)
     shifted = out.heads(out.representation + 0.1)
     assert any(not torch.equal(a, b) for a, b in zip(out.task_outputs, shifted))
+
+
+@pytest.mark.parametrize("name", ["shared_bottom", "mmoe", "ple"])
+def test_heads_replay_the_dropout_masks_of_the_forward(name: str) -> None:
+    from mtl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, num_numeric=3, cardinalities=[5], num_tasks=2, dropout=0.5)
+    model.train()
+    x = Features(torch.randn(16, 3), torch.randint(0, 5, (16, 1)))
+    out = model(x)
+    after_forward = torch.get_rng_state()
+    for a, b in zip(out.task_outputs, out.heads(out.representation)):
+        assert torch.equal(a, b)  # same masks as the forward
+    assert torch.equal(torch.get_rng_state(), after_forward)  # caller's stream untouched
+    again = model(x)  # the stream moved on: new masks
+    assert any(not torch.equal(a, b) for a, b in zip(out.task_outputs, again.task_outputs))

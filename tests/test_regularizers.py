@@ -66,63 +66,10 @@ HeadsFn = Callable[[Any], list[Tensor]]
 
 
 def forward_with_heads(model: nn.Module, x: Any) -> tuple[list[Tensor], Any, HeadsFn]:
-    """(clean outputs, balance point, heads) -- the model hook this module needs.
-
-    ``heads(z)`` recomputes the K task outputs from a (perturbed) balance point, reusing every
-    intermediate that does not depend on it (gate weights, task-specific experts).
-    """
-    e = model.embedding(x)
-    if isinstance(model, SharedBottom):
-        if model.balance_point == "input":
-
-            def heads(r: Tensor) -> list[Tensor]:
-                z = model.bottom(r)
-                return [t(z) for t in model.towers]
-
-            rep = e
-        else:
-
-            def heads(r: Tensor) -> list[Tensor]:
-                return [t(r) for t in model.towers]
-
-            rep = model.bottom(e)
-    elif isinstance(model, MMoE):
-        assert model.balance_point == "experts"
-        rep = torch.stack([f(e) for f in model.experts], dim=1)
-        gates = [torch.softmax(g(e), dim=-1).unsqueeze(1) for g in model.gates]
-
-        def heads(r: Tensor) -> list[Tensor]:
-            return [t(torch.bmm(w, r).squeeze(1)) for w, t in zip(gates, model.towers)]
-
-    elif isinstance(model, PLE):
-        assert model.balance_point == "shared_experts"
-        levels = list(model.levels)
-        task_inputs: list[Tensor] = [e] * model.num_tasks
-        shared_input: Tensor | None = e
-        for level in levels[:-1]:
-            task_inputs, shared_input, _ = level(task_inputs, shared_input)
-        last = levels[-1]
-        assert shared_input is not None
-        rep = torch.stack([f(shared_input) for f in last.shared_experts], dim=1)
-        owns = [
-            torch.stack([f(x_k) for f in experts_k], dim=1) if len(experts_k) else None
-            for x_k, experts_k in zip(task_inputs, last.task_experts)
-        ]
-        gates = [
-            torch.softmax(g(x_k), dim=-1).unsqueeze(1)
-            for g, x_k in zip(last.task_gates, task_inputs)
-        ]
-
-        def heads(r: Tensor) -> list[Tensor]:
-            outs = []
-            for own, w, tower in zip(owns, gates, model.towers):
-                cand = r if own is None else torch.cat([own, r], dim=1)
-                outs.append(tower(torch.bmm(w, cand).squeeze(1)))
-            return outs
-
-    else:  # pragma: no cover
-        raise TypeError(type(model))
-    return heads(rep), rep, heads
+    """(clean outputs, balance point, heads): the models' ``ModelOutput.heads`` hook."""
+    out = model(x)
+    assert out.heads is not None
+    return out.task_outputs, out.representation, out.heads
 
 
 def plain_losses(outputs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:

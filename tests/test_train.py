@@ -10,7 +10,7 @@ import torch
 
 from balancers.registry import make_balancer
 from mtl.models import build_model
-from mtl.train import TrainResult, _ClosureFactory, evaluate, fit, selection_score, task_loss_fns
+from mtl.train import TrainResult, _make_closure, evaluate, fit, selection_score, task_loss_fns
 from tasks import DataSplits, FeatureSchema, TabularDataset, TaskSpec, make_synthetic
 
 TINY_MODEL = {"num_experts": 2, "expert_dims": (8,), "tower_dims": (4,)}
@@ -111,14 +111,16 @@ def test_representation_closure_replays_the_forward(synth: DataSplits) -> None:
     rng = (torch.get_rng_state(), [])
     out = model(features)
     losses = [fn(o, y) for fn, o, y in zip(fns, out.task_outputs, targets)]
-    closure = _ClosureFactory().make("representation", model, features, targets, fns, None, rng)
+    kinds = [t.kind for t in synth.tasks]
+    args = (features, targets, fns, kinds, None, rng, [])
+    closure = _make_closure("representation", model, out, *args)
     with torch.no_grad():
         same = closure(out.representation.detach())
         shifted = closure(out.representation.detach() + 0.5)
     for a, b in zip(losses, same):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(a, b) for a, b in zip(losses, shifted))
-    pclosure = _ClosureFactory().make("parameters", model, features, targets, fns, None, rng)
+    pclosure = _make_closure("parameters", model, out, *args)
     with torch.no_grad():
         again = pclosure()
     for a, b in zip(losses, again):

@@ -6,7 +6,7 @@ Everything here is internal; the public models are in :mod:`mtl.models`.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -260,6 +260,18 @@ class MultiTaskModel(nn.Module):
         )
         self.input_dim = self.embedding.output_dim
 
+    def _output(self, rep: Tensor, heads: Callable[[Tensor], list[Tensor]]) -> ModelOutput:
+        """Run the heads on the balance point and package the output.
+
+        In training mode with dropout, ``heads`` is made replayable: every later call
+        ``out.heads(z)`` draws the same dropout masks as this forward (the random state from
+        just before the heads is restored in a forked RNG, so the caller's stream is untouched).
+        That is what a perturbation regularizer or MARIGOLD's extra forward needs: the only
+        difference between the two evaluations is the change of the representation.
+        """
+        replay = _replayable(heads, rep.device) if self.training and self.dropout > 0 else heads
+        return ModelOutput(task_outputs=heads(rep), representation=rep, heads=replay)
+
     def _make_towers(self, in_dim: int) -> nn.ModuleList:
         return nn.ModuleList(
             Tower(in_dim, self.tower_dims, self.dropout) for _ in range(self.num_tasks)
@@ -292,3 +304,21 @@ class MultiTaskModel(nn.Module):
             f"num_numeric={self.num_numeric}, cardinalities={self.cardinalities}, "
             f"num_tasks={self.num_tasks}, balance_point={self.balance_point!r}"
         )
+
+
+def _replayable(
+    heads: Callable[[Tensor], list[Tensor]], device: torch.device
+) -> Callable[[Tensor], list[Tensor]]:
+    """``heads`` with the random state of now (call it just before the forward's own call)."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def replay(z: Tensor) -> list[Tensor]:
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu_state)
+            for d, st in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(st, d)
+            return heads(z)
+
+    return replay

@@ -94,16 +94,14 @@ class MMoE(MultiTaskModel):
         """Return the K task outputs (each ``(B,)``) and the balance-point tensor."""
         e = self.embedding(x)
         if self.balance_point == "input":
-            return ModelOutput(
-                task_outputs=self._from_input(e), representation=e, heads=self._from_input
-            )
+            return self._output(e, self._from_input)
         experts = torch.stack([expert(e) for expert in self.experts], dim=1)  # (B, E, H)
         gates = [torch.softmax(gate(e), dim=-1).unsqueeze(1) for gate in self.gates]  # (B, 1, E)
 
         def heads(stack: Tensor) -> list[Tensor]:
             return [tower(torch.bmm(w, stack).squeeze(1)) for w, tower in zip(gates, self.towers)]
 
-        return ModelOutput(task_outputs=heads(experts), representation=experts, heads=heads)
+        return self._output(experts, heads)
 
     def _from_input(self, e: Tensor) -> list[Tensor]:
         experts = torch.stack([expert(e) for expert in self.experts], dim=1)

@@ -184,9 +184,7 @@ class PLE(MultiTaskModel):
         """Return the K task outputs (each ``(B,)``) and the balance-point tensor."""
         e = self.embedding(x)
         if self.balance_point == "input":
-            return ModelOutput(
-                task_outputs=self._from_input(e), representation=e, heads=self._from_input
-            )
+            return self._output(e, self._from_input)
         levels = list(self.levels)
         task_inputs: list[Tensor] = [e] * self.num_tasks
         shared_input: Tensor | None = e
@@ -212,7 +210,7 @@ class PLE(MultiTaskModel):
                 outs.append(tower(torch.bmm(w, candidates).squeeze(1)))
             return outs
 
-        return ModelOutput(task_outputs=heads(shared), representation=shared, heads=heads)
+        return self._output(shared, heads)
 
     def _from_input(self, e: Tensor) -> list[Tensor]:
         task_inputs: list[Tensor] = [e] * self.num_tasks

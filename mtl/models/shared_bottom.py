@@ -81,7 +81,7 @@ class SharedBottom(MultiTaskModel):
             rep, heads = e, self._from_input
         else:
             rep, heads = self.bottom(e), self._from_bottom
-        return ModelOutput(task_outputs=heads(rep), representation=rep, heads=heads)
+        return self._output(rep, heads)
 
     def _from_bottom(self, z: Tensor) -> list[Tensor]:
         return [tower(z) for tower in self.towers]
