@@ -65,6 +65,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="torch device for training, e.g. cuda (train.device)")
     p.add_argument("--group", help="census task group: 1, 2 or 3 (data.group)")
+    p.add_argument(
+        "--regularizer",
+        choices=("none", "scr", "lspr"),
+        help="perturbation regularizer on the representation (regularizer.name); options with "
+        "--set regularizer.epsilon=0.05 --set regularizer.rho=0.5",
+    )
     p.add_argument("--data-path", help="census/csv data file or directory (data.path)")
     p.add_argument(
         "--set",
@@ -190,6 +196,10 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         cfg["data"]["path"] = args.data_path
     if args.threads is not None:
         cfg["threads"] = args.threads
+    if getattr(args, "regularizer", None) is not None:
+        if is_toy:
+            raise UsageError("the toy task has no representation to perturb")
+        cfg["regularizer"] = {**dict(cfg.get("regularizer") or {}), "name": args.regularizer}
     return cfg
 
 

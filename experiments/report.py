@@ -220,6 +220,11 @@ def _header_lines(results: Mapping[str, Any], what: str) -> list[str]:
         f"{train.get('epochs')} epochs, early stopping on the validation score (patience "
         f"{train.get('early_stopping_patience')}), best validation state restored.{size_txt}"
     )
+    reg = dict(cfg.get("regularizer") or {})
+    reg_name = str(reg.pop("name", "none")).lower()
+    if reg_name not in ("none", ""):
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(reg.items()))
+        lines += ["", f"Regularizer: {reg_name.upper()}" + (f" ({opts})" if opts else "") + "."]
     note = cfg.get("note")
     if str(task).startswith("census") and CENSUS_NOTE not in str(note or ""):
         note = f"{CENSUS_NOTE} {note or ''}".strip()

@@ -193,6 +193,22 @@ def build_scheduler(cfg: Mapping[str, Any], inner: torch.optim.Optimizer) -> Any
     raise ValueError(f"unknown scheduler {name!r}; choose from {_SCHEDULERS}")
 
 
+def build_regularizer(cfg: Mapping[str, Any], seed: int) -> Any:
+    """LSPR / SCR from the config's ``regularizer`` section (``{"name": "lspr", ...options}``),
+    seeded with the run's seed; ``None`` for ``"none"`` or no section."""
+    spec = dict(cfg.get("regularizer") or {})
+    name = str(spec.pop("name", "none")).lower()
+    if name in ("none", ""):
+        return None
+    from balancers import LSPR, SCR
+
+    classes = {"lspr": LSPR, "scr": SCR}
+    if name not in classes:
+        raise ValueError(f"unknown regularizer {name!r}; choose none, scr or lspr")
+    spec.setdefault("seed", seed)
+    return classes[name](**spec)
+
+
 def _model_kwargs(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     m = dict(cfg.get("model", {}))
     name = m.pop("name", "mmoe")
@@ -242,6 +258,7 @@ def train_one(
         balancer, inner, splits.num_tasks, task_names=splits.task_names, **dict(options), **extra
     )
     scheduler = build_scheduler(cfg, inner)
+    regularizer = build_regularizer(cfg, int(seed))
     result = fit(
         model,
         splits,
@@ -259,6 +276,7 @@ def train_one(
         scheduler=scheduler,
         device=train_cfg.get("device") or "cpu",
         desc=desc,
+        regularizer=regularizer,
     )
     record: dict[str, Any] = {
         "balancer": balancer,

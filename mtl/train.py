@@ -528,6 +528,7 @@ def _save_checkpoint(
     fingerprint: dict[str, Any],
     finished: bool,
     devices: list[int],
+    regularizer: Any = None,
 ) -> None:
     payload = {
         "version": _CHECKPOINT_VERSION,
@@ -536,6 +537,7 @@ def _save_checkpoint(
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "regularizer": regularizer.state_dict() if _is_perturbation(regularizer) else None,
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": [torch.cuda.get_rng_state(d) for d in devices],
@@ -573,6 +575,7 @@ def _load_checkpoint(
     generator: torch.Generator,
     fingerprint: dict[str, Any],
     devices: list[int],
+    regularizer: Any = None,
 ) -> tuple[_State, bool]:
     # our own file: it holds numpy/python RNG states, so it is not a weights-only payload
     payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -585,6 +588,10 @@ def _load_checkpoint(
         raise ValueError(f"cannot resume from {path}: settings differ ({detail})")
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
+    if _is_perturbation(regularizer):
+        if payload.get("regularizer") is None:
+            raise ValueError(f"{path}: the checkpoint holds no regularizer state")
+        regularizer.load_state_dict(payload["regularizer"])
     if scheduler is not None:
         if payload.get("scheduler") is None:
             raise ValueError(f"{path}: the checkpoint holds no scheduler state")
@@ -757,7 +764,7 @@ def fit(
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if resume and ckpt is not None and ckpt.exists():
         state, _ = _load_checkpoint(
-            ckpt, model, optimizer, scheduler, generator, fingerprint, rng_devices
+            ckpt, model, optimizer, scheduler, generator, fingerprint, rng_devices, regularizer
         )
     else:
         state = _State(num_tasks=k_tasks)
@@ -767,7 +774,16 @@ def fit(
     def save(done: bool) -> None:
         if ckpt is not None:
             _save_checkpoint(
-                ckpt, model, optimizer, scheduler, state, generator, fingerprint, done, rng_devices
+                ckpt,
+                model,
+                optimizer,
+                scheduler,
+                state,
+                generator,
+                fingerprint,
+                done,
+                rng_devices,
+                regularizer,
             )
 
     nb = train.num_batches(batch_size)

@@ -249,3 +249,15 @@ def test_bench_is_dispatched(capsys: pytest.CaptureFixture[str]) -> None:
         main(["bench", "--help"])
     assert exc.value.code == 0
     assert "experiments bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("regularizer", ["scr", "lspr"])
+def test_run_with_regularizer(tmp_path: Path, regularizer: str) -> None:
+    out = tmp_path / regularizer
+    rc = main(["run", "--task", "synthetic", "--balancer", "mgda", "--regularizer", regularizer,
+               "--set", "regularizer.epsilon=0.05", "--out", str(out), "--quiet",
+               *TINY])  # fmt: skip
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["regularizer"] == {"epsilon": 0.05, "name": regularizer}
+    assert "Regularizer: " + regularizer.upper() in (out / "results.md").read_text()

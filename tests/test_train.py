@@ -307,3 +307,24 @@ def test_resume_with_scheduler(synth: DataSplits, tmp_path: Any) -> None:
     res = fit(m3, synth, o3, epochs=3, scheduler=s3, checkpoint_path=ckpt, resume=True, **kw)
     assert [h["lr"] for h in res.history] == [1e-2, 5e-3, 2.5e-3]
     assert _same(_params(m3), _params(m1))
+
+
+@pytest.mark.parametrize("balancer", ["mgda", "marigold"])
+def test_resume_with_a_perturbation_regularizer(
+    synth: DataSplits, tmp_path: Any, balancer: str
+) -> None:
+    """LSPR's noise generator is checkpointed: a resumed run is bit-identical."""
+    from balancers import LSPR
+
+    kw = {"batch_size": 48, "progress": False, "restore_best": False, "seed": 4}
+    full_model = _model(synth, dropout=0.2)
+    fit(full_model, synth, _opt(full_model, balancer), epochs=3,
+        regularizer=LSPR(epsilon=0.1, seed=7), **kw)  # fmt: skip
+    ckpt = tmp_path / "reg.pt"
+    first = _model(synth, dropout=0.2)
+    fit(first, synth, _opt(first, balancer), epochs=1, checkpoint_path=ckpt,
+        regularizer=LSPR(epsilon=0.1, seed=7), **kw)  # fmt: skip
+    second = _model(synth, seed=99, dropout=0.2)
+    fit(second, synth, _opt(second, balancer), epochs=3, checkpoint_path=ckpt, resume=True,
+        regularizer=LSPR(epsilon=0.1, seed=123), **kw)  # fmt: skip
+    assert _same(_params(second), _params(full_model))
