@@ -56,19 +56,28 @@ def depends_on(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool
 def gram_matrix(rows: Tensor, *, chunk: int = 1 << 15) -> Tensor:
     """Float64 Gram matrix ``rows @ rows.T`` of a ``(K, N)`` matrix of flattened gradients.
 
-    Float64 rows: one float64 product. Lower precision rows (float32, and bfloat16/float16 which
-    are first widened to float32 one chunk at a time): float32 products over column chunks of
-    ``chunk`` entries, accumulated in float64. That avoids a float64 copy of the K x N
-    gradients (the dominant cost at large K) while keeping the rounding of each partial product
-    to about ``sqrt(chunk) * 6e-8`` relative; the sum over chunks adds no float32 rounding.
+    Float64 rows: one float64 product. Lower precision rows (float32; bfloat16/float16 are
+    widened one chunk at a time): each row is first scaled by a power of two that brings its
+    largest entry into [1, 2) (exact in floating point), then float32 products over column
+    chunks of ``chunk`` entries are accumulated in float64 and the scaling is undone in float64.
+    That avoids a float64 copy of the K x N gradients (the dominant cost at large K), cannot
+    overflow or underflow whatever the gradient scale (``GradScaler`` losses scaled by 2^24,
+    tasks whose gradients are 1e-20), and keeps the rounding of each partial product to about
+    ``sqrt(chunk) * 6e-8`` relative; the sum over chunks adds no float32 rounding.
     """
     k, n = rows.shape
     if rows.dtype == torch.float64:
         return rows @ rows.T
+    if n == 0:
+        return torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    # largest magnitude per row from two plain reductions (no |rows| temporary)
+    peak = torch.maximum(rows.amax(dim=1), -rows.amin(dim=1)).to(torch.float32)
+    exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
+    exponent = torch.where(torch.isfinite(exponent), exponent, torch.zeros_like(exponent))
+    scale = torch.exp2(-exponent)  # (K,), powers of two
     out = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
     for start in range(0, n, chunk):
-        part = rows[:, start : start + chunk]
-        if part.dtype != torch.float32:
-            part = part.float()
+        part = rows[:, start : start + chunk].to(torch.float32) * scale[:, None]
         out += (part @ part.T).to(torch.float64)
-    return out
+    unscale = torch.exp2(exponent.to(torch.float64))
+    return out * unscale[:, None] * unscale[None, :]

@@ -231,3 +231,26 @@ def test_compiled_region_hiding_the_representation_gets_a_clear_error() -> None:
     opt = make_balancer("mgda", torch.optim.SGD([z_src, lin.weight], lr=0.1), 1)
     with pytest.raises(ValueError, match="does not depend on the representation"):
         opt.backward([y.sum()], representation=z)
+
+
+@pytest.mark.parametrize("name", ["mgda", "multibalance", "gradops", "pcgrad"])
+def test_parameter_level_keeps_sparse_table_gradients_sparse(name: str) -> None:
+    """Sparse tables at parameter level: only the touched rows enter the Gram matrix, the
+    combined gradient stays sparse (SparseAdam works) and equals the dense computation."""
+    results = {}
+    for sparse in (False, True):
+        model = _model(sparse=sparse)
+        opt = make_balancer(name, torch.optim.SGD(model.parameters(), lr=0.1), K)
+        x, ys = _batch(5)
+        opt.zero_grad()
+        info = _backward(opt, model, x, ys, "parameters")
+        table = (
+            model.embedding.tables[0].weight
+            if hasattr(model.embedding, "tables")
+            else next(model.embedding.parameters())
+        )
+        assert table.grad.is_sparse == sparse
+        results[sparse] = (info.weights, info.gram, table.grad.to_dense())
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results[True][2], results[False][2], rtol=1e-5, atol=1e-7)
