@@ -53,31 +53,48 @@ def depends_on(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool
     return [reaches(o.grad_fn) for o in outputs]
 
 
+def _chunked_gram(rows: Tensor, chunk: int, scale: Tensor | None) -> Tensor:
+    k, n = rows.shape
+    out = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    for start in range(0, n, chunk):
+        part = rows[:, start : start + chunk]
+        if part.dtype != torch.float32:
+            part = part.float()
+        if scale is not None:
+            part = part * scale[:, None]
+        out += (part @ part.T).to(torch.float64)
+    return out
+
+
 def gram_matrix(rows: Tensor, *, chunk: int = 1 << 15) -> Tensor:
     """Float64 Gram matrix ``rows @ rows.T`` of a ``(K, N)`` matrix of flattened gradients.
 
     Float64 rows: one float64 product. Lower precision rows (float32; bfloat16/float16 are
-    widened one chunk at a time): each row is first scaled by a power of two that brings its
-    largest entry into [1, 2) (exact in floating point), then float32 products over column
-    chunks of ``chunk`` entries are accumulated in float64 and the scaling is undone in float64.
-    That avoids a float64 copy of the K x N gradients (the dominant cost at large K), cannot
-    overflow or underflow whatever the gradient scale (``GradScaler`` losses scaled by 2^24,
-    tasks whose gradients are 1e-20), and keeps the rounding of each partial product to about
-    ``sqrt(chunk) * 6e-8`` relative; the sum over chunks adds no float32 rounding.
+    widened one chunk at a time): float32 products over column chunks of ``chunk`` entries,
+    accumulated in float64. That avoids a float64 copy of the K x N gradients (the dominant cost
+    at large K) and keeps the rounding of each partial product to about ``sqrt(chunk) * 6e-8``
+    relative; the sum over chunks adds no float32 rounding. If a diagonal entry comes out
+    infinite or below 1e-30 (float32 overflow or underflow: ``GradScaler`` losses scaled by
+    2^24, tasks whose gradients are 1e-20), the product is redone with each row scaled by a
+    power of two that brings its largest entry into [1, 2) (exact), the scaling being undone in
+    float64; genuinely non-finite gradients still give a non-finite Gram.
     """
     k, n = rows.shape
     if rows.dtype == torch.float64:
         return rows @ rows.T
     if n == 0:
         return torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    out = _chunked_gram(rows, chunk, None)
+    diag = out.diagonal()
+    suspect = ~(diag > 1e-30) | ~torch.isfinite(diag)
+    for i in torch.nonzero(suspect & (diag == 0)).flatten().tolist():
+        suspect[i] = bool(rows[i].any())  # an exactly zero gradient is fine, underflow is not
+    if not bool(suspect.any()) and bool(torch.isfinite(out).all()):
+        return out
     # largest magnitude per row from two plain reductions (no |rows| temporary)
     peak = torch.maximum(rows.amax(dim=1), -rows.amin(dim=1)).to(torch.float32)
     exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
     exponent = torch.where(torch.isfinite(exponent), exponent, torch.zeros_like(exponent))
-    scale = torch.exp2(-exponent)  # (K,), powers of two
-    out = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
-    for start in range(0, n, chunk):
-        part = rows[:, start : start + chunk].to(torch.float32) * scale[:, None]
-        out += (part @ part.T).to(torch.float64)
+    out = _chunked_gram(rows, chunk, torch.exp2(-exponent))
     unscale = torch.exp2(exponent.to(torch.float64))
     return out * unscale[:, None] * unscale[None, :]
