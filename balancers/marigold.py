@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
+from mtl._graph import replace_grad, weighted_sum
 
 from ._min_norm import project_simplex
 
@@ -723,16 +724,16 @@ class MARIGOLD(BalancedOptimizer):
             for j in range(self.num_perturbations):
                 cs = [c + self.mu * float(x) for c, x in zip(lam, u[j].tolist())]
                 gs = torch.autograd.grad(
-                    _weighted_sum(losses, cs), params, retain_graph=True, allow_unused=True
+                    weighted_sum(losses, cs), params, retain_graph=True, allow_unused=True
                 )
                 perturbed.append(0.5 * _sq_norm([g for g in gs if g is not None]))
         stash = _stash_grads(params + heads)
         try:
             if self.weight_heads or not heads:
-                _weighted_sum(losses, lam).backward(inputs=params + heads)
+                weighted_sum(losses, lam).backward(inputs=params + heads)
             else:
-                _weighted_sum(losses, lam).backward(inputs=params, retain_graph=True)
-                _weighted_sum(losses, None).backward(inputs=heads)
+                weighted_sum(losses, lam).backward(inputs=params, retain_graph=True)
+                weighted_sum(losses, None).backward(inputs=heads)
             # read after BOTH calls: under DDP the averaged (global) g_lam is final only then,
             # and it is identical on every rank (so are the checks below)
             fresh = [p.grad for p in params]
@@ -833,7 +834,7 @@ class MARIGOLD(BalancedOptimizer):
         k = len(losses)
         lam = self._coefficients()
         gs = torch.autograd.grad(
-            _weighted_sum(losses, lam), blocks, retain_graph=True, allow_unused=True
+            weighted_sum(losses, lam), blocks, retain_graph=True, allow_unused=True
         )
         gz = [torch.zeros_like(z) if g is None else g for z, g in zip(blocks, gs)]
         local_sq = _sq_norm(gz)
@@ -844,7 +845,7 @@ class MARIGOLD(BalancedOptimizer):
             for j in range(self.num_perturbations):
                 cs = [c + self.mu * float(x) for c, x in zip(lam, u[j].tolist())]
                 gj = torch.autograd.grad(
-                    _weighted_sum(losses, cs), blocks, retain_graph=True, allow_unused=True
+                    weighted_sum(losses, cs), blocks, retain_graph=True, allow_unused=True
                 )
                 perturbed.append(0.5 * _sq_norm([g for g in gj if g is not None]))
         # Under DDP the ranks hold disjoint rows of the global Z: |g_z|^2 of the global batch is
@@ -880,9 +881,9 @@ class MARIGOLD(BalancedOptimizer):
                     "representation", values, "loss at the shifted representation", bad
                 )
         # the model's gradient: ONE backward; z's incoming gradient is replaced by g_z
-        handles = [z.register_hook(_replace_with(g)) for z, g in zip(blocks, gz)]
+        handles = [z.register_hook(replace_grad(g)) for z, g in zip(blocks, gz)]
         try:
-            _weighted_sum(losses, lam if self.weight_heads else None).backward()
+            weighted_sum(losses, lam if self.weight_heads else None).backward()
         finally:
             for hd in handles:
                 hd.remove()
@@ -998,18 +999,6 @@ def _check_modules(modules: nn.Module | Sequence[nn.Module] | None) -> list[nn.M
     )
 
 
-def _weighted_sum(losses: list[Tensor], coefficients: list[float] | None) -> Tensor:
-    if coefficients is None:
-        total = losses[0]
-        for loss in losses[1:]:
-            total = total + loss
-        return total
-    total = coefficients[0] * losses[0]
-    for c, loss in zip(coefficients[1:], losses[1:]):
-        total = total + c * loss
-    return total
-
-
 def _sq_norm(tensors: Sequence[Tensor]) -> float:
     """``sum |t|^2`` accumulated in float64 (sparse tensors: their coalesced values)."""
     total = 0.0
@@ -1018,13 +1007,6 @@ def _sq_norm(tensors: Sequence[Tensor]) -> float:
             t = t.coalesce().values()
         total += float(t.detach().to(torch.float64).pow(2).sum())
     return total
-
-
-def _replace_with(grad: Tensor) -> Callable[[Tensor], Tensor]:
-    def hook(_incoming: Tensor) -> Tensor:
-        return grad
-
-    return hook
 
 
 def _stash_grads(params: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["depends_on", "gram_matrix"]
+__all__ = ["depends_on", "gram_matrix", "replace_grad", "weighted_sum"]
 
 
 def _node_of(t: Tensor) -> object | None:
@@ -98,3 +98,26 @@ def gram_matrix(rows: Tensor, *, chunk: int = 1 << 15) -> Tensor:
     out = _chunked_gram(rows, chunk, torch.exp2(-exponent))
     unscale = torch.exp2(exponent.to(torch.float64))
     return out * unscale[:, None] * unscale[None, :]
+
+
+def weighted_sum(losses: Sequence[Tensor], coefficients: Sequence[float] | Tensor | None) -> Tensor:
+    """``sum_k c_k L_k`` with Python-float coefficients (``None``: the plain sum)."""
+    if coefficients is None:
+        total = losses[0]
+        for loss in losses[1:]:
+            total = total + loss
+        return total
+    cs = coefficients.tolist() if isinstance(coefficients, Tensor) else list(coefficients)
+    total = cs[0] * losses[0]
+    for c, loss in zip(cs[1:], losses[1:]):
+        total = total + c * loss
+    return total
+
+
+def replace_grad(grad: Tensor) -> Callable[[Tensor], Tensor]:
+    """A tensor hook that replaces the incoming gradient by ``grad``."""
+
+    def hook(_incoming: Tensor) -> Tensor:
+        return grad
+
+    return hook

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._graph import depends_on, gram_matrix
+from ._graph import depends_on, gram_matrix, replace_grad, weighted_sum
 from ._info import BalanceInfo, NonFiniteError
 
 __all__ = ["BalancedOptimizer"]
@@ -608,7 +608,7 @@ class BalancedOptimizer(Optimizer):
         combined = [
             (bw[b].to(rows[b].dtype) @ rows[b]).view_as(blocks[b]) for b in range(len(blocks))
         ]
-        handles = [z.register_hook(_replace_with(c)) for z, c in zip(blocks, combined)]
+        handles = [z.register_hook(replace_grad(c)) for z, c in zip(blocks, combined)]
         try:
             _sum_backward(losses, self._head_coefficients(weights))
         finally:
@@ -745,7 +745,7 @@ class BalancedOptimizer(Optimizer):
         if self._parameter_update_mode() == "backward":
             # one ordinary backward; hooks replace each shared parameter's incoming gradient,
             # so DDP's own hooks average the combined gradient as usual
-            handles = [p.register_hook(_replace_with(g)) for p, g in zip(params, combined)]
+            handles = [p.register_hook(replace_grad(g)) for p, g in zip(params, combined)]
             try:
                 _sum_backward(losses, self._head_coefficients(weights))
             finally:
@@ -771,25 +771,11 @@ class BalancedOptimizer(Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
-def _replace_with(grad: Tensor) -> Callable[[Tensor], Tensor]:
-    def hook(_incoming: Tensor) -> Tensor:
-        return grad
-
-    return hook
-
-
 def _sum_backward(
     losses: list[Tensor], coefficients: Tensor | None, inputs: list[Tensor] | None = None
 ) -> None:
-    if coefficients is None or bool((coefficients == 1).all()):
-        total = losses[0]
-        for loss in losses[1:]:
-            total = total + loss
-    else:
-        cs = coefficients.tolist()
-        total = cs[0] * losses[0]
-        for c, loss in zip(cs[1:], losses[1:]):
-            total = total + c * loss
+    plain = coefficients is None or bool((coefficients == 1).all())
+    total = weighted_sum(losses, None if plain else coefficients)
     if inputs is None:
         total.backward()
     else:
