@@ -156,8 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- config
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     task = str(args.task).strip().lower()
+    config = args.config
+    if config is None and task == "census" and args.group is not None:
+        # the group's own configuration, so its description and notes match the data
+        config = f"census_group{str(args.group).strip()}"
     try:
-        cfg = cfgmod.load_config(args.config, task=task, overrides=args.set)
+        cfg = cfgmod.load_config(config, task=task, overrides=args.set)
     except cfgmod.ConfigError as e:
         raise UsageError(str(e)) from e
     is_toy = task == "toy"
