@@ -308,6 +308,10 @@ def section_modes(section: str, args: argparse.Namespace, peers: dict[str, Any])
         modes += [_ours(b, "representation") for b in bal]
         if "marigold" in bal:
             modes.append(_ours("marigold", "parameters"))
+        if "mgda" in bal:
+            # exact parameter-level MGDA with sparse tables: only the touched rows of each
+            # table enter the per-task gradients and the Gram matrix
+            modes.append(_ours("mgda", "parameters"))
         if "mgda" in bal and not args.no_diagnostics:
             modes.append(
                 ModeSpec(
