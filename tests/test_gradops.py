@@ -510,3 +510,20 @@ def test_registry_builds_gradops():
 
     opt = make_balancer("gradops", torch.optim.SGD(TinyNet(2).parameters(), lr=0.1), 2, alpha=-1)
     assert isinstance(opt, GradOPS) and opt.alpha == -1.0
+
+
+def test_two_tasks_alpha_has_no_effect() -> None:
+    """Documented property of the [R] rule: with K = 2 both retained fractions equal sin(theta),
+    so w(alpha) is uniform and the update does not depend on alpha."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        grads = torch.randn(2, 5, generator=g, dtype=torch.float64)
+        grads[1] *= 10.0 ** float(torch.empty(1).uniform_(-3, 3, generator=g))
+        gram = grads @ grads.T
+        base, _ = gradops_coefficients(gram, 0.0)
+        for alpha in (-4.0, -2.0, 3.0):
+            c, extras = gradops_coefficients(gram, alpha)
+            torch.testing.assert_close(c, base, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(
+                extras["tradeoff_weights"], torch.ones(2, dtype=torch.float64), rtol=1e-9, atol=0
+            )
