@@ -25,7 +25,6 @@ import gc
 import math
 import statistics
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from mtl import CombinedOptimizer
 from mtl.models import Features, SharedBottom
 from mtl.models._layers import FeatureEmbedding
 
@@ -127,58 +127,6 @@ class ModeSpec:
 
 
 # ---------------------------------------------------------------------- optimizer
-class CombinedOptimizer(Optimizer):
-    """Several inner optimizers stepped as one (e.g. SGD for the tables, Adam for the rest).
-
-    ``param_groups`` is the concatenation of the inner optimizers' groups (the same dicts, so a
-    learning-rate change reaches them); ``state`` a merged read-only view. Enough for
-    ``BalancedOptimizer`` (which checks that shared parameters are managed, zeroes gradients and
-    steps) and for the peers; not meant for checkpointing.
-    """
-
-    def __init__(self, optimizers: Sequence[Optimizer]) -> None:
-        self.optimizers = list(optimizers)
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    @property  # type: ignore[override]
-    def state(self) -> dict[Any, Any]:
-        merged: dict[Any, Any] = {}
-        for o in self.optimizers:
-            merged.update(o.state)
-        return merged
-
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
-        return {}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
-        for o in self.optimizers:
-            o.step()
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        for o, sd in zip(self.optimizers, state_dict["optimizers"]):
-            o.load_state_dict(sd)
-
-    def __repr__(self) -> str:
-        return "CombinedOptimizer(" + ", ".join(type(o).__name__ for o in self.optimizers) + ")"
-
-
 def make_inner_optimizer(model: nn.Module, cfg: BenchModelConfig, sparse: bool) -> Optimizer:
     """Plain SGD (or SparseAdam, sparse tables only) for the embedding tables, Adam for the rest.
 

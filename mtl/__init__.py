@@ -5,6 +5,7 @@ The public entry points are :class:`BalancedOptimizer` (subclassed by every meth
 :mod:`mtl.metrics`.
 """
 
+from ._combined import CombinedOptimizer
 from ._graph import depends_on, gram_matrix
 from ._info import BalanceInfo, NonFiniteError
 from ._optimizer import BalancedOptimizer
@@ -13,6 +14,7 @@ from .conflict import ConflictTracker
 __all__ = [
     "BalanceInfo",
     "BalancedOptimizer",
+    "CombinedOptimizer",
     "ConflictTracker",
     "NonFiniteError",
     "depends_on",

@@ -140,15 +140,8 @@ class BalancedOptimizer(Optimizer):
         self.num_skipped = 0  # steps skipped because of a non-finite loss or gradient
         self._skip_next_step = False
 
-        # What torch.optim.Optimizer.__init__ would set up, minus param_groups/state/defaults
-        # (forwarded to the inner optimizer below).
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._patch_step_function()
+        # param_groups/state/defaults are forwarded to the inner optimizer (properties below)
+        init_optimizer_hooks(self)
 
     # ------------------------------------------------------------------ forwarding
     @property  # type: ignore[override]
@@ -771,6 +764,19 @@ class BalancedOptimizer(Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
+def init_optimizer_hooks(opt: Optimizer) -> None:
+    """What ``torch.optim.Optimizer.__init__`` sets up besides ``param_groups``/``state``/
+    ``defaults``: the hook dictionaries and the profiled ``step``. For optimizer-like wrappers
+    that forward those three to other optimizers instead of calling ``Optimizer.__init__``."""
+    opt._optimizer_step_pre_hooks = OrderedDict()
+    opt._optimizer_step_post_hooks = OrderedDict()
+    opt._optimizer_state_dict_pre_hooks = OrderedDict()
+    opt._optimizer_state_dict_post_hooks = OrderedDict()
+    opt._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    opt._optimizer_load_state_dict_post_hooks = OrderedDict()
+    opt._patch_step_function()
+
+
 def _sum_backward(
     losses: list[Tensor], coefficients: Tensor | None, inputs: list[Tensor] | None = None
 ) -> None:

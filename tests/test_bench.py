@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from experiments import bench, bench_core, bench_peers
+from experiments import bench, bench_peers
 from experiments.bench_core import (
     BenchModelConfig,
     ModeSpec,
@@ -28,6 +28,7 @@ from experiments.bench_core import (
     sparse_aware_gram,
     task_losses,
 )
+from mtl import CombinedOptimizer
 
 
 @pytest.fixture(autouse=True)
@@ -331,4 +332,4 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
 
 def test_module_has_dispatch_pair() -> None:
     assert callable(bench.add_arguments) and callable(bench.run) and callable(bench.main)
-    assert bench_core.CombinedOptimizer.__mro__[1] is torch.optim.Optimizer
+    assert CombinedOptimizer.__mro__[1] is torch.optim.Optimizer
