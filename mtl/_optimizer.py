@@ -586,7 +586,23 @@ class BalancedOptimizer(Optimizer):
         self, losses: list[Tensor], values: Tensor, blocks: list[Tensor]
     ) -> BalanceInfo:
         self._check_trunk(blocks)
-        grads = self._task_representation_grads(losses, blocks)
+        heads = self._heads_above(losses, blocks)
+        head_grads: list[tuple[Tensor | None, ...]] = []
+        if heads is None:
+            grads = self._task_representation_grads(losses, blocks)
+        else:
+            # one pass per task gives both its representation gradient and its heads' gradients;
+            # the final backward then runs through the trunk only
+            grads = []
+            n = len(blocks)
+            for k, loss in enumerate(losses):
+                gs = torch.autograd.grad(loss, blocks + heads, retain_graph=True, allow_unused=True)
+                if all(g is None for g in gs[:n]):
+                    self._raise_unreached(losses, blocks, only=k)
+                grads.append(
+                    [torch.zeros_like(z) if g is None else g for z, g in zip(blocks, gs[:n])]
+                )
+                head_grads.append(gs[n:])
         rows = [
             torch.stack([grads[k][b].reshape(-1) for k in range(len(losses))])
             for b in range(len(blocks))
@@ -601,12 +617,25 @@ class BalancedOptimizer(Optimizer):
         combined = [
             (bw[b].to(rows[b].dtype) @ rows[b]).view_as(blocks[b]) for b in range(len(blocks))
         ]
-        handles = [z.register_hook(replace_grad(c)) for z, c in zip(blocks, combined)]
-        try:
-            _sum_backward(losses, self._head_coefficients(weights))
-        finally:
-            for h in handles:
-                h.remove()
+        if heads is not None:
+            torch.autograd.backward(blocks, grad_tensors=combined)  # the trunk only
+            coef = self._head_coefficients(weights)
+            cs = [1.0] * len(losses) if coef is None else coef.tolist()
+            for i, p in enumerate(heads):
+                parts = [(c, g[i]) for c, g in zip(cs, head_grads) if g[i] is not None]
+                if not parts:
+                    continue
+                total = parts[0][1] * parts[0][0] if parts[0][0] != 1.0 else parts[0][1]
+                for c, g in parts[1:]:
+                    total = total + (g * c if c != 1.0 else g)
+                p.grad = total if p.grad is None else p.grad + total
+        else:
+            handles = [z.register_hook(replace_grad(c)) for z, c in zip(blocks, combined)]
+            try:
+                _sum_backward(losses, self._head_coefficients(weights))
+            finally:
+                for h in handles:
+                    h.remove()
         self.num_steps += 1
         return BalanceInfo(
             weights=weights,
@@ -616,6 +645,47 @@ class BalancedOptimizer(Optimizer):
             block_grams=block_grams if len(blocks) > 1 else None,
             extras=self._extras(),
         )
+
+    def _heads_above(self, losses: list[Tensor], blocks: list[Tensor]) -> list[Tensor] | None:
+        """The optimizer's parameters above the balance point, when the split is clean.
+
+        Walks the autograd graph from the losses, stopping at the representation blocks, and
+        collects the parameters it reaches (the heads). Returns ``None`` (use the general path:
+        one backward of the summed losses with a hook at the representation) when some part above
+        the balance point also lies below it (e.g. MMoE's gates read the embeddings), when it
+        reaches a leaf that the inner optimizer does not manage, under DDP (DDP must see one
+        ordinary backward), or with ``grad_mode="batched"``.
+        """
+        if self.grad_mode != "loop" or self._group()[0]:
+            return None
+        block_nodes = {id(z.grad_fn) for z in blocks}
+        below: set[int] = set()
+        stack = [z.grad_fn for z in blocks]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in below:
+                continue
+            below.add(id(node))
+            stack.extend(c for c, _ in getattr(node, "next_functions", ()))
+        managed = {id(p) for g in self.param_groups for p in g["params"]}
+        found: dict[int, Tensor] = {}
+        seen: set[int] = set()
+        stack = [loss.grad_fn for loss in losses]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen or id(node) in block_nodes:
+                continue
+            if id(node) in below:
+                return None  # the heads share graph with the trunk
+            seen.add(id(node))
+            var = getattr(node, "variable", None)
+            if var is not None:
+                if id(var) not in managed:
+                    return None
+                found[id(var)] = var
+                continue
+            stack.extend(c for c, _ in getattr(node, "next_functions", ()))
+        return list(found.values())
 
     def _plain_backward_is_exact(self) -> bool:
         """Whether one plain backward of sum_k c_k L_k gives the balanced gradients.
