@@ -531,9 +531,13 @@ class BalancedOptimizer(Optimizer):
 
     # -- representation level
     def _task_representation_grads(
-        self, losses: list[Tensor], blocks: list[Tensor]
-    ) -> list[list[Tensor]]:
-        """``grads[k][b] = dL_k / d blocks[b]``; raises for a loss that does not reach any block."""
+        self, losses: list[Tensor], blocks: list[Tensor], heads: Sequence[Tensor] = ()
+    ) -> tuple[list[list[Tensor]], list[tuple[Tensor | None, ...]]]:
+        """``grads[k][b] = dL_k / d blocks[b]`` and ``head_grads[k][i] = dL_k / d heads[i]``
+        (``None`` where task k does not reach ``heads[i]``; only with ``grad_mode="loop"``).
+
+        Raises for a loss that does not reach any block.
+        """
         k_tasks = len(losses)
         if self.grad_mode == "batched":
             stacked = torch.stack(losses)
@@ -546,9 +550,6 @@ class BalancedOptimizer(Optimizer):
                 allow_unused=True,
                 is_grads_batched=True,
             )
-            missing = [b for b, g in enumerate(per_block) if g is None]
-            if len(missing) == len(blocks):
-                self._raise_unreached(losses, blocks)
             out = []
             for k in range(k_tasks):
                 row = [
@@ -559,14 +560,16 @@ class BalancedOptimizer(Optimizer):
             reached = depends_on(losses, blocks)
             if not all(reached):
                 self._raise_unreached(losses, blocks)
-            return out
-        out = []
+            return out, []
+        out, head_grads = [], []
+        n = len(blocks)
         for k, loss in enumerate(losses):
-            gs = torch.autograd.grad(loss, blocks, retain_graph=True, allow_unused=True)
-            if all(g is None for g in gs):
+            gs = torch.autograd.grad(loss, [*blocks, *heads], retain_graph=True, allow_unused=True)
+            if all(g is None for g in gs[:n]):
                 self._raise_unreached(losses, blocks, only=k)
-            out.append([torch.zeros_like(z) if g is None else g for z, g in zip(blocks, gs)])
-        return out
+            out.append([torch.zeros_like(z) if g is None else g for z, g in zip(blocks, gs[:n])])
+            head_grads.append(gs[n:])
+        return out, head_grads
 
     def _raise_unreached(
         self, losses: list[Tensor], blocks: list[Tensor], only: int | None = None
@@ -586,23 +589,10 @@ class BalancedOptimizer(Optimizer):
         self, losses: list[Tensor], values: Tensor, blocks: list[Tensor]
     ) -> BalanceInfo:
         self._check_trunk(blocks)
+        # heads disjoint from the trunk: one pass per task gives both its representation gradient
+        # and its heads' gradients, and the final backward runs through the trunk only
         heads = self._heads_above(losses, blocks)
-        head_grads: list[tuple[Tensor | None, ...]] = []
-        if heads is None:
-            grads = self._task_representation_grads(losses, blocks)
-        else:
-            # one pass per task gives both its representation gradient and its heads' gradients;
-            # the final backward then runs through the trunk only
-            grads = []
-            n = len(blocks)
-            for k, loss in enumerate(losses):
-                gs = torch.autograd.grad(loss, blocks + heads, retain_graph=True, allow_unused=True)
-                if all(g is None for g in gs[:n]):
-                    self._raise_unreached(losses, blocks, only=k)
-                grads.append(
-                    [torch.zeros_like(z) if g is None else g for z, g in zip(blocks, gs[:n])]
-                )
-                head_grads.append(gs[n:])
+        grads, head_grads = self._task_representation_grads(losses, blocks, heads or ())
         rows = [
             torch.stack([grads[k][b].reshape(-1) for k in range(len(losses))])
             for b in range(len(blocks))
@@ -620,14 +610,13 @@ class BalancedOptimizer(Optimizer):
         if heads is not None:
             torch.autograd.backward(blocks, grad_tensors=combined)  # the trunk only
             coef = self._head_coefficients(weights)
-            cs = [1.0] * len(losses) if coef is None else coef.tolist()
             for i, p in enumerate(heads):
-                parts = [(c, g[i]) for c, g in zip(cs, head_grads) if g[i] is not None]
-                if not parts:
+                ks = [k for k, g in enumerate(head_grads) if g[i] is not None]
+                if not ks:
                     continue
-                total = parts[0][1] * parts[0][0] if parts[0][0] != 1.0 else parts[0][1]
-                for c, g in parts[1:]:
-                    total = total + (g * c if c != 1.0 else g)
+                total = weighted_sum(
+                    [head_grads[k][i] for k in ks], None if coef is None else coef[ks]
+                )
                 p.grad = total if p.grad is None else p.grad + total
         else:
             handles = [z.register_hook(replace_grad(c)) for z, c in zip(blocks, combined)]
