@@ -532,10 +532,13 @@ class BalancedOptimizer(Optimizer):
     # -- representation level
     def _task_representation_grads(
         self, losses: list[Tensor], blocks: list[Tensor], heads: Sequence[Tensor] = ()
-    ) -> tuple[list[list[Tensor]], list[tuple[Tensor | None, ...]]]:
-        """``grads[k][b] = dL_k / d blocks[b]`` and ``head_grads[k][i] = dL_k / d heads[i]``
-        (``None`` where task k does not reach ``heads[i]``; only with ``grad_mode="loop"``).
+    ) -> tuple[list[Tensor], list[tuple[Tensor | None, ...]]]:
+        """``rows[b][k] = dL_k / d blocks[b]`` (flattened, one ``(K, numel)`` matrix per block)
+        and ``head_grads[k][i] = dL_k / d heads[i]`` (``None`` where task k does not reach
+        ``heads[i]``; only with ``grad_mode="loop"``).
 
+        Loop mode copies each task's gradient into its row as soon as it is computed (while it
+        is still in cache) and drops it: no K live gradient tensors and no final stack.
         Raises for a loss that does not reach any block.
         """
         k_tasks = len(losses)
@@ -550,26 +553,29 @@ class BalancedOptimizer(Optimizer):
                 allow_unused=True,
                 is_grads_batched=True,
             )
-            out = []
-            for k in range(k_tasks):
-                row = [
-                    torch.zeros_like(z) if g is None else g[k] for z, g in zip(blocks, per_block)
-                ]
-                out.append(row)
             # a task that reaches no block has all-zero rows but must still be reported
-            reached = depends_on(losses, blocks)
-            if not all(reached):
+            if not all(depends_on(losses, blocks)):
                 self._raise_unreached(losses, blocks)
-            return out, []
-        out, head_grads = [], []
+            rows = [
+                z.new_zeros(k_tasks, z.numel()) if g is None else g.reshape(k_tasks, -1)
+                for z, g in zip(blocks, per_block)
+            ]
+            return rows, []
+        rows = [z.new_empty(k_tasks, z.numel()) for z in blocks]
+        head_grads = []
         n = len(blocks)
         for k, loss in enumerate(losses):
             gs = torch.autograd.grad(loss, [*blocks, *heads], retain_graph=True, allow_unused=True)
             if all(g is None for g in gs[:n]):
                 self._raise_unreached(losses, blocks, only=k)
-            out.append([torch.zeros_like(z) if g is None else g for z, g in zip(blocks, gs[:n])])
+            for b, g in enumerate(gs[:n]):
+                if g is None:
+                    rows[b][k].zero_()
+                else:
+                    rows[b][k].copy_(g.reshape(-1))
             head_grads.append(gs[n:])
-        return out, head_grads
+            del gs
+        return rows, head_grads
 
     def _raise_unreached(
         self, losses: list[Tensor], blocks: list[Tensor], only: int | None = None
@@ -592,11 +598,7 @@ class BalancedOptimizer(Optimizer):
         # heads disjoint from the trunk: one pass per task gives both its representation gradient
         # and its heads' gradients, and the final backward runs through the trunk only
         heads = self._heads_above(losses, blocks)
-        grads, head_grads = self._task_representation_grads(losses, blocks, heads or ())
-        rows = [
-            torch.stack([grads[k][b].reshape(-1) for k in range(len(losses))])
-            for b in range(len(blocks))
-        ]
+        rows, head_grads = self._task_representation_grads(losses, blocks, heads or ())
         block_grams = torch.stack([gram_matrix(r) for r in rows])
         failed = self._check_gram("representation", values, block_grams)
         if failed is not None:

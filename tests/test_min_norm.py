@@ -372,3 +372,45 @@ def test_project_simplex_properties(y: list[float]) -> None:
 def test_project_simplex_bad_input(y: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="1-D"):
         project_simplex(y)
+
+
+# ---------------------------------------------------------------------- interior shortcut
+def test_interior_shortcut_agrees_with_wolfe() -> None:
+    """Full-support optima come from one bordered solve; Wolfe's method gives the same point,
+    and the shortcut declines whenever the optimum lies on a face."""
+    from balancers._min_norm import _interior_minimizer, _wolfe
+
+    rng = np.random.default_rng(7)
+    taken = declined = 0
+    for _ in range(300):
+        k = int(rng.integers(3, 17))
+        d = int(rng.integers(k, 3 * k))
+        # independent Gaussian rows: the optimum has full support about a quarter of the time
+        g = rng.standard_normal((k, d))
+        q = g @ g.T
+        q = q / np.max(np.diag(q)) + 1e-12 * np.eye(k)
+        wolfe = _wolfe(q, 50 * k + 100, 1e-14)
+        fast = _interior_minimizer(q)
+        if fast is None:
+            declined += 1
+            continue
+        taken += 1
+        assert (fast > 0).all()
+        np.testing.assert_allclose(fast, wolfe, atol=1e-9)
+        assert (wolfe > SUPPORT).all()
+    assert taken > 40 and declined > 40, (taken, declined)
+
+
+def test_interior_shortcut_declines_face_optimum_and_bad_solves() -> None:
+    from balancers._min_norm import _interior_minimizer
+
+    # g3 = g1 + g2 is never used by the optimum (0.5, 0.5, 0): the affine minimiser is not > 0
+    g = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert _interior_minimizer(g @ g.T / 2.0 + 1e-12 * np.eye(3)) is None
+    # singular Q (two identical rows, no ridge): whatever the solve gives is not accepted
+    # unless it satisfies the KKT conditions
+    q = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    b = _interior_minimizer(q)
+    if b is not None:
+        qb = q @ b
+        assert np.abs(qb - b @ qb).max() <= 1e-10
