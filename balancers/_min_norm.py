@@ -83,27 +83,37 @@ def _affine_minimizer(q_s: np.ndarray) -> np.ndarray:
     return sol[:n]
 
 
-def _interior_minimizer(q: np.ndarray, kkt_tol: float = 1e-10) -> np.ndarray | None:
-    """The optimum when every task has a positive weight (a common case), else ``None``.
+def _warm_start(q: np.ndarray, rounds: int = 4) -> tuple[list[int], np.ndarray] | None:
+    """A starting corral for Wolfe's method: drop the points whose affine weight is not positive.
 
-    The minimiser ``b`` of ``b^T Q b`` on the affine hull ``sum b = 1`` (one bordered solve) is
-    the simplex optimum when ``b > 0``: it is feasible and optimal over a larger set. Accepted
-    only when the solve is accurate: the KKT residual ``max_i |(Q b)_i - b^T Q b|`` must be at
-    most ``kkt_tol`` (``Q`` is scaled to ``max_k Q_kk = 1``); otherwise Wolfe's method decides.
+    Start from every point; the minimiser ``b`` of ``b^T Q_S b`` on ``sum b = 1`` (one bordered
+    solve) is kept when ``b > 0``; otherwise the points with ``b_i <= 0`` leave ``S`` and the
+    solve is repeated (at most ``rounds`` times). A positive ``b`` is exactly the state Wolfe's
+    method reaches after a minor cycle (the affine minimiser of its corral, in the corral's
+    relative interior), so the major iterations continue from it with the same guarantees; when
+    the optimum has full support (or loses only a few points) they stop at the first test.
     """
-    b = _affine_minimizer(q)
-    if not (b > 0).all():
-        return None
-    qb = q @ b
-    if not np.isfinite(qb).all() or float(np.abs(qb - b @ qb).max()) > kkt_tol:
-        return None
-    return b / b.sum()
+    support = np.arange(q.shape[0])
+    for _ in range(rounds):
+        b = _affine_minimizer(q[np.ix_(support, support)])
+        if not np.isfinite(b).all():
+            return None
+        positive = b > 1e-15
+        if positive.all():
+            return support.tolist(), b / b.sum()
+        if not positive.any():
+            return None
+        support = support[positive]
+    return None
 
 
-def _wolfe(q: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+def _wolfe(q: np.ndarray, max_iter: int, tol: float, warm: bool = True) -> np.ndarray:
     k = q.shape[0]
-    corral = [int(np.argmin(np.diag(q)))]
-    lam = np.array([1.0])
+    start = _warm_start(q) if warm else None
+    if start is None:
+        corral, lam = [int(np.argmin(np.diag(q)))], np.array([1.0])
+    else:
+        corral, lam = start
     for _ in range(max_iter):
         x_dot = q[:, corral] @ lam  # <p_j, x> for every point j
         xx = float(lam @ x_dot[corral])
@@ -197,9 +207,7 @@ def min_norm_weights(
         elif len(reps) == 2:
             ar = _two_task(qr)
         else:
-            ar = _interior_minimizer(qr)
-            if ar is None:
-                ar = _wolfe(qr, max_iter, tol)
+            ar = _wolfe(qr, max_iter, tol)
         alpha = np.zeros(k)
         for g, a in zip(groups, ar):
             alpha[g] = a / len(g)  # duplicates share their weight equally

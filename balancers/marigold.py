@@ -49,7 +49,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
-from mtl._graph import replace_grad, weighted_sum
+from mtl._graph import gram_matrix, replace_grad, weighted_sum
+from mtl._optimizer import _accumulate_head_grads
 
 from ._min_norm import project_simplex
 
@@ -833,10 +834,17 @@ class MARIGOLD(BalancedOptimizer):
     ) -> BalanceInfo:
         k = len(losses)
         lam = self._coefficients()
-        gs = torch.autograd.grad(
-            weighted_sum(losses, lam), blocks, retain_graph=True, allow_unused=True
-        )
-        gz = [torch.zeros_like(z) if g is None else g for z, g in zip(blocks, gs)]
+        # heads disjoint from the trunk: the heads' gradients come with g_z and the final
+        # backward runs through the trunk only (the heads are traversed once, as in a plain step)
+        heads = self._heads_above(losses, blocks) if self.estimator != "gaussian" else None
+        if heads is None:
+            gs = torch.autograd.grad(
+                weighted_sum(losses, lam), blocks, retain_graph=True, allow_unused=True
+            )
+            gz = [torch.zeros_like(z) if g is None else g for z, g in zip(blocks, gs)]
+            head_grads: list[tuple[Tensor | None, ...]] = []
+        else:
+            gz, head_grads = self._gradients_with_heads(losses, blocks, heads, lam)
         local_sq = _sq_norm(gz)
         perturbed: list[float] = []
         u = None
@@ -880,13 +888,17 @@ class MARIGOLD(BalancedOptimizer):
                 return self._nonfinite(
                     "representation", values, "loss at the shifted representation", bad
                 )
-        # the model's gradient: ONE backward; z's incoming gradient is replaced by g_z
-        handles = [z.register_hook(replace_grad(g)) for z, g in zip(blocks, gz)]
-        try:
-            weighted_sum(losses, lam if self.weight_heads else None).backward()
-        finally:
-            for hd in handles:
-                hd.remove()
+        if heads is not None:
+            torch.autograd.backward(blocks, grad_tensors=gz)  # the trunk only
+            _accumulate_head_grads(heads, head_grads, lam if self.weight_heads else None)
+        else:
+            # the model's gradient: ONE backward; z's incoming gradient is replaced by g_z
+            handles = [z.register_hook(replace_grad(g)) for z, g in zip(blocks, gz)]
+            try:
+                weighted_sum(losses, lam if self.weight_heads else None).backward()
+            finally:
+                for hd in handles:
+                    hd.remove()
         if self.estimator == "amortized":
             h = self._amortized_estimate(values)
         used = self._finish(values, h, grad_sq, extras)
@@ -894,6 +906,27 @@ class MARIGOLD(BalancedOptimizer):
         return BalanceInfo(
             weights=used, losses=values, gram=None, level="representation", extras=self._extras()
         )
+
+    def _gradients_with_heads(
+        self,
+        losses: list[Tensor],
+        blocks: list[Tensor],
+        heads: list[list[Tensor]],
+        lam: list[float],
+    ) -> tuple[list[Tensor], list[tuple[Tensor | None, ...]]]:
+        """``g_z = d(sum_k lam_k L_k)/dz`` and each task's head gradients ``dL_k/dheads[k]``,
+        from one pass per task that stops at the representation (the heads' total work is one
+        traversal, as in a plain backward); ``g_z`` accumulated as the passes come in."""
+        n = len(blocks)
+        gz = [torch.zeros_like(z) for z in blocks]
+        head_grads = []
+        for loss, c, params in zip(losses, lam, heads):
+            gs = torch.autograd.grad(loss, [*blocks, *params], retain_graph=True, allow_unused=True)
+            for acc, g in zip(gz, gs[:n]):
+                if g is not None and c != 0.0:
+                    acc.add_(g, alpha=c)
+            head_grads.append(gs[n:])
+        return gz, head_grads
 
     def _fd_representation(
         self,
@@ -1000,12 +1033,13 @@ def _check_modules(modules: nn.Module | Sequence[nn.Module] | None) -> list[nn.M
 
 
 def _sq_norm(tensors: Sequence[Tensor]) -> float:
-    """``sum |t|^2`` accumulated in float64 (sparse tensors: their coalesced values)."""
+    """``sum |t|^2`` accumulated in float64 (sparse tensors: their coalesced values), with
+    :func:`mtl._graph.gram_matrix` (float32 chunk products, no float64 copy of the tensor)."""
     total = 0.0
     for t in tensors:
         if t.is_sparse:
             t = t.coalesce().values()
-        total += float(t.detach().to(torch.float64).pow(2).sum())
+        total += float(gram_matrix(t.detach().reshape(1, -1))[0, 0])
     return total
 
 

@@ -451,12 +451,19 @@ def test_representation_blocks_closure_gets_same_structure() -> None:
 
 def count_passes(k: int, level: str, **options) -> dict[str, int]:
     """Per-step counts for K tasks: backward passes through the trunk (tensor hook on a trunk
-    parameter), through one head, closure calls and trunk forwards."""
+    parameter), through one head (its weight's gradient; ``head_traversal``: any backward
+    through its output, input gradient only included), closure calls and trunk forwards."""
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Linear(5, 16), nn.ReLU())
     heads = nn.ModuleList([nn.Linear(16, 1) for _ in range(k)])
     x, ys = torch.randn(8, 5), torch.randn(k, 8)
-    counts = {"trunk_backward": 0, "head_backward": 0, "closure": 0, "trunk_forward": 0}
+    counts = {
+        "trunk_backward": 0,
+        "head_backward": 0,
+        "head_traversal": 0,
+        "closure": 0,
+        "trunk_forward": 0,
+    }
 
     def bump(key: str):
         def hook(*_args):
@@ -467,6 +474,12 @@ def count_passes(k: int, level: str, **options) -> dict[str, int]:
     trunk[0].weight.register_hook(bump("trunk_backward"))
     heads[0].weight.register_hook(bump("head_backward"))
     trunk.register_forward_hook(bump("trunk_forward"))
+
+    def tap(_module: nn.Module, _inputs: object, out: Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(bump("head_traversal"))
+
+    heads[0].register_forward_hook(tap)
 
     def head_losses(z: Tensor) -> list[Tensor]:
         return [((h(z).squeeze(-1) - y) ** 2).mean() for h, y in zip(heads, ys)]
@@ -507,6 +520,9 @@ def test_backward_passes_do_not_grow_with_k(level: str) -> None:
     assert counts[2] == {
         "trunk_backward": 1,
         "head_backward": 1,
+        # representation level: the heads run backward once, as in a plain step; parameter
+        # level: a second pass gives the heads their unweighted gradient (weight_heads=False)
+        "head_traversal": 1 if level == "representation" else 2,
         "closure": 1,
         "trunk_forward": user + (1 if level == "parameters" else 0),
     }

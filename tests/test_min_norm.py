@@ -374,43 +374,37 @@ def test_project_simplex_bad_input(y: torch.Tensor) -> None:
         project_simplex(y)
 
 
-# ---------------------------------------------------------------------- interior shortcut
-def test_interior_shortcut_agrees_with_wolfe() -> None:
-    """Full-support optima come from one bordered solve; Wolfe's method gives the same point,
-    and the shortcut declines whenever the optimum lies on a face."""
-    from balancers._min_norm import _interior_minimizer, _wolfe
+# ---------------------------------------------------------------------- warm start
+@pytest.mark.parametrize("degenerate", [False, True])
+def test_warm_start_gives_the_cold_start_optimum(degenerate: bool) -> None:
+    """Wolfe's method started from the drop-the-negatives corral ends at the same point as from
+    a single vertex, whatever the support size (full, a few points dropped, a small face)."""
+    from balancers._min_norm import _warm_start, _wolfe
 
-    rng = np.random.default_rng(7)
-    taken = declined = 0
+    rng = np.random.default_rng(7 + degenerate)
+    sizes = set()
     for _ in range(300):
         k = int(rng.integers(3, 17))
-        d = int(rng.integers(k, 3 * k))
-        # independent Gaussian rows: the optimum has full support about a quarter of the time
-        g = rng.standard_normal((k, d))
+        if degenerate:
+            g = random_matrix(rng, min(k, 8), True)
+        else:
+            d = int(rng.integers(k, 3 * k))
+            common = rng.uniform(0.0, 1.0) * rng.standard_normal(d)
+            g = rng.standard_normal((k, d)) + common
         q = g @ g.T
-        q = q / np.max(np.diag(q)) + 1e-12 * np.eye(k)
-        wolfe = _wolfe(q, 50 * k + 100, 1e-14)
-        fast = _interior_minimizer(q)
-        if fast is None:
-            declined += 1
+        s = float(np.max(np.diag(q)))
+        if s == 0.0:
             continue
-        taken += 1
-        assert (fast > 0).all()
-        np.testing.assert_allclose(fast, wolfe, atol=1e-9)
-        assert (wolfe > SUPPORT).all()
-    assert taken > 40 and declined > 40, (taken, declined)
-
-
-def test_interior_shortcut_declines_face_optimum_and_bad_solves() -> None:
-    from balancers._min_norm import _interior_minimizer
-
-    # g3 = g1 + g2 is never used by the optimum (0.5, 0.5, 0): the affine minimiser is not > 0
-    g = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    assert _interior_minimizer(g @ g.T / 2.0 + 1e-12 * np.eye(3)) is None
-    # singular Q (two identical rows, no ridge): whatever the solve gives is not accepted
-    # unless it satisfies the KKT conditions
-    q = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    b = _interior_minimizer(q)
-    if b is not None:
-        qb = q @ b
-        assert np.abs(qb - b @ qb).max() <= 1e-10
+        q = q / s + 1e-12 * np.eye(q.shape[0])
+        warm = _wolfe(q, 50 * k + 100, 1e-14)
+        cold = _wolfe(q, 50 * k + 100, 1e-14, warm=False)
+        assert_on_simplex(warm)
+        np.testing.assert_allclose(warm @ q @ warm, cold @ q @ cold, rtol=1e-9, atol=1e-14)
+        if not degenerate:  # dependent rows: alpha is unique only up to the ridge's conditioning
+            np.testing.assert_allclose(warm, cold, atol=1e-9)
+        start = _warm_start(q)
+        if start is not None:
+            assert (start[1] > 0).all()
+            sizes.add(len(start[0]) == q.shape[0])
+    if not degenerate:
+        assert sizes == {True, False}  # both the full-support and the dropped-points cases ran

@@ -196,6 +196,82 @@ def test_blocks_identity(grad_mode: str) -> None:
     assert_grads(model, expected_grads(model, x, ys, info.weights))
 
 
+class NeckNet(nn.Module):
+    """Trunk -> z -> a neck shared by every task -> K heads; ``gated``: each head's output is
+    scaled by a gate that reads a trunk activation below z (the MMoE pattern)."""
+
+    def __init__(self, gated: bool, seed: int = 3) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.gated = gated
+        self.bottom = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.top = nn.Sequential(nn.Linear(6, 5), nn.Tanh())
+        self.neck = nn.Linear(5, 5)
+        self.heads = nn.ModuleList(nn.Linear(5, 1) for _ in range(K))
+        self.gates = nn.ModuleList(nn.Linear(6, 1) for _ in range(K))
+        with torch.no_grad():
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * 0.7)
+        self.to(F64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = self.bottom(x)
+        z = self.top(h)
+        n = torch.tanh(self.neck(z))
+        outs = [head(n).squeeze(-1) for head in self.heads]
+        if self.gated:
+            outs = [o * torch.sigmoid(g(h)).squeeze(-1) for o, g in zip(outs, self.gates)]
+        return z, outs
+
+    def trunk(self) -> list[nn.Parameter]:
+        return [*self.bottom.parameters(), *self.top.parameters()]
+
+
+@pytest.mark.parametrize("weight_heads", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_heads_shared_above_the_representation(gated: bool, weight_heads: bool) -> None:
+    """Parameters above z that several tasks share (a neck) get the sum of those tasks' gradients,
+    on the trunk-only path (heads disjoint from the trunk) and on the hook path (a gate reads a
+    trunk activation, so part of the graph above z is also below it)."""
+    model = NeckNet(gated)
+    opt = MGDA(torch.optim.SGD(model.parameters(), lr=0.1), K, weight_heads=weight_heads)
+    x, ys = make_batch(5)
+    z, outs = model(x)
+    losses = task_losses(outs, ys)
+    heads = opt._heads_above(losses, [z])
+    if gated:
+        assert heads is None
+    else:
+        assert heads is not None
+        neck = {id(q) for q in model.neck.parameters()}
+        assert all(neck <= {id(q) for q in hs} for hs in heads)  # every task reaches the neck
+    opt.zero_grad()
+    info = opt.backward(losses, representation=z)
+    c = [float(w) for w in info.weights]
+    assert max(c) - min(c) > 1e-3
+    # the oracle: backward of sum_k s_k L_k (s = 1, or c with weight_heads), with z's gradient
+    # corrected from sum_k s_k dL_k/dz to sum_k c_k dL_k/dz (gates reaching the trunk below z
+    # keep their own s-weighted gradient, as documented for MMoE)
+    z, outs = model(x)
+    ls = task_losses(outs, ys)
+    s = c if weight_heads else [1.0] * K
+    gz = [torch.autograd.grad(lk, z, retain_graph=True)[0] for lk in ls]
+    correction = sum((ck - sk) * g for ck, sk, g in zip(c, s, gz))
+    params = list(model.parameters())
+    base = torch.autograd.grad(
+        sum(sk * lk for sk, lk in zip(s, ls)), params, retain_graph=True, allow_unused=True
+    )
+    fix = torch.autograd.grad(z, model.trunk(), grad_outputs=correction)
+    expected = {id(q): torch.zeros_like(q) if g is None else g for q, g in zip(params, base)}
+    for q, g in zip(model.trunk(), fix):
+        expected[id(q)] = expected[id(q)] + g
+    for q in model.parameters():
+        if q.grad is None:
+            assert float(expected[id(q)].abs().max()) == 0.0  # a gate of the ungated model
+            continue
+        assert float((q.grad - expected[id(q)]).abs().max()) <= ATOL
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("method", ["mgda", "equal_weighted"])
 def test_gradient_accumulation(method: str, level: str) -> None:
