@@ -448,7 +448,7 @@ def run_section(
     rows: list[dict[str, Any]] = []
     for k in setup["tasks"]:
         group = build_group(section, cfg, k, setup["rows"], setup["sparse"], embedding=embedding)
-        per_task = group.shared_bytes()
+        per_task = group.per_task_gradient_bytes()
         modes: dict[str, Callable[[], Any]] = {}
         skipped: dict[str, str] = {}
         for spec in specs:

@@ -243,6 +243,20 @@ class Group:
         """Bytes of one dense copy of the shared parameters (one per-task gradient)."""
         return sum(p.numel() * p.element_size() for p in self.shared)
 
+    def per_task_gradient_bytes(self) -> int:
+        """Bytes of one task's gradient of the shared parameters as the balancers hold it: dense
+        tensors in full, a sparse table (``nn.Embedding(sparse=True)``) only its touched rows
+        (at most one per example and field) plus their int64 indices."""
+        sparse = {id(e.weight) for e in self.model.embedding.embeddings if e.sparse}
+        total = 0
+        for p in self.shared:
+            if id(p) in sparse:
+                rows = min(p.shape[0], self.cfg.batch_size)
+                total += rows * (p[0].numel() * p.element_size() + 8)
+            else:
+                total += p.numel() * p.element_size()
+        return total
+
 
 def build_group(
     section: str,

@@ -249,6 +249,18 @@ def test_sparse_aware_gram_matches_dense_gram() -> None:
     torch.testing.assert_close(g_sparse, g_dense, rtol=1e-9, atol=1e-12)
 
 
+def test_per_task_gradient_bytes_counts_touched_rows_of_sparse_tables() -> None:
+    """The memory guard's estimate: dense tables in full, sparse ones by touched rows only (so
+    parameter-level MGDA with 1M-row sparse tables is not skipped as if they were dense)."""
+    rows = 10_000
+    sparse = build_group("t", TINY, 2, rows, True, seed=3)
+    dense = build_group("t", TINY, 2, rows, False, seed=3)
+    assert dense.per_task_gradient_bytes() == dense.shared_bytes()
+    tables = TINY.fields * rows * TINY.dim * 4
+    touched = TINY.fields * TINY.batch_size * (TINY.dim * 4 + 8)
+    assert sparse.per_task_gradient_bytes() == sparse.shared_bytes() - tables + touched
+
+
 def test_modes_train_with_the_combined_optimizer() -> None:
     group = build_group("t", TINY, 2, 40, True, seed=1)
     specs = [
