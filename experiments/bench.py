@@ -954,29 +954,34 @@ def budget_table(
             "met": None if worst is None else worst[0] <= 1.10,
         }
     )
-    # 2. MARIGOLD at 16 tasks, flat in K
-    mk = [r for r in derived["marigold_k"] if "marigold_sparse_ratio" in r]
-    if mk:
+    # 2. MARIGOLD at 16 tasks, flat in K: the representation level (the toolkit's default
+    # balance point; the extra forward runs the heads only) and the parameter level (the extra
+    # forward runs the whole model)
+    for key, label in (
+        ("marigold_rep_sparse_ratio", "representation level"),
+        ("marigold_sparse_ratio", "parameter level"),
+    ):
+        mk = [r for r in derived["marigold_k"] if r.get(key) is not None]
+        if not mk:
+            items.append(
+                {
+                    "item": f"MARIGOLD step ({label}, fd) with 16 tasks vs plain",
+                    "budget": "<= 1.3x, flat in K",
+                    "measured": "–",
+                    "met": None,
+                }
+            )
+            continue
         last = max(mk, key=lambda r: r["K"])
-        ratios = [r["marigold_sparse_ratio"] for r in mk]
+        ratios = [r[key] for r in mk]
         spread = max(ratios) / min(ratios)
-        met = last["marigold_sparse_ratio"] <= 1.3 and spread <= FLAT_TOLERANCE
         items.append(
             {
-                "item": f"MARIGOLD step (parameter level, fd) with {last['K']} tasks vs plain, flat in K",
+                "item": f"MARIGOLD step ({label}, fd) with {last['K']} tasks vs plain, flat in K",
                 "budget": "<= 1.3x, flat in K",
-                "measured": f"{last['marigold_sparse_ratio']:.3f}x at K={last['K']}; max/min over "
-                f"K = {spread:.2f} (flat means <= {FLAT_TOLERANCE})",
-                "met": met,
-            }
-        )
-    else:
-        items.append(
-            {
-                "item": "MARIGOLD step with 16 tasks vs plain",
-                "budget": "<= 1.3x, flat in K",
-                "measured": "–",
-                "met": None,
+                "measured": f"{last[key]:.3f}x at K={last['K']}; max/min over K = {spread:.2f} "
+                f"(flat means <= {FLAT_TOLERANCE})",
+                "met": last[key] <= 1.3 and spread <= FLAT_TOLERANCE,
             }
         )
     # 3. memory
@@ -1032,6 +1037,25 @@ def budget_table(
                 "met": None,
             }
         )
+    # 4b. the same comparison with the tables declared sparse (TorchJD cannot take sparse
+    # gradients): our exact parameter-level MGDA on the same model function, same weights
+    if h2h and agreement.get("available"):
+        e = h2h[-1]
+        ours = _find(sections, "rep", "param:mgda", e["K"])
+        theirs = e.get("torchjd:mgda:emb_ms")
+        if ours and ours.get("ms_per_step") and theirs:
+            speedup = theirs / ours["ms_per_step"]
+            items.append(
+                {
+                    "item": f"vs TorchJD mtl_backward + MGDA ({args.rows}-row tables, K={e['K']}), "
+                    "same MGDA weights, our tables sparse",
+                    "budget": ">= 5x faster",
+                    "measured": f"{ours['ms_per_step']:.1f} ms (ours, sparse tables, section rep) vs "
+                    f"{theirs:.1f} ms (TorchJD, dense tables, section h2h): {speedup:.1f}x "
+                    "(across sections, not interleaved)",
+                    "met": speedup >= 5,
+                }
+            )
     # 5. diagnostics
     diag = derived["diagnostics"]
     if diag:

@@ -321,7 +321,9 @@ def _nan_stats(vals: Tensor) -> tuple[float, float]:
     return float(vals.min()), float(vals.mean())
 
 
-def summarize(M: Tensor, c: Tensor | None = None, *, eps: float = 0.0) -> dict[str, Any]:
+def summarize(
+    M: Tensor, c: Tensor | None = None, *, eps: float = 0.0, conflict_tol: float = 0.0
+) -> dict[str, Any]:
     """All the metrics of ``M`` (and of the update with coefficients ``c``) as plain Python values.
 
     Args:
@@ -329,6 +331,8 @@ def summarize(M: Tensor, c: Tensor | None = None, *, eps: float = 0.0) -> dict[s
             their sum; the update metrics use the blocks).
         c: optional coefficients ``(K,)`` or ``(B, K)`` of the applied update.
         eps: zero-task threshold.
+        conflict_tol: a pair conflicts when ``cos_ij < -conflict_tol`` (``conflict_rate`` and
+            ``num_conflicting_pairs``; default 0: any negative cosine).
 
     Returns:
         a dict with ``num_tasks`` (int); ``norms`` (list of K floats); ``cosine`` and
@@ -349,8 +353,8 @@ def summarize(M: Tensor, c: Tensor | None = None, *, eps: float = 0.0) -> dict[s
         "num_tasks": int(m.shape[0]),
         "norms": task_norms(m).tolist(),
         "cosine": cos.tolist(),
-        "conflict_rate": conflict_rate(m, eps=eps),
-        "num_conflicting_pairs": int((pairs < 0).sum()),
+        "conflict_rate": conflict_rate(m, tol=conflict_tol, eps=eps),
+        "num_conflicting_pairs": int((pairs < -float(conflict_tol)).sum()),
         "min_cosine": cmin,
         "mean_cosine": cmean,
         "magnitude_similarity": gms.tolist(),
@@ -433,6 +437,10 @@ class ConflictTracker:
             param_level_every == 0``); ``None`` (default) = the same schedule as ``every``.
         task_names: names used in the record keys (default ``task0``, ``task1``, ...; K is then
             taken from the first update).
+        conflict_tol: a pair counts in ``conflict_rate`` when ``cos_ij < -conflict_tol``
+            (default 0). Nearly orthogonal tasks (``|cos| ~ 0.01``) flip sign from batch to
+            batch; a tolerance such as 0.05 keeps that noise out of the rate (the cosines
+            themselves are recorded unchanged).
     """
 
     def __init__(
@@ -440,8 +448,14 @@ class ConflictTracker:
         every: int = 10,
         param_level_every: int | None = None,
         task_names: Sequence[str] | None = None,
+        conflict_tol: float = 0.0,
     ) -> None:
         self.every = _check_every(every, "every")
+        if isinstance(conflict_tol, bool) or not isinstance(conflict_tol, (int, float)):
+            raise TypeError(f"conflict_tol must be a number, got {conflict_tol!r}")
+        if not 0.0 <= float(conflict_tol) < 1.0:
+            raise ValueError(f"conflict_tol must be in [0, 1), got {conflict_tol!r}")
+        self.conflict_tol = float(conflict_tol)
         self.param_level_every = (
             None
             if param_level_every is None
@@ -487,7 +501,7 @@ class ConflictTracker:
     def _fill(self, rec: dict[str, Any], m: Tensor) -> None:
         names = self.task_names
         assert names is not None
-        s = summarize(m)
+        s = summarize(m, conflict_tol=self.conflict_tol)
         for key in _GRAM_KEYS:
             rec[key] = s[key]
         for i, n in enumerate(names):
@@ -699,6 +713,7 @@ class ConflictTracker:
             "version": _VERSION,
             "every": self.every,
             "param_level_every": self.param_level_every,
+            "conflict_tol": self.conflict_tol,
             "task_names": None if self.task_names is None else list(self.task_names),
             "num_sampled": self.num_sampled,
             "num_no_gram": self.num_no_gram,

@@ -71,6 +71,9 @@ def test_quick_run_writes_outputs(quick_run: tuple[Path, dict[str, Any]]) -> Non
     assert res["meta"]["elapsed_s"] > 0
     assert res["meta"]["model"]["fields"] >= 8
     assert {b["item"].split(" ")[0] for b in res["budget"]} >= {"representation-level", "peak"}
+    items = [b["item"] for b in res["budget"]]
+    for level in ("representation level", "parameter level"):
+        assert any(i.startswith(f"MARIGOLD step ({level}") for i in items), items
     for plot in res["meta"].get("plots", []):
         assert (out / plot).stat().st_size > 0
 

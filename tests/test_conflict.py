@@ -270,6 +270,28 @@ def test_tracker_samples_every_n_and_records_contents() -> None:
     assert steps.tolist() == [0, 3, 6, 9] and vals.tolist() == [1.0] * 4
 
 
+def test_tracker_conflict_tolerance_ignores_near_orthogonal_sign_noise() -> None:
+    """cos = -0.01 (sign noise of nearly orthogonal tasks) and cos = -0.6 (a real conflict)."""
+    g = torch.tensor([[1.0, 0.0, 0.0], [-0.01, 1.0, 0.0], [-0.6, 0.0, 0.8]], dtype=D64)
+    plain = ConflictTracker(every=1, task_names=["a", "b", "c"])
+    tolerant = ConflictTracker(every=1, task_names=["a", "b", "c"], conflict_tol=0.05)
+    r0 = plain.update(0, info_from(g))
+    r1 = tolerant.update(0, info_from(g))
+    assert r0 is not None and r1 is not None
+    assert r0["cos[a,b]"] == pytest.approx(-0.01 / math.hypot(0.01, 1.0))
+    assert r1["cos[a,b]"] == r0["cos[a,b]"]  # cosines are recorded unchanged
+    assert r0["conflict_rate"] == pytest.approx(3 / 3 - 1 / 3)  # (a,b) and (a,c) of 3 pairs
+    assert r1["conflict_rate"] == pytest.approx(1 / 3)  # only (a,c)
+    assert tolerant.state_dict()["conflict_tol"] == 0.05
+    m = g @ g.T
+    assert summarize(m, conflict_tol=0.05)["num_conflicting_pairs"] == 1
+    assert summarize(m)["num_conflicting_pairs"] == 2
+    with pytest.raises(ValueError, match="conflict_tol"):
+        ConflictTracker(conflict_tol=1.5)
+    with pytest.raises(TypeError, match="conflict_tol"):
+        ConflictTracker(conflict_tol="0.1")  # type: ignore[arg-type]
+
+
 def test_tracker_default_names_and_mismatch() -> None:
     tr = ConflictTracker(every=1)
     tr.update(0, info_from(rand_g(3, 4)))
