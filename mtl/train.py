@@ -650,6 +650,7 @@ def fit(
     device: torch.device | str = "cpu",
     regularizer: Regularizer | None = None,
     on_step: Callable[[int, BalanceInfo], Any] | None = None,
+    before_backward: Callable[[int, list[Tensor], Any], Any] | None = None,
     max_steps: int | None = None,
     selection_metric: str | Callable[[Mapping[str, Mapping[str, float]]], float] | None = None,
     restore_best: bool = True,
@@ -692,6 +693,12 @@ def fit(
             loss-term regularizers such as LSPR/SCR. When it returns only the losses, the
             representation is taken from the first forward call of the model inside it.
         on_step: ``callback(step, info)`` after every optimizer step (``step`` counts from 1).
+        before_backward: ``callback(step, losses, output)`` after ``zero_grad()`` and before the
+            balanced backward of every step (the same ``step`` number ``on_step`` gets next), with
+            the K task losses and the model output while their graph is alive: e.g.
+            ``lambda s, losses, out: tracker.update_parameter_level(s, losses,
+            model.shared_parameters())`` for parameter-level conflict probes. It must not
+            free the graph (use ``retain_graph=True`` or ``autograd.grad``).
         max_steps: stop after this many optimizer steps in total (a checkpoint written at that
             point resumes mid-epoch exactly).
         selection_metric: validation score to maximise (see :func:`selection_score`): ``None``
@@ -852,6 +859,8 @@ def fit(
                         rng_state,
                         rng_devices,
                     )
+                if before_backward is not None:
+                    before_backward(state.step + 1, losses, out)
                 t0 = time.perf_counter()
                 info = optimizer.backward(losses, **kwargs)
                 optimizer.step()

@@ -192,6 +192,35 @@ def test_eval_every_and_max_steps(synth: DataSplits) -> None:
     assert res.history[-1].get("partial") is True and "valid" in res.history[-1]
 
 
+def test_before_backward_sees_live_losses_and_runs_probes(synth: DataSplits) -> None:
+    """The pre-backward callback gets the step number on_step gets next, the K losses with their
+    graph alive (a parameter-level probe works) and the model output; training is unchanged."""
+    from mtl.conflict import ConflictTracker
+
+    model = _model(synth)
+    tracker = ConflictTracker(every=2, param_level_every=2)
+    before: list[int] = []
+    after: list[int] = []
+
+    def probe(step: int, losses: list[torch.Tensor], out: Any) -> None:
+        before.append(step)
+        assert len(losses) == 2 and all(loss.requires_grad for loss in losses)
+        assert out.representation.requires_grad
+        tracker.update_parameter_level(step, losses, model.shared_parameters())
+
+    res = fit(model, synth, _opt(model, "mgda"), epochs=3, batch_size=64, max_steps=5,
+              before_backward=probe, on_step=lambda s, info: (after.append(s),
+              tracker.update(s, info)), progress=False)  # fmt: skip
+    assert before == after == [1, 2, 3, 4, 5] and res.steps == 5
+    assert tracker.num_probes == 2  # steps 2 and 4
+    probes = tracker.records("probe")
+    assert all(r["level"] == "parameters" and math.isfinite(r["cos[task0,task1]"]) for r in probes)
+    # the probe does not change training
+    ref = _model(synth)
+    fit(ref, synth, _opt(ref, "mgda"), epochs=3, batch_size=64, max_steps=5, progress=False)
+    assert _same(_params(model), _params(ref))
+
+
 def test_fit_is_quiet(synth: DataSplits, capsys: pytest.CaptureFixture[str]) -> None:
     model = _model(synth)
     fit(model, synth, _opt(model), epochs=1, batch_size=64, progress=False)
