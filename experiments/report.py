@@ -295,8 +295,60 @@ def compare_table(results: Mapping[str, Any], summary: Mapping[str, Any] | None 
         if s["failed"]:
             row[0] += f" ({s['failed']} failed)"
         lines.append("| " + " | ".join(row) + " |")
+    lines += _paired_lines(results)
     lines += _footer(results)
     return "\n".join(lines) + "\n"
+
+
+def paired_vs_equal(results: Mapping[str, Any]) -> dict[str, tuple[float, float, int, int]]:
+    """Each balancer against EqualWeight trained with the SAME seed (same initialisation, batch
+    order and data split): ``d_s = Δm`` of the balancer's run with EqualWeight's run of seed ``s``
+    as the baseline (the Δm metrics, in %, positive = the balancer is better).
+
+    Returns ``{balancer: (mean d, std d, seeds, seeds with d > 0)}``. The pairing removes the
+    spread that both runs of a seed share, so it resolves smaller differences than comparing the
+    two mean ± std columns.
+    """
+    cfg = results.get("config", {})
+    which = cfg.get("delta_m_metrics") or {"binary": ["auc"], "regression": ["mse"]}
+    tasks = results.get("tasks", [])
+    runs = [r for r in results.get("runs", []) if r.get("metrics")]
+    equal = {r["seed"]: r["metrics"] for r in runs if r["balancer"] == "equal"}
+    out: dict[str, tuple[float, float, int, int]] = {}
+    for name, group in _group(runs, lambda r: r["balancer"]).items():
+        if name == "equal":
+            continue
+        ds = [
+            delta_m_for(r["metrics"], equal[r["seed"]], tasks, which)
+            for r in group
+            if r["seed"] in equal
+        ]
+        ds = [d for d in ds if d is not None]
+        if len(ds) >= 2:
+            mean, std, n = mean_std(ds)
+            out[name] = (mean, std, n, sum(d > 0 for d in ds))
+    return out
+
+
+def _paired_lines(results: Mapping[str, Any]) -> list[str]:
+    paired = paired_vs_equal(results)
+    if not paired:
+        return []
+    level = results.get("config", {}).get("train", {}).get("level", "representation")
+    options_by_bal = {r["balancer"]: r.get("options") for r in results.get("runs", [])}
+    lines = [
+        "",
+        "Paired with EqualWeight (same seed: same initialisation, batch order and split): Δm of "
+        "each run with EqualWeight's run of its seed as the baseline, in % (positive = better "
+        "than EqualWeight).",
+        "",
+        "| method | vs EqualWeight, Δm % ↑ | seeds better |",
+        "|---|---:|---:|",
+    ]
+    for name, (mean, std, n, wins) in paired.items():
+        label = display_name(name, options_by_bal.get(name), level)
+        lines.append(f"| {label} | {fmt_mean_std(mean, std, 2, signed=True)} | {wins}/{n} |")
+    return lines
 
 
 def _footer(results: Mapping[str, Any]) -> list[str]:

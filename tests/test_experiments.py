@@ -4,6 +4,7 @@ subprocess for the module entry point)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,36 @@ def test_run_with_regularizer(tmp_path: Path, regularizer: str) -> None:
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["regularizer"] == {"epsilon": 0.05, "name": regularizer}
     assert "Regularizer: " + regularizer.upper() in (out / "results.md").read_text()
+
+
+def test_paired_vs_equal_weight_table() -> None:
+    """Hand case: per seed, the balancer's MSEs are 20 % and 0 % below EqualWeight's (seed 0) and
+    10 % above on one task (seed 1): d_0 = +10 %, d_1 = -5 %."""
+    from experiments.report import compare_table, paired_vs_equal
+
+    tasks = [{"name": "a", "kind": "regression"}, {"name": "b", "kind": "regression"}]
+
+    def run(bal: str, seed: int, a: float, b: float) -> dict:
+        return {"balancer": bal, "seed": seed, "options": {}, "step_time_s": 0.001,
+                "epochs": 1, "metrics": {"a": {"mse": a}, "b": {"mse": b}}}  # fmt: skip
+
+    results = {
+        "task": "synthetic",
+        "tasks": tasks,
+        "seeds": [0, 1],
+        "config": {"train": {"level": "representation"}},
+        "runs": [
+            run("equal", 0, 0.10, 0.20),
+            run("equal", 1, 0.10, 0.20),
+            run("mgda", 0, 0.08, 0.20),
+            run("mgda", 1, 0.11, 0.20),
+        ],
+    }
+    paired = paired_vs_equal(results)
+    mean, std, n, wins = paired["mgda"]
+    assert n == 2 and wins == 1
+    assert mean == pytest.approx(2.5) and std == pytest.approx(math.sqrt(2) * 7.5)
+    md = compare_table(results)
+    assert "| MGDA-UB | +2.50 ± 10.61 | 1/2 |" in md
+    # one seed only, or no EqualWeight: no paired table
+    assert paired_vs_equal({**results, "runs": results["runs"][1:]}) == {}
