@@ -29,7 +29,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-task", action="store_true", help="single-task baselines (Δm)")
 
     sub.add_parser("list", help="balancers (and whether they are available), configs, tasks")
+    p = sub.add_parser(
+        "report",
+        help="re-render results.md from the results.json of earlier compare/sweep runs "
+        "(after an update of the report code; nothing is re-trained)",
+    )
+    p.add_argument("dirs", nargs="+", type=Path, help="output directories of earlier runs")
     sub.add_parser(
         "bench",
         help="step time and peak memory of every balancer (experiments.bench; "
@@ -483,7 +489,43 @@ def cmd_list(_args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "list": cmd_list}
+def render_report(results: Mapping[str, Any]) -> str:
+    """The markdown table of a compare or sweep result (toy or not), as the run wrote it."""
+    toy_task = results.get("task") == "toy"
+    if "param" in results:  # a sweep
+        if toy_task:
+            from . import toy
+
+            return toy.toy_sweep_table(results)
+        return report.sweep_table(results)
+    if toy_task:
+        from . import toy
+
+        return toy.toy_table(results)
+    return report.compare_table(results)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    for d in args.dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise UsageError(f"{path} not found (give the --out directory of a compare/sweep run)")
+        results = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(results, dict) or "runs" not in results:
+            raise UsageError(f"{path} is not the results.json of a compare or sweep run")
+        table = render_report(results)
+        (Path(d) / "results.md").write_text(table, encoding="utf-8")
+        print(table, flush=True)
+    return 0
+
+
+_COMMANDS = {
+    "run": cmd_run,
+    "compare": cmd_compare,
+    "sweep": cmd_sweep,
+    "list": cmd_list,
+    "report": cmd_report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -82,7 +82,13 @@ def test_compare_synthetic_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "| method |" in md and "task0 MSE" in md and "Δm" in md and "× EW" in md
     assert "| EqualWeight |" in md and "MGDA-UB" in md and "single-task" in md
     assert "±" in md and "1.00×" in md
+    assert "Paired with EqualWeight" in md and "seeds better" in md
     _pngs_ok(out, ["metrics.png", "weights.png", "curves.png"])
+    # `report` re-renders the same markdown from results.json without training
+    (out / "results.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "results.md").read_text() == md
+    assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
 def test_compare_all_skips_unavailable(
