@@ -984,3 +984,30 @@ def test_representation_reaching_no_trunk_parameter_raises() -> None:
     losses = task_losses([h(z).squeeze(-1) for h in model.heads], ys)
     with pytest.raises(ValueError):
         opt.backward(losses, representation=z)
+
+
+def test_row_buffer_reused_resized_and_not_pickled() -> None:
+    """The (K, numel) gradient buffer is kept across steps, re-made when the batch size changes,
+    never leaks a previous step's rows, and is not part of a pickled or deep-copied optimizer."""
+    import copy
+    import pickle
+
+    model, opt = setup("mgda")
+    for n in (8, 8, 5, 8):  # same size twice (reuse), then a smaller and a larger batch
+        x, ys = make_batch(n, n=n)
+        blocks, outs = model(x)
+        losses = task_losses(outs, ys)
+        h = torch.stack(
+            [
+                torch.autograd.grad(loss, blocks[0], retain_graph=True)[0].reshape(-1)
+                for loss in losses
+            ]
+        )
+        opt.zero_grad()
+        info = opt.backward(losses, representation=blocks[0])
+        assert float((info.gram - h @ h.T).abs().max()) < 1e-12
+        assert opt._rows_cache is not None and opt._rows_cache[1][0].shape == (K, blocks[0].numel())
+        assert_grads(model, expected_grads(model, x, ys, info.weights))
+        opt.step()
+    assert pickle.loads(pickle.dumps(opt))._rows_cache is None
+    assert copy.deepcopy(opt)._rows_cache is None
