@@ -925,6 +925,13 @@ def _fmt_x(v: float | None, digits: int = 2) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}x"
 
 
+def _budget_item(
+    item: str, budget: str, measured: str = "–", met: bool | None = None
+) -> dict[str, Any]:
+    """One row of the budget table (``met=None``: not measured in this run)."""
+    return {"item": item, "budget": budget, "measured": measured, "met": met}
+
+
 def budget_table(
     sections: dict[str, Any],
     derived: dict[str, Any],
@@ -945,14 +952,14 @@ def budget_table(
             if worst is None or r["ratio"] > worst[0]:
                 worst = (r["ratio"], r["mode"], r["K"])
     items.append(
-        {
-            "item": "representation-level step (MGDA-UB, MultiBalance, GradOPS, PCGrad) vs plain",
-            "budget": "<= 1.10x",
-            "measured": "–"
+        _budget_item(
+            "representation-level step (MGDA-UB, MultiBalance, GradOPS, PCGrad) vs plain",
+            "<= 1.10x",
+            "–"
             if worst is None
             else f"worst median {worst[0]:.3f}x ({worst[1]}, K={worst[2]}; sparse tables, {args.rows} rows)",
-            "met": None if worst is None else worst[0] <= 1.10,
-        }
+            None if worst is None else worst[0] <= 1.10,
+        )
     )
     # 2. MARIGOLD at 16 tasks, flat in K: the representation level (the toolkit's default
     # balance point; the extra forward runs the heads only) and the parameter level (the extra
@@ -964,25 +971,22 @@ def budget_table(
         mk = [r for r in derived["marigold_k"] if r.get(key) is not None]
         if not mk:
             items.append(
-                {
-                    "item": f"MARIGOLD step ({label}, fd) with 16 tasks vs plain",
-                    "budget": "<= 1.3x, flat in K",
-                    "measured": "–",
-                    "met": None,
-                }
+                _budget_item(
+                    f"MARIGOLD step ({label}, fd) with 16 tasks vs plain", "<= 1.3x, flat in K"
+                )
             )
             continue
         last = max(mk, key=lambda r: r["K"])
         ratios = [r[key] for r in mk]
         spread = max(ratios) / min(ratios)
         items.append(
-            {
-                "item": f"MARIGOLD step ({label}, fd) with {last['K']} tasks vs plain, flat in K",
-                "budget": "<= 1.3x, flat in K",
-                "measured": f"{last[key]:.3f}x at K={last['K']}; max/min over K = {spread:.2f} "
+            _budget_item(
+                f"MARIGOLD step ({label}, fd) with {last['K']} tasks vs plain, flat in K",
+                "<= 1.3x, flat in K",
+                f"{last[key]:.3f}x at K={last['K']}; max/min over K = {spread:.2f} "
                 f"(flat means <= {FLAT_TOLERANCE})",
-                "met": last[key] <= 1.3 and spread <= FLAT_TOLERANCE,
-            }
+                last[key] <= 1.3 and spread <= FLAT_TOLERANCE,
+            )
         )
     # 3. memory
     mem = [
@@ -993,49 +997,41 @@ def budget_table(
     if mem:
         w = max(mem, key=lambda r: r["rss_ratio"])
         items.append(
-            {
-                "item": "peak memory, representation level vs plain",
-                "budget": "<= 1.1x",
-                "measured": f"worst peak-RSS ratio {w['rss_ratio']:.3f}x ({w['mode']}, K={w['K']}, "
+            _budget_item(
+                "peak memory, representation level vs plain",
+                "<= 1.1x",
+                f"worst peak-RSS ratio {w['rss_ratio']:.3f}x ({w['mode']}, K={w['K']}, "
                 f"{args.rows}-row sparse tables); its steps add "
                 f"{_num(w.get('rss_step_mb'), '{:.0f}')} MB vs plain's "
                 f"{_num(_plain_step_mb(sections, 'rep', w['K']), '{:.0f}')} MB",
-                "met": w["rss_ratio"] <= 1.1,
-            }
+                w["rss_ratio"] <= 1.1,
+            )
         )
     else:
-        items.append(
-            {
-                "item": "peak memory, representation level vs plain",
-                "budget": "<= 1.1x",
-                "measured": "–",
-                "met": None,
-            }
-        )
+        items.append(_budget_item("peak memory, representation level vs plain", "<= 1.1x"))
     # 4. TorchJD
     h2h = [e for e in derived.get("h2h", []) if "speedup_vs_param" in e]
     if h2h and agreement.get("available"):
         e = h2h[-1]
         diff = agreement["torchjd_default"]["max_abs_diff"]
         items.append(
-            {
-                "item": f"vs TorchJD mtl_backward + MGDA ({args.rows}-row tables, K={e['K']}), same "
+            _budget_item(
+                f"vs TorchJD mtl_backward + MGDA ({args.rows}-row tables, K={e['K']}), same "
                 "MGDA weights",
-                "budget": ">= 5x faster",
-                "measured": f"parameter-level MGDA (same weights up to {diff:.1e}): "
+                ">= 5x faster",
+                f"parameter-level MGDA (same weights up to {diff:.1e}): "
                 f"{e['speedup_vs_param']:.2f}x; MGDA-UB (representation level, other "
                 f"weights): {e.get('speedup_vs_rep', math.nan):.2f}x",
-                "met": e["speedup_vs_param"] >= 5,
-            }
+                e["speedup_vs_param"] >= 5,
+            )
         )
     else:
         items.append(
-            {
-                "item": "vs TorchJD mtl_backward + MGDA",
-                "budget": ">= 5x faster",
-                "measured": "– (TorchJD not available or h2h not run)",
-                "met": None,
-            }
+            _budget_item(
+                "vs TorchJD mtl_backward + MGDA",
+                ">= 5x faster",
+                "– (TorchJD not available or h2h not run)",
+            )
         )
     # 4b. the same comparison with the tables declared sparse (TorchJD cannot take sparse
     # gradients): our exact parameter-level MGDA on the same model function, same weights
@@ -1046,38 +1042,31 @@ def budget_table(
         if ours and ours.get("ms_per_step") and theirs:
             speedup = theirs / ours["ms_per_step"]
             items.append(
-                {
-                    "item": f"vs TorchJD mtl_backward + MGDA ({args.rows}-row tables, K={e['K']}), "
+                _budget_item(
+                    f"vs TorchJD mtl_backward + MGDA ({args.rows}-row tables, K={e['K']}), "
                     "same MGDA weights, our tables sparse",
-                    "budget": ">= 5x faster",
-                    "measured": f"{ours['ms_per_step']:.1f} ms (ours, sparse tables, section rep) vs "
+                    ">= 5x faster",
+                    f"{ours['ms_per_step']:.1f} ms (ours, sparse tables, section rep) vs "
                     f"{theirs:.1f} ms (TorchJD, dense tables, section h2h): {speedup:.1f}x "
                     "(across sections, not interleaved)",
-                    "met": speedup >= 5,
-                }
+                    speedup >= 5,
+                )
             )
     # 5. diagnostics
     diag = derived["diagnostics"]
     if diag:
         w = max(diag, key=lambda r: r["overhead"])
         items.append(
-            {
-                "item": "diagnostics every 10 steps (ConflictTracker fed from BalanceInfo)",
-                "budget": "<= 5 % overhead",
-                "measured": f"worst median overhead {100 * w['overhead']:+.1f} % (K={w['K']}; "
+            _budget_item(
+                "diagnostics every 10 steps (ConflictTracker fed from BalanceInfo)",
+                "<= 5 % overhead",
+                f"worst median overhead {100 * w['overhead']:+.1f} % (K={w['K']}; "
                 f"per-K: " + ", ".join(f"{100 * d['overhead']:+.1f} %" for d in diag) + ")",
-                "met": w["overhead"] <= 0.05,
-            }
+                w["overhead"] <= 0.05,
+            )
         )
     else:
-        items.append(
-            {
-                "item": "diagnostics every 10 steps",
-                "budget": "<= 5 % overhead",
-                "measured": "–",
-                "met": None,
-            }
-        )
+        items.append(_budget_item("diagnostics every 10 steps", "<= 5 % overhead"))
     return items
 
 
