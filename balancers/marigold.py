@@ -916,7 +916,9 @@ class MARIGOLD(BalancedOptimizer):
     ) -> tuple[list[Tensor], list[tuple[Tensor | None, ...]]]:
         """``g_z = d(sum_k lam_k L_k)/dz`` and each task's head gradients ``dL_k/dheads[k]``,
         from one pass per task that stops at the representation (the heads' total work is one
-        traversal, as in a plain backward); ``g_z`` accumulated as the passes come in."""
+        traversal, as in a plain backward); ``g_z`` accumulated as the passes come in, so no K
+        per-task gradients are held (unlike the Gram methods' ``_task_representation_grads``,
+        whose row matrix MARIGOLD does not need: its memory stays that of one gradient)."""
         n = len(blocks)
         gz = [torch.zeros_like(z) for z in blocks]
         head_grads = []
