@@ -24,16 +24,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._host import host_array
+
 __all__ = ["min_norm_weights", "project_simplex"]
 
 
-def project_simplex(y: Tensor) -> Tensor:
+def project_simplex(y: Tensor | np.ndarray) -> Tensor:
     """Euclidean projection of a vector onto the probability simplex (Duchi et al. 2008).
 
     Sort ``y`` descending into ``u``, find the largest ``rho`` with
     ``u_rho - (sum_{j<=rho} u_j - 1)/rho > 0`` and return ``max(y - tau, 0)`` with
     ``tau = (sum_{j<=rho} u_j - 1)/rho``.
+
+    A tensor is projected where it lives, without a host synchronisation (``rho`` stays a
+    tensor), in its own dtype; a NumPy array goes through :func:`_project_simplex_np` and comes
+    back as a CPU tensor.
     """
+    if not isinstance(y, Tensor):
+        return torch.from_numpy(_project_simplex_np(np.asarray(y)))
     if y.dim() != 1 or y.numel() == 0:
         raise ValueError(
             f"project_simplex expects a non-empty 1-D tensor, got shape {tuple(y.shape)}"
@@ -41,18 +49,33 @@ def project_simplex(y: Tensor) -> Tensor:
     u, _ = torch.sort(y, descending=True)
     css = torch.cumsum(u, 0) - 1
     idx = torch.arange(1, y.numel() + 1, dtype=y.dtype, device=y.device)
-    cond = u - css / idx > 0
-    rho = int(torch.nonzero(cond).max()) + 1
-    tau = css[rho - 1] / rho
+    cond = u - css / idx > 0  # true exactly up to rho (cond[0] = (1 > 0) in exact arithmetic)
+    rho = torch.where(cond, idx, torch.ones_like(idx)).amax()  # >= 1 even after round-off
+    tau = css.gather(0, (rho - 1).to(torch.int64).reshape(1)) / rho
     return torch.clamp(y - tau, min=0)
 
 
+def _project_simplex_np(y: np.ndarray) -> np.ndarray:
+    """:func:`project_simplex` on the host (float64 unless ``y`` is already floating point)."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.floating):
+        y = y.astype(np.float64)
+    if y.ndim != 1 or y.size == 0:
+        raise ValueError(f"project_simplex expects a non-empty 1-D tensor, got shape {y.shape}")
+    u = np.sort(y)[::-1]
+    css = np.cumsum(u) - 1
+    idx = np.arange(1, y.size + 1, dtype=y.dtype)
+    rho = int(np.max(np.flatnonzero(u - css / idx > 0), initial=0)) + 1
+    tau = css[rho - 1] / rho
+    return np.clip(y - tau, 0, None)
+
+
 def _check_gram(gram: Tensor | np.ndarray) -> np.ndarray:
-    m = (
-        gram.detach().cpu().to(torch.float64).numpy()
-        if isinstance(gram, Tensor)
-        else np.asarray(gram, dtype=np.float64)
-    )
+    """A validated, symmetrised float64 host copy of a ``(K, K)`` Gram matrix."""
+    return _check_gram_np(host_array(gram))
+
+
+def _check_gram_np(m: np.ndarray) -> np.ndarray:
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
         raise ValueError(f"gram must be a non-empty square matrix, got shape {m.shape}")
     if not np.isfinite(m).all():
@@ -188,7 +211,15 @@ def min_norm_weights(
     The KKT conditions of the min-norm problem are ``(M alpha)_i >= alpha^T M alpha`` for all
     ``i``, with equality where ``alpha_i > 0``.
     """
-    m = _check_gram(gram)
+    return torch.from_numpy(
+        _min_norm_weights_np(_check_gram(gram), max_iter=max_iter, tol=tol, ridge=ridge)
+    )
+
+
+def _min_norm_weights_np(
+    m: np.ndarray, *, max_iter: int | None = None, tol: float = 1e-14, ridge: float = 1e-12
+) -> np.ndarray:
+    """:func:`min_norm_weights` on a validated, symmetric float64 host Gram matrix."""
     k = m.shape[0]
     if max_iter is None:
         max_iter = 50 * k + 100
@@ -212,5 +243,4 @@ def min_norm_weights(
         for g, a in zip(groups, ar):
             alpha[g] = a / len(g)  # duplicates share their weight equally
     alpha = np.clip(alpha, 0.0, None)
-    alpha = alpha / alpha.sum()
-    return torch.from_numpy(alpha)
+    return alpha / alpha.sum()

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+import numpy as np
 from torch import Tensor
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
+
+from ._host import host_array
 
 __all__ = ["EqualWeight"]
 
@@ -41,19 +43,19 @@ class EqualWeight(BalancedOptimizer):
         weights: Sequence[float] | Tensor | None = None,
         **kwargs: Any,
     ) -> None:
-        w: Tensor | None = None
+        w: np.ndarray | None = None
         if weights is not None:
-            w = torch.as_tensor(weights, dtype=torch.float64).detach().clone()
-            if w.dim() != 1 or w.numel() == 0:
+            w = host_array(weights).copy()
+            if w.ndim != 1 or w.size == 0:
                 raise ValueError(
                     f"weights must be a non-empty 1-D sequence, got shape {tuple(w.shape)}"
                 )
-            if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            if not np.isfinite(w).all() or (w < 0).any():
                 raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
             if num_tasks is None:
-                num_tasks = w.numel()
-            elif w.numel() != num_tasks:
-                raise ValueError(f"weights has {w.numel()} entries but num_tasks={num_tasks}")
+                num_tasks = w.size
+            elif w.size != num_tasks:
+                raise ValueError(f"weights has {w.size} entries but num_tasks={num_tasks}")
         super().__init__(optimizer, num_tasks, **kwargs)
         self._fixed = w
 
@@ -65,8 +67,9 @@ class EqualWeight(BalancedOptimizer):
         return self.weight_heads or self._fixed is None or bool((self._fixed == 1).all())
 
     def _compute_weights(
-        self, gram: Tensor | None, losses: Tensor, block_grams: Tensor | None
-    ) -> Tensor:
+        self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
+    ) -> np.ndarray:
+        """``w`` (or ones) as a float64 host array; no device work."""
         if self._fixed is None:
-            return torch.ones_like(losses)
-        return self._fixed.to(losses.device)
+            return np.ones(np.shape(losses)[0])
+        return self._fixed.copy()

@@ -38,7 +38,8 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
-from ._min_norm import min_norm_weights
+from ._host import device_of, host_array, to_torch
+from ._min_norm import _min_norm_weights_np
 
 __all__ = [
     "GradOPS",
@@ -62,17 +63,16 @@ DEFAULT_EPS = 1e-30
 
 # ---------------------------------------------------------------------- validation helpers
 def _as_gram(gram: Tensor | np.ndarray) -> tuple[np.ndarray, torch.device]:
-    if isinstance(gram, Tensor):
-        device = gram.device
-        m = gram.detach().to("cpu", torch.float64).numpy()
-    else:
-        device = torch.device("cpu")
-        m = np.asarray(gram, dtype=np.float64)
+    """A validated, symmetrised float64 host copy of ``gram`` and the device results go to."""
+    return _check_gram_np(host_array(gram)), device_of(gram)
+
+
+def _check_gram_np(m: np.ndarray) -> np.ndarray:
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
         raise ValueError(f"gram must be a non-empty square (K, K) matrix, got shape {m.shape}")
     if not np.isfinite(m).all():
         raise ValueError("gram contains NaN or infinite entries")
-    return 0.5 * (m + m.T), device
+    return 0.5 * (m + m.T)
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
@@ -166,8 +166,7 @@ def gradops_projections(
 
 
 def _to_torch(a: np.ndarray, device: torch.device) -> Tensor:
-    t = torch.from_numpy(a)
-    return t if device.type == "cpu" else t.to(device)
+    return to_torch(a, device)
 
 
 def _info_to_torch(info: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -278,7 +277,7 @@ def _lstsq_projections(c: np.ndarray, rcond: float) -> np.ndarray:
 
 # ---------------------------------------------------------------------- trade-off weights
 def gradops_tradeoff_weights(
-    ratios: Tensor, alpha: float = 0.0, *, weight_sum: WeightSum = "K"
+    ratios: Tensor | np.ndarray, alpha: float = 0.0, *, weight_sum: WeightSum = "K"
 ) -> Tensor:
     """Trade-off weights ``w(alpha)`` [R] from the ratios ``R_i = |g_i'| / |g_i|``.
 
@@ -302,12 +301,8 @@ def gradops_tradeoff_weights(
     """
     alpha = _check_alpha(alpha)
     weight_sum = _check_choice("weight_sum", weight_sum, _WEIGHT_SUMS)  # type: ignore[assignment]
-    device = ratios.device if isinstance(ratios, Tensor) else torch.device("cpu")
-    r = (
-        ratios.detach().to("cpu", torch.float64).numpy()
-        if isinstance(ratios, Tensor)
-        else np.asarray(ratios, dtype=np.float64)
-    )
+    device = device_of(ratios)
+    r = host_array(ratios)
     if r.ndim != 1 or r.size == 0:
         raise ValueError(f"ratios must be a non-empty 1-D tensor, got shape {r.shape}")
     if not np.isfinite(r).all() or (r < 0).any():
@@ -316,6 +311,7 @@ def gradops_tradeoff_weights(
 
 
 def _tradeoff(r: np.ndarray, alpha: float, s: float) -> np.ndarray:
+    """:func:`gradops_tradeoff_weights` on validated host ratios (``s`` = the weight sum)."""
     k = r.size
     w = np.full(k, s / k)
     active = r > 0
@@ -380,7 +376,36 @@ def gradops_coefficients(
     rcond = _check_positive("rcond", rcond)
     eps = _check_positive("eps", eps, allow_zero=True)
     m, device = _as_gram(gram)
-    p, info = _projections(m, bool(only_if_conflict), solver, rcond, eps)
+    c, extras = _gradops_coefficients_np(
+        m,
+        alpha,
+        only_if_conflict=bool(only_if_conflict),
+        fallback=fallback,
+        weight_sum=weight_sum,
+        solver=solver,
+        rcond=rcond,
+        eps=eps,
+    )
+    return _to_torch(c, device), _info_to_torch(extras, device)
+
+
+def _gradops_coefficients_np(
+    m: np.ndarray,
+    alpha: float,
+    *,
+    only_if_conflict: bool,
+    fallback: str,
+    weight_sum: str,
+    solver: str,
+    rcond: float,
+    eps: float,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`gradops_coefficients` on a validated, symmetric float64 host Gram matrix.
+
+    Returns ``(c, extras)`` with NumPy arrays and Python scalars only; the options must already
+    be validated.
+    """
+    p, info = _projections(m, only_if_conflict, solver, rcond, eps)
     k = m.shape[0]
     s = _weight_total(weight_sum, k)
     w = _tradeoff(info["ratios"], alpha, s)
@@ -392,20 +417,19 @@ def gradops_coefficients(
         elif fallback == "zero":
             c = np.zeros(k)
         else:
-            c = s * min_norm_weights(m).numpy()
-    info = _info_to_torch(info, device)
+            c = s * _min_norm_weights_np(m)
     extras: dict[str, Any] = {
-        "tradeoff_weights": _to_torch(w, device),
+        "tradeoff_weights": w,
         "ratios": info["ratios"],
-        "fallback": bool(fired),
-        "projections": _to_torch(p, device),
+        "fallback": fired,
+        "projections": p,
         "vanished": info["vanished"],
         "projected": info["projected"],
         "solver": info["solver"],
         "rank": info["rank"],
         "cond": info["cond"],
     }
-    return _to_torch(np.ascontiguousarray(c), device), extras
+    return np.ascontiguousarray(c), extras
 
 
 # ---------------------------------------------------------------------- the optimizer wrapper
@@ -492,16 +516,18 @@ class GradOPS(BalancedOptimizer):
         self.balancer_state = {"num_fallbacks": int(state.get("num_fallbacks", 0))}
 
     def _compute_weights(
-        self, gram: Tensor | None, losses: Tensor, block_grams: Tensor | None
-    ) -> Tensor:
+        self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
+    ) -> np.ndarray:
+        """:func:`_gradops_coefficients_np` on the host copy of the Gram matrix."""
         if gram is None:
             raise RuntimeError("GradOPS needs the Gram matrix of the task gradients")
-        c, extras = gradops_coefficients(
-            gram,
+        c, extras = _gradops_coefficients_np(
+            _check_gram_np(host_array(gram)),
             self.alpha,
             only_if_conflict=self.only_if_conflict,
             fallback=self.fallback,
             weight_sum=self.weight_sum,
+            solver="auto",
             rcond=self.rcond,
             eps=self.eps,
         )
@@ -513,4 +539,7 @@ class GradOPS(BalancedOptimizer):
         return c
 
     def _extras(self) -> dict[str, Any]:
-        return dict(self._last)
+        return {
+            k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v
+            for k, v in self._last.items()
+        }

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
-from ._min_norm import min_norm_weights
+from ._host import device_of, host_array, to_torch
+from ._min_norm import _check_gram_np, _min_norm_weights_np
 
 __all__ = ["MGDA", "mgda_weights"]
 
@@ -18,27 +20,51 @@ Normalization = Literal["none", "l2", "loss", "loss+"]
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
-def _scales(normalization: str, gram: Tensor, losses: Tensor, eps: float) -> Tensor:
-    norms = gram.diagonal().clamp(min=0).sqrt()
+def _scales_np(normalization: str, gram: np.ndarray, losses: np.ndarray, eps: float) -> np.ndarray:
+    """Scales ``s_k`` of the normalisation (host float64); 1 where ``s_k <= eps``."""
     if normalization == "none":
-        return torch.ones_like(losses)
-    if normalization in ("loss", "loss+") and bool((losses < 0).any()):
+        return np.ones(losses.shape[0])
+    if normalization in ("loss", "loss+") and (losses < 0).any():
         raise ValueError(
             f"normalization={normalization!r} needs non-negative losses, got {losses.tolist()}"
         )
+    norms = np.sqrt(np.clip(np.diagonal(gram), 0.0, None))
     if normalization == "l2":
         s = norms
     elif normalization == "loss":
-        s = losses.clone()
+        s = losses.copy()
     else:
         s = losses * norms
     # a zero gradient (or zero loss) stays zero after normalisation instead of dividing by zero
-    return torch.where(s > eps, s, torch.ones_like(s))
+    return np.where(s > eps, s, 1.0)
+
+
+def _mgda_weights_np(
+    gram: np.ndarray,
+    losses: np.ndarray | None,
+    *,
+    normalization: str = "none",
+    normalized_update: bool = False,
+    eps: float = 1e-12,
+    max_iter: int | None = None,
+    tol: float = 1e-14,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`mgda_weights` on host float64 arrays; returns ``(c, alpha, scales)``."""
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    k = gram.shape[0]
+    if losses is None:
+        if normalization in ("loss", "loss+"):
+            raise ValueError(f"normalization={normalization!r} needs the losses")
+        losses = np.ones(k)
+    s = _scales_np(normalization, gram, losses, eps)
+    alpha = _min_norm_weights_np(_check_gram_np(gram / np.outer(s, s)), max_iter=max_iter, tol=tol)
+    return (alpha / s if normalized_update else alpha), alpha, s
 
 
 def mgda_weights(
-    gram: Tensor,
-    losses: Tensor | None = None,
+    gram: Tensor | np.ndarray,
+    losses: Tensor | np.ndarray | None = None,
     *,
     normalization: Normalization = "none",
     normalized_update: bool = False,
@@ -54,21 +80,26 @@ def mgda_weights(
     semantics: normalisation only changes alpha) or, with ``normalized_update=True``,
     ``c_k = alpha_k / s_k`` (LibMTL's: the normalised gradients enter the update).
 
+    Accepts tensors (any device) or NumPy arrays; the solve runs on the host
+    (:func:`_mgda_weights_np`).
+
     Returns:
-        ``(c, alpha)``: the coefficients to apply and the simplex weights, float64 ``(K,)``.
+        ``(c, alpha)``: the coefficients to apply and the simplex weights, float64 ``(K,)``
+        tensors on ``gram``'s device (CPU for NumPy input).
     """
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
-    gram = gram.to(torch.float64)
-    k = gram.shape[0]
-    if losses is None:
-        if normalization in ("loss", "loss+"):
-            raise ValueError(f"normalization={normalization!r} needs the losses")
-        losses = torch.ones(k, dtype=torch.float64)
-    losses = losses.to(torch.float64)
-    s = _scales(normalization, gram, losses, eps)
-    alpha = min_norm_weights(gram / torch.outer(s, s), max_iter=max_iter, tol=tol).to(gram.device)
-    return (alpha / s if normalized_update else alpha), alpha
+    device = device_of(gram)
+    c, alpha, _ = _mgda_weights_np(
+        host_array(gram),
+        None if losses is None else host_array(losses),
+        normalization=normalization,
+        normalized_update=normalized_update,
+        eps=eps,
+        max_iter=max_iter,
+        tol=tol,
+    )
+    return to_torch(c, device), to_torch(alpha, device)
 
 
 class MGDA(BalancedOptimizer):
@@ -114,7 +145,7 @@ class MGDA(BalancedOptimizer):
         self.normalized_update = bool(normalized_update)
         self.max_iter = max_iter
         self.tol = tol
-        self._last: dict[str, Tensor] = {}
+        self._last: dict[str, np.ndarray] = {}
 
     def _repr_options(self) -> str:
         return (
@@ -123,19 +154,21 @@ class MGDA(BalancedOptimizer):
         )
 
     def _compute_weights(
-        self, gram: Tensor | None, losses: Tensor, block_grams: Tensor | None
-    ) -> Tensor:
-        assert gram is not None
-        c, alpha = mgda_weights(
-            gram,
-            losses,
+        self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
+    ) -> np.ndarray:
+        """:func:`_mgda_weights_np` on the host copy of the Gram matrix and the losses."""
+        if gram is None:
+            raise RuntimeError("MGDA needs the Gram matrix of the task gradients")
+        c, alpha, scales = _mgda_weights_np(
+            host_array(gram),
+            host_array(losses),
             normalization=self.normalization,
             normalized_update=self.normalized_update,
             max_iter=self.max_iter,
             tol=self.tol,
         )
-        self._last = {"alpha": alpha}
+        self._last = {"alpha": alpha, "scales": scales}
         return c
 
     def _extras(self) -> dict[str, Any]:
-        return dict(self._last)
+        return {name: torch.from_numpy(v.copy()) for name, v in self._last.items()}

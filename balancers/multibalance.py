@@ -15,13 +15,15 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, NonFiniteError
 
-from .mgda import mgda_weights
+from ._host import device_of, host_array, to_torch
+from .mgda import _mgda_weights_np
 
 __all__ = ["MultiBalance", "multibalance_weights", "update_norm_averages"]
 
@@ -32,7 +34,7 @@ Rule = Literal["magnitude", "mgda"]
 _STRATEGIES = ("A", "B", "C")
 _STATISTICS = ("mean", "max", "min")
 _RULES = ("magnitude", "mgda")
-_FLOAT64_MAX = torch.finfo(torch.float64).max
+_FLOAT64_MAX = float(np.finfo(np.float64).max)
 
 
 # ---------------------------------------------------------------------- validation
@@ -100,33 +102,65 @@ def _check_anchor(anchor: Anchor, num_tasks: int | None) -> Anchor:
     return anchor
 
 
-def _as_matrix(x: Tensor, name: str) -> Tensor:
-    if x.dim() not in (1, 2) or x.shape[-1] == 0:
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    """A validated float64 ``(blocks, K)`` view of a ``(K,)`` or ``(blocks, K)`` host array."""
+    if x.ndim not in (1, 2) or x.shape[-1] == 0:
         raise ValueError(f"{name} must have shape (K,) or (blocks, K), got {tuple(x.shape)}")
-    x = x.detach().to(torch.float64)
-    if not bool(torch.isfinite(x).all()) or bool((x < 0).any()):
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all() or (x < 0).any():
         raise ValueError(f"{name} must be finite and non-negative, got {x.tolist()}")
     return x.reshape(-1, x.shape[-1])
 
 
 # ---------------------------------------------------------------------- pure functions
-def _reference(m: Tensor, anchor: Anchor) -> Tensor:
+def _reference(m: np.ndarray, anchor: Anchor) -> np.ndarray:
     """``m_ref`` per block from a ``(blocks, K)`` matrix; 0 where it is undefined."""
     observed = m > 0
     if isinstance(anchor, int):
-        return m[:, anchor]
+        return m[:, anchor].copy()
     if anchor == "max":
-        return m.amax(-1)
+        return m.max(-1)
     if anchor == "min":
-        inf = torch.full_like(m, math.inf)
-        lo = torch.where(observed, m, inf).amin(-1)
-        return torch.where(torch.isinf(lo), torch.zeros_like(lo), lo)
+        lo = np.where(observed, m, math.inf).min(-1)
+        return np.where(np.isinf(lo), 0.0, lo)
     count = observed.sum(-1)  # None and "mean": mean over the observed tasks
-    return m.sum(-1) / count.clamp(min=1).to(m.dtype)
+    return m.sum(-1) / np.maximum(count, 1)
+
+
+def _multibalance_weights_np(
+    m: np.ndarray,
+    *,
+    relax_factor: float,
+    strategy: str,
+    anchor: Anchor,
+    eps: float,
+    clamp: tuple[float, float] | None,
+) -> np.ndarray:
+    """:func:`multibalance_weights` on a validated ``(blocks, K)`` float64 host matrix."""
+    r = relax_factor
+    ref = _reference(m, anchor)[:, None]
+    observed = m > 0
+    denom = np.where(observed, m + eps, 1.0)
+    with np.errstate(over="ignore", divide="ignore"):
+        ratio = np.minimum(ref / denom, _FLOAT64_MAX)
+    w = r * ratio + (1.0 - r)
+    if strategy == "A":
+        active = m > ref
+    elif strategy == "B":
+        active = m < ref
+    else:
+        active = np.ones_like(observed)
+    active = active & observed & (ref > 0)
+    if isinstance(anchor, int):
+        active[:, anchor] = False
+    w = np.where(active, w, 1.0)
+    if clamp is not None:
+        w = np.clip(w, clamp[0], clamp[1])
+    return w
 
 
 def multibalance_weights(
-    norms_ma: Tensor,
+    norms_ma: Tensor | np.ndarray,
     *,
     relax_factor: float = 0.7,
     strategy: Strategy = "C",
@@ -152,7 +186,9 @@ def multibalance_weights(
     are capped at its largest value before the clamp, so the result is always finite.
 
     Args:
-        norms_ma: ``(K,)`` or ``(blocks, K)`` finite non-negative moving averages.
+        norms_ma: ``(K,)`` or ``(blocks, K)`` finite non-negative moving averages (a tensor on
+            any device or a NumPy array; computed on the host by
+            :func:`_multibalance_weights_np`).
         relax_factor: ``r`` in [0, 1]; 0 = plain sum, 1 = every adapted task's balanced
             magnitude equals ``m_ref``.
         strategy: ``"A"``, ``"B"`` or ``"C"`` (default).
@@ -161,39 +197,36 @@ def multibalance_weights(
         clamp: ``(low, high)`` with ``0 <= low <= 1 <= high`` (default ``(0.1, 10.0)``), or None.
 
     Returns:
-        float64 weights of the shape of ``norms_ma``.
+        float64 weights of the shape of ``norms_ma``, on its device (CPU for NumPy input).
     """
     r = _check_relax_factor(relax_factor)
     strategy = _check_strategy(strategy)
     eps = _check_eps(eps)
     bounds = _check_clamp(clamp)
-    if not isinstance(norms_ma, Tensor):
-        norms_ma = torch.as_tensor(norms_ma, dtype=torch.float64)
-    m = _as_matrix(norms_ma, "norms_ma")
+    device = device_of(norms_ma)
+    x = host_array(norms_ma)
+    m = _as_matrix(x, "norms_ma")
     anchor = _check_anchor(anchor, m.shape[1])
-    ref = _reference(m, anchor)[:, None]
-    observed = m > 0
-    denom = torch.where(observed, m + eps, torch.ones_like(m))
-    ratio = (ref / denom).clamp(max=_FLOAT64_MAX)
-    w = r * ratio + (1.0 - r)
-    if strategy == "A":
-        active = m > ref
-    elif strategy == "B":
-        active = m < ref
+    w = _multibalance_weights_np(
+        m, relax_factor=r, strategy=strategy, anchor=anchor, eps=eps, clamp=bounds
+    )
+    return to_torch(w.reshape(x.shape), device)
+
+
+def _update_norm_averages_np(
+    m: np.ndarray, n: np.ndarray, *, beta: float, skip_empty: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`update_norm_averages` on validated ``(blocks, K)`` float64 host matrices."""
+    if skip_empty is None:
+        updated = np.ones(n.shape, dtype=bool)
     else:
-        active = torch.ones_like(observed)
-    active = active & observed & (ref > 0)
-    if isinstance(anchor, int):
-        active[:, anchor] = False
-    w = torch.where(active, w, torch.ones_like(w))
-    if bounds is not None:
-        w = w.clamp(bounds[0], bounds[1])
-    return w.reshape(norms_ma.shape)
+        updated = n > skip_empty * n.max(-1, keepdims=True)
+    return np.where(updated, beta * m + (1.0 - beta) * n, m), updated
 
 
 def update_norm_averages(
-    norms_ma: Tensor,
-    norms: Tensor,
+    norms_ma: Tensor | np.ndarray,
+    norms: Tensor | np.ndarray,
     *,
     beta: float = 0.9,
     skip_empty: float | None = 1e-6,
@@ -203,44 +236,54 @@ def update_norm_averages(
     Per block (row), the observation ``n_k`` is *empty* when ``n_k <= skip_empty * max_j n_j``
     (so an exactly-zero gradient is always empty, and so is every task of an all-zero block);
     empty entries keep their previous average. ``skip_empty=None`` updates every entry every
-    step (exact MetaBalance).
+    step (exact MetaBalance). Tensors (any device) or NumPy arrays; computed on the host by
+    :func:`_update_norm_averages_np`.
 
     Returns:
         ``(new_averages, updated)``: float64 averages and the boolean mask of updated entries,
-        both of the shape of ``norms``.
+        both of the shape of ``norms``, on ``norms``' device (CPU for NumPy input).
     """
     b = _check_beta(beta)
     skip = _check_skip_empty(skip_empty)
-    norms = torch.as_tensor(norms, dtype=torch.float64)
-    n = _as_matrix(norms, "norms")
-    m = _as_matrix(torch.as_tensor(norms_ma, dtype=torch.float64), "norms_ma").to(n.device)
+    device = device_of(norms)
+    x = host_array(norms)
+    n = _as_matrix(x, "norms")
+    m = _as_matrix(host_array(norms_ma), "norms_ma")
     if m.shape != n.shape:
         raise ValueError(
             f"norms_ma has shape {tuple(m.shape)} but norms has shape {tuple(n.shape)}"
         )
-    if skip is None:
-        updated = torch.ones_like(n, dtype=torch.bool)
-    else:
-        updated = n > skip * n.amax(-1, keepdim=True)
-    new = torch.where(updated, b * m + (1.0 - b) * n, m)
-    return new.reshape(norms.shape), updated.reshape(norms.shape)
+    new, updated = _update_norm_averages_np(m, n, beta=b, skip_empty=skip)
+    return to_torch(new.reshape(x.shape), device), to_torch(updated.reshape(x.shape), device)
 
 
-def _effective_averages(m: Tensor, counts: Tensor, beta: float) -> Tensor:
+def _effective_averages(m: np.ndarray, counts: np.ndarray, beta: float) -> np.ndarray:
     """Rescale each entry to the warm-up level of the most-updated task of its block.
 
     ``m~_k = m_k (1 - beta^T) / (1 - beta^t_k)`` with ``t_k`` the entry's number of updates and
     ``T = max_j t_j``; 0 where ``t_k = 0``. When every task was updated equally often (always,
     unless the empty-task rule skipped one) the factor is exactly 1.
     """
-    if beta == 0.0 or bool((counts == counts[:, :1]).all()):
+    if beta == 0.0 or (counts == counts[:, :1]).all():
         return m
-    t = counts.to(m.dtype)
-    big_t = t.amax(-1, keepdim=True)
-    num = 1.0 - torch.pow(torch.full_like(big_t, beta), big_t)
-    den = 1.0 - torch.pow(torch.full_like(t, beta), t)
-    factor = torch.where(counts > 0, num / torch.where(counts > 0, den, torch.ones_like(den)), 0)
+    t = counts.astype(np.float64)
+    big_t = t.max(-1, keepdims=True)
+    num = 1.0 - np.power(beta, big_t)
+    den = 1.0 - np.power(beta, t)
+    factor = np.where(counts > 0, num / np.where(counts > 0, den, 1.0), 0.0)
     return m * factor
+
+
+def _mgda_block(gram: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """MGDA min-norm weights of one block, restricted to the non-empty tasks (0 for the others)."""
+    k = gram.shape[0]
+    idx = np.flatnonzero(present)
+    if idx.size == 0:
+        return np.full(k, 1.0 / k)
+    alpha = np.zeros(k)
+    c, _, _ = _mgda_weights_np(gram[np.ix_(idx, idx)], None)
+    alpha[idx] = c
+    return alpha
 
 
 # ---------------------------------------------------------------------- the optimizer
@@ -340,6 +383,7 @@ class MultiBalance(BalancedOptimizer):
         self.mgda_ema = bool(mgda_ema)
         super().__init__(optimizer, num_tasks, **kwargs)
         self.anchor = _check_anchor(anchor, self.num_tasks)
+        self._host_state: dict[str, tuple[Tensor, np.ndarray]] = {}
         self._last: dict[str, Any] = {}
 
     def _repr_options(self) -> str:
@@ -355,17 +399,40 @@ class MultiBalance(BalancedOptimizer):
     def reset_state(self) -> None:
         """Forget the moving averages (e.g. before changing the block partition)."""
         self.balancer_state = {}
+        self._host_state = {}
         self._last = {}
 
     # -- state
-    def _state_for(self, num_blocks: int, k: int, device: torch.device) -> dict[str, Tensor]:
-        st = self.balancer_state
-        if "norms_ma" not in st:
+    # The state lives on the host as float64/int64 NumPy arrays; ``balancer_state`` holds CPU
+    # tensors that share their memory (``torch.from_numpy``), so reading it back needs no copy
+    # and no synchronisation. ``_host_state`` maps each key to ``(tensor, array)``; a tensor put
+    # into ``balancer_state`` from outside (a user, an old checkpoint) is copied once.
+    def _host_value(self, key: str, dtype: Any) -> np.ndarray | None:
+        v = self.balancer_state.get(key)
+        if v is None:
+            return None
+        cached = getattr(self, "_host_state", {}).get(key)
+        if cached is not None and cached[0] is v:
+            return cached[1]
+        return host_array(v, dtype)  # set from outside: one copy
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_host_state"] = {}  # a copy's tensors no longer share memory with these arrays
+        return state
+
+    def _set_host_state(self, state: dict[str, np.ndarray]) -> None:
+        pairs = {key: (torch.from_numpy(a), a) for key, a in state.items()}
+        self._host_state = pairs
+        self.balancer_state = {key: t for key, (t, _) in pairs.items()}
+
+    def _state_for(self, num_blocks: int, k: int) -> dict[str, np.ndarray]:
+        m = self._host_value("norms_ma", np.float64)
+        if m is None:
             return {
-                "norms_ma": torch.zeros(num_blocks, k, dtype=torch.float64, device=device),
-                "num_updates": torch.zeros(num_blocks, k, dtype=torch.int64, device=device),
+                "norms_ma": np.zeros((num_blocks, k)),
+                "num_updates": np.zeros((num_blocks, k), dtype=np.int64),
             }
-        m = st["norms_ma"]
         if m.shape[0] != num_blocks:
             raise ValueError(
                 f"MultiBalance keeps moving averages for {m.shape[0]} block(s) but this step has "
@@ -374,12 +441,14 @@ class MultiBalance(BalancedOptimizer):
             )
         if m.shape[1] != k:
             raise ValueError(f"MultiBalance state is for {m.shape[1]} tasks, this step has {k}")
+        counts = self._host_value("num_updates", np.int64)
         out = {
-            "norms_ma": m.to(device=device, dtype=torch.float64),
-            "num_updates": st.get("num_updates", torch.ones_like(m, dtype=torch.int64)).to(device),
+            "norms_ma": m,
+            "num_updates": np.ones_like(m, np.int64) if counts is None else counts,
         }
-        if "alpha_ema" in st:
-            out["alpha_ema"] = st["alpha_ema"].to(device=device, dtype=torch.float64)
+        alpha_ema = self._host_value("alpha_ema", np.float64)
+        if alpha_ema is not None:
+            out["alpha_ema"] = alpha_ema
         return out
 
     def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
@@ -392,28 +461,43 @@ class MultiBalance(BalancedOptimizer):
             n = state.get("num_updates")
             if n is not None and (not isinstance(n, Tensor) or n.shape != m.shape):
                 raise ValueError("MultiBalance state 'num_updates' must match 'norms_ma'")
-        self.balancer_state = state
+        dtypes = {"norms_ma": np.float64, "num_updates": np.int64, "alpha_ema": np.float64}
+        if set(state) <= set(dtypes) and all(isinstance(v, Tensor) for v in state.values()):
+            # the host copy is made here, once, not in the next step
+            self._set_host_state({key: host_array(v, dtypes[key]) for key, v in state.items()})
+        else:
+            self.balancer_state = state
+            self._host_state = {}
 
     # -- the method
     def _compute_weights(
-        self, gram: Tensor | None, losses: Tensor, block_grams: Tensor | None
-    ) -> Tensor:
+        self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
+    ) -> np.ndarray:
+        """Steps 1-4 of the class docstring on the host copy of the block Gram matrices.
+
+        Host functions: :func:`_update_norm_averages_np`, :func:`_effective_averages`,
+        :func:`_multibalance_weights_np` (``rule="magnitude"``) or :func:`_mgda_block` per block
+        (``rule="mgda"``). The state is replaced only once the weights are known to be finite.
+        """
         if block_grams is None:
             raise RuntimeError("MultiBalance needs the per-block Gram matrices")
-        k = losses.shape[0]
+        block_grams = host_array(block_grams)
+        k = np.shape(losses)[0]
         self.anchor = _check_anchor(self.anchor, k)
         num_blocks = block_grams.shape[0]
-        norms = block_grams.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
-        st = self._state_for(num_blocks, k, block_grams.device)
-        new_ma, updated = update_norm_averages(
+        norms = np.sqrt(np.clip(np.diagonal(block_grams, axis1=-2, axis2=-1), 0.0, None))
+        _as_matrix(norms, "norms")  # finite (same ValueError as update_norm_averages)
+        st = self._state_for(num_blocks, k)
+        _as_matrix(st["norms_ma"], "norms_ma")
+        new_ma, updated = _update_norm_averages_np(
             st["norms_ma"], norms, beta=self.beta, skip_empty=self.skip_empty
         )
-        counts = st["num_updates"] + updated.to(torch.int64)
+        counts = st["num_updates"] + updated.astype(np.int64)
         effective = _effective_averages(new_ma, counts, self.beta)
-        new_state: dict[str, Tensor] = {"norms_ma": new_ma, "num_updates": counts}
-        extras: dict[str, Tensor] = {}
+        new_state: dict[str, np.ndarray] = {"norms_ma": new_ma, "num_updates": counts}
+        extras: dict[str, np.ndarray] = {}
         if self.rule == "magnitude":
-            weights = multibalance_weights(
+            weights = _multibalance_weights_np(
                 effective,
                 relax_factor=self.relax_factor,
                 strategy=self.strategy,
@@ -422,9 +506,7 @@ class MultiBalance(BalancedOptimizer):
                 clamp=self.clamp,
             )
         else:
-            alpha = torch.stack(
-                [_mgda_block(block_grams[b], updated[b]) for b in range(num_blocks)]
-            )
+            alpha = np.stack([_mgda_block(block_grams[b], updated[b]) for b in range(num_blocks)])
             extras["alpha"] = alpha
             weights = alpha
             if self.mgda_ema:
@@ -432,28 +514,16 @@ class MultiBalance(BalancedOptimizer):
                 if prev is not None:
                     weights = self.beta * prev + (1.0 - self.beta) * alpha
                 new_state["alpha_ema"] = weights
-        if not bool(torch.isfinite(weights).all()):  # state untouched
+        if not np.isfinite(weights).all():  # state untouched
             raise NonFiniteError(f"MultiBalance produced non-finite weights {weights.tolist()}")
-        self.balancer_state = new_state
+        self._set_host_state(new_state)
         extras.update(norms=norms, norms_ma=new_ma, norms_effective=effective, updated=updated)
         if self.rule == "magnitude":
             extras["reference"] = _reference(effective, self.anchor)
         single = num_blocks == 1
         self._last = {name: v[0] if single else v for name, v in extras.items()}
-        return weights[0] if single else weights
+        return weights[0].copy() if single else weights.copy()
 
     def _extras(self) -> dict[str, Any]:
-        return {name: v.detach().clone() for name, v in self._last.items()}
-
-
-def _mgda_block(gram: Tensor, present: Tensor) -> Tensor:
-    """MGDA min-norm weights of one block, restricted to the non-empty tasks (0 for the others)."""
-    k = gram.shape[0]
-    idx = torch.nonzero(present).flatten()
-    alpha = torch.zeros(k, dtype=torch.float64, device=gram.device)
-    if idx.numel() == 0:
-        return torch.full_like(alpha, 1.0 / k)
-    sub = gram.index_select(0, idx).index_select(1, idx)
-    c, _ = mgda_weights(sub)
-    alpha[idx] = c.to(alpha)
-    return alpha
+        # copies: the extras must not alias the state arrays
+        return {name: torch.from_numpy(np.array(v)) for name, v in self._last.items()}

@@ -24,27 +24,51 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
-from .gradops import DEFAULT_EPS, _as_gram, _check_choice, _check_positive
+from ._host import host_array, to_torch
+from .gradops import DEFAULT_EPS, _as_gram, _check_choice, _check_gram_np, _check_positive
 
 __all__ = ["PCGrad", "pcgrad_coefficients", "pcgrad_orders", "pcgrad_projections"]
 
 Reduction = Literal["sum", "mean"]
 _REDUCTIONS = ("sum", "mean")
 
-Orders = torch.Generator | Tensor | np.ndarray | Sequence[int] | Sequence[Sequence[int]]
+Orders = (
+    np.random.Generator
+    | torch.Generator
+    | Tensor
+    | np.ndarray
+    | Sequence[int]
+    | Sequence[Sequence[int]]
+)
 
 
-def pcgrad_orders(num_tasks: int, generator: torch.Generator) -> Tensor:
-    """Random visiting orders: row ``i`` is ``torch.randperm(K, generator=generator)``.
+def _pcgrad_orders_np(num_tasks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random visiting orders on the host: row ``i`` is an independent permutation of ``0..K-1``.
 
-    One fresh permutation of all ``K`` tasks per task ``i`` (task ``i`` itself is skipped when
-    projecting), drawn in the order ``i = 0..K-1``: ``K`` calls to ``randperm`` per step, the
-    same structure as the per-task ``random.shuffle`` of the common PyTorch port.
+    One ``rng.permuted`` call shuffles each row of a ``(K, K)`` table of ``arange(K)``
+    independently (the same structure as the per-task ``random.shuffle`` of the common PyTorch
+    port: one fresh permutation of all ``K`` tasks per task ``i``; task ``i`` itself is skipped
+    when projecting).
+    """
+    return rng.permuted(np.tile(np.arange(num_tasks, dtype=np.int64), (num_tasks, 1)), axis=1)
+
+
+def pcgrad_orders(num_tasks: int, generator: torch.Generator | np.random.Generator) -> Tensor:
+    """Random visiting orders, a ``(K, K)`` int64 CPU tensor: row ``i`` is the order for task ``i``.
+
+    With a ``np.random.Generator`` (what :class:`PCGrad` uses): :func:`_pcgrad_orders_np`, one
+    independent permutation of ``0..K-1`` per row. With a ``torch.Generator``: row ``i`` is
+    ``torch.randperm(K, generator=generator)``, drawn in the order ``i = 0..K-1``.
     """
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    if isinstance(generator, np.random.Generator):
+        return torch.from_numpy(_pcgrad_orders_np(num_tasks, generator))
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        raise TypeError(
+            "generator must be a torch.Generator or a numpy.random.Generator, got "
+            f"{type(generator).__name__}"
+        )
     return torch.stack(
         [
             torch.randperm(num_tasks, generator=generator, device=generator.device).cpu()
@@ -55,16 +79,19 @@ def pcgrad_orders(num_tasks: int, generator: torch.Generator) -> Tensor:
 
 def _normalise_orders(orders: Orders, k: int) -> np.ndarray:
     """``(K, K)`` int array: row ``i`` lists the tasks visited for task ``i`` (``i`` included)."""
-    if isinstance(orders, torch.Generator):
-        return pcgrad_orders(k, orders).numpy()
-    arr = orders.detach().cpu().numpy() if isinstance(orders, Tensor) else np.asarray(orders)
+    if isinstance(orders, np.random.Generator):
+        arr = _pcgrad_orders_np(k, orders)
+    elif isinstance(orders, torch.Generator):
+        arr = pcgrad_orders(k, orders).numpy()
+    else:
+        arr = host_array(orders, None)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
         raise ValueError("orders must be integer task indices (a sequence or a (K, ·) array)")
     if arr.ndim == 1:
         arr = np.tile(arr, (k, 1))
     if arr.ndim != 2 or arr.shape[0] != k:
         raise ValueError(
-            f"orders must be a torch.Generator, one order of the K={k} tasks, or one order per "
+            f"orders must be a generator, one order of the K={k} tasks, or one order per "
             f"task (K rows); got shape {arr.shape}"
         )
     rows = []
@@ -79,31 +106,14 @@ def _normalise_orders(orders: Orders, k: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
-def pcgrad_projections(
-    gram: Tensor | np.ndarray, orders: Orders, *, eps: float = DEFAULT_EPS
-) -> tuple[Tensor, dict[str, Any]]:
-    """PCGrad's projected gradients as a ``(K, K)`` matrix: ``g_i^PC = sum_k C[i, k] g_k``.
+def _pcgrad_projections_np(
+    m: np.ndarray, order: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pcgrad_projections` on a validated float64 host Gram matrix and normalised orders.
 
-    For ``i = 0..K-1``: start from ``C[i] = e_i``; for ``j`` in ``orders[i]`` (``j != i``): if
-    ``d = (C[i] M)_j < 0`` then ``C[i, j] -= d / M_jj``. Tasks with a zero gradient
-    (``M_jj <= eps * max_k M_kk``) are never projected against.
-
-    Args:
-        gram: ``(K, K)`` Gram matrix ``M_ij = g_i . g_j``.
-        orders: a ``torch.Generator`` (orders drawn with :func:`pcgrad_orders`), one order of
-            the tasks used for every ``i`` (e.g. ``[0, 1, 2]``), or one order per task (``K``
-            rows). Each row lists every other task once; task ``i`` itself may appear (skipped).
-        eps: relative squared-norm threshold for zero-gradient tasks (default ``1e-30``).
-
-    Returns:
-        ``(C, info)``: ``C`` float64 ``(K, K)``; ``info`` has ``orders`` (int64 ``(K, K)``, row
-        ``i`` = the order used for task ``i``, starting with ``i`` itself), ``projected`` (bool
-        ``(K, K)``: ``g_i`` was projected against ``g_j``) and ``num_projections``.
+    Returns ``(C, projected)``.
     """
-    m, device = _as_gram(gram)
-    eps = _check_positive("eps", eps, allow_zero=True)
     k = m.shape[0]
-    order = _normalise_orders(orders, k)
     diag = np.clip(np.diag(m), 0.0, None)
     scale = float(diag.max())
     usable = diag > eps * scale if scale > 0 else np.zeros(k, dtype=bool)
@@ -119,12 +129,43 @@ def pcgrad_projections(
                 row[j] += step
                 dots += step * m[j]
                 projected[i, j] = True
+    return coef, projected
+
+
+def pcgrad_projections(
+    gram: Tensor | np.ndarray, orders: Orders, *, eps: float = DEFAULT_EPS
+) -> tuple[Tensor, dict[str, Any]]:
+    """PCGrad's projected gradients as a ``(K, K)`` matrix: ``g_i^PC = sum_k C[i, k] g_k``.
+
+    For ``i = 0..K-1``: start from ``C[i] = e_i``; for ``j`` in ``orders[i]`` (``j != i``): if
+    ``d = (C[i] M)_j < 0`` then ``C[i, j] -= d / M_jj``. Tasks with a zero gradient
+    (``M_jj <= eps * max_k M_kk``) are never projected against. Computed on the host
+    (:func:`_pcgrad_projections_np`).
+
+    Args:
+        gram: ``(K, K)`` Gram matrix ``M_ij = g_i . g_j`` (a tensor on any device or an array).
+        orders: a ``np.random.Generator`` or ``torch.Generator`` (orders drawn with
+            :func:`pcgrad_orders`), one order of the tasks used for every ``i`` (e.g.
+            ``[0, 1, 2]``), or one order per task (``K`` rows). Each row lists every other task
+            once; task ``i`` itself may appear (skipped).
+        eps: relative squared-norm threshold for zero-gradient tasks (default ``1e-30``).
+
+    Returns:
+        ``(C, info)``: ``C`` float64 ``(K, K)`` on ``gram``'s device; ``info`` has ``orders``
+        (int64 ``(K, K)``, row ``i`` = the order used for task ``i``, starting with ``i``
+        itself), ``projected`` (bool ``(K, K)``: ``g_i`` was projected against ``g_j``) and
+        ``num_projections``.
+    """
+    m, device = _as_gram(gram)
+    eps = _check_positive("eps", eps, allow_zero=True)
+    order = _normalise_orders(orders, m.shape[0])
+    coef, projected = _pcgrad_projections_np(m, order, eps)
     info: dict[str, Any] = {
         "orders": torch.from_numpy(order),
         "projected": torch.from_numpy(projected),
         "num_projections": int(projected.sum()),
     }
-    return torch.from_numpy(coef).to(device), info
+    return to_torch(coef, device), info
 
 
 def pcgrad_coefficients(
@@ -137,13 +178,20 @@ def pcgrad_coefficients(
     """PCGrad coefficients: ``update = sum_i g_i^PC = sum_k c_k g_k`` with ``c = C^T 1``.
 
     ``reduction="mean"`` divides by ``K``. See :func:`pcgrad_projections` for ``orders``
-    (a ``torch.Generator`` is advanced by ``K`` ``randperm`` draws).
+    (a generator is advanced by one draw of ``K`` orders).
 
     Returns:
-        float64 ``(K,)`` coefficients.
+        float64 ``(K,)`` coefficients on ``gram``'s device.
     """
     reduction = _check_choice("reduction", reduction, _REDUCTIONS)  # type: ignore[assignment]
-    coef, _ = pcgrad_projections(gram, orders, eps=eps)
+    m, device = _as_gram(gram)
+    eps = _check_positive("eps", eps, allow_zero=True)
+    coef, _ = _pcgrad_projections_np(m, _normalise_orders(orders, m.shape[0]), eps)
+    return to_torch(_reduce(coef, reduction), device)
+
+
+def _reduce(coef: np.ndarray, reduction: str) -> np.ndarray:
+    """``c = C^T 1`` (``"sum"``) or ``C^T 1 / K`` (``"mean"``)."""
     c = coef.sum(0)
     return c / coef.shape[0] if reduction == "mean" else c
 
@@ -161,10 +209,11 @@ class PCGrad(BalancedOptimizer):
     ``alpha = 0``; for three or more tasks it depends on the order and can conflict with an
     original gradient (the motivation of GradOPS).
 
-    The random orders come from a ``torch.Generator`` seeded with ``seed``: ``K`` draws of
-    ``torch.randperm(K)`` per step (:func:`pcgrad_orders`). Its state is part of
-    :meth:`state_dict`, so a save/load round trip continues with the same orders. Under
-    ``torch.distributed`` use the same ``seed`` on every rank (the default) so the ranks agree.
+    The random orders come from a host ``numpy.random.Generator`` (PCG64) seeded with ``seed``:
+    one independent permutation of the tasks per task and step (:func:`_pcgrad_orders_np`), so
+    drawing them never touches the device. Its state is part of :meth:`state_dict`, so a
+    save/load round trip continues with the same orders. Under ``torch.distributed`` use the
+    same ``seed`` on every rank (the default) so the ranks agree.
 
     Args:
         optimizer: the inner optimizer.
@@ -201,34 +250,71 @@ class PCGrad(BalancedOptimizer):
         self.seed = seed
         self.reduction = reduction
         self.eps = eps
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = np.random.Generator(np.random.PCG64(seed))
         self._last: dict[str, Any] = {}
 
     def _repr_options(self) -> str:
         return f"seed={self.seed}, reduction={self.reduction!r}, {super()._repr_options()}"
 
     def _balancer_state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "generator": self.generator.get_state()}
+        # a plain dict of str and int (PCG64's 128-bit state and increment): torch.save-able
+        return {"seed": self.seed, "generator": self.generator.bit_generator.state}
 
     def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
-        gen = state.get("generator")
-        if not isinstance(gen, Tensor):
+        gen = state.get("generator") if isinstance(state, dict) else None
+        if isinstance(gen, Tensor):
+            # a checkpoint of the earlier torch.Generator version: continue deterministically
+            # with a PCG64 seeded from that generator (the orders differ from what the torch
+            # generator would have drawn)
+            rng = _rng_from_torch_state(gen)
+        elif isinstance(gen, dict) and gen.get("bit_generator") == "PCG64":
+            rng = np.random.Generator(np.random.PCG64())
+            try:
+                rng.bit_generator.state = gen
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ValueError(f"PCGrad state_dict has an invalid PCG64 state: {exc}") from None
+        elif gen is None:
             raise ValueError("PCGrad state_dict has no generator state")
+        else:
+            raise ValueError(
+                "PCGrad state_dict 'generator' must be a numpy PCG64 state dict (or an old "
+                f"torch.Generator state tensor), got {type(gen).__name__}"
+                + (f" for {gen.get('bit_generator')!r}" if isinstance(gen, dict) else "")
+            )
         self.seed = int(state.get("seed", self.seed))
-        self.generator.set_state(gen.to(torch.uint8))
+        self.generator = rng
 
     def _compute_weights(
-        self, gram: Tensor | None, losses: Tensor, block_grams: Tensor | None
-    ) -> Tensor:
+        self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
+    ) -> np.ndarray:
+        """Orders from the host generator, then :func:`_pcgrad_projections_np` on the host Gram."""
         if gram is None:
             raise RuntimeError("PCGrad needs the Gram matrix of the task gradients")
-        orders = pcgrad_orders(gram.shape[0], self.generator)
-        coef, info = pcgrad_projections(gram, orders, eps=self.eps)
-        c = coef.sum(0)
-        if self.reduction == "mean":
-            c = c / coef.shape[0]
-        self._last = info
-        return c
+        m = _check_gram_np(host_array(gram))
+        order = _normalise_orders(self.generator, m.shape[0])
+        coef, projected = _pcgrad_projections_np(m, order, self.eps)
+        self._last = {
+            "orders": order,
+            "projected": projected,
+            "num_projections": int(projected.sum()),
+        }
+        return _reduce(coef, self.reduction)
 
     def _extras(self) -> dict[str, Any]:
-        return dict(self._last)
+        return {
+            k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v
+            for k, v in self._last.items()
+        }
+
+
+def _rng_from_torch_state(state: Tensor) -> np.random.Generator:
+    """A PCG64 generator seeded with 128 bits drawn from a saved ``torch.Generator`` state."""
+    g = torch.Generator()
+    try:
+        g.set_state(state.detach().cpu().to(torch.uint8))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"PCGrad state_dict holds a torch generator state that cannot be restored: {exc}"
+        ) from None
+    words = torch.randint(0, 2**32, (4,), generator=g, dtype=torch.int64).tolist()
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
