@@ -49,8 +49,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
-from mtl._graph import gram_matrix, replace_grad, weighted_sum
-from mtl._optimizer import _accumulate_head_grads
+from mtl._combine import accumulate_head_grads, replace_grad, weighted_sum
+from mtl._gram import gram_matrix
 
 from ._min_norm import project_simplex
 
@@ -461,7 +461,6 @@ class MARIGOLD(BalancedOptimizer):
         else:
             level = "parameters"
             targets = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
-        self.level = level
         self._check_closure(closure, level, representation)
         if self.estimator == "gaussian" and level == "parameters" and self._group()[0]:
             raise NotImplementedError(
@@ -890,7 +889,7 @@ class MARIGOLD(BalancedOptimizer):
                 )
         if heads is not None:
             torch.autograd.backward(blocks, grad_tensors=gz)  # the trunk only
-            _accumulate_head_grads(heads, head_grads, lam if self.weight_heads else None)
+            accumulate_head_grads(heads, head_grads, lam if self.weight_heads else None)
         else:
             # the model's gradient: ONE backward; z's incoming gradient is replaced by g_z
             handles = [z.register_hook(replace_grad(g)) for z, g in zip(blocks, gz)]

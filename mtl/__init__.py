@@ -6,7 +6,8 @@ The public entry points are :class:`BalancedOptimizer` (subclassed by every meth
 """
 
 from ._combined import CombinedOptimizer
-from ._graph import depends_on, gram_matrix
+from ._gram import gram_matrix
+from ._graph import depends_on
 from ._info import BalanceInfo, NonFiniteError
 from ._optimizer import BalancedOptimizer
 from .conflict import ConflictTracker

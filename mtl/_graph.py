@@ -1,123 +1,202 @@
-"""Autograd-graph utilities: dependency checks and Gram matrices of task gradients."""
+"""Autograd-graph analysis: what a balanced step needs to know about the graph of the losses.
+
+Three questions, answered by one walk (:func:`analyse_graph`):
+
+* does each task loss reach the balance point (a property of the graph, not of the gradient
+  values: a loss like ``0 * z`` depends on ``z``, a loss computed from ``z.detach()`` does not);
+* which trainable parameters are each task's heads (what the loss reaches above the balance
+  point), and is that split clean (no head parameter, and no graph node, also lies below it);
+* does anything trainable lie below the balance point (else the trunk gets no gradient).
+
+Node identity. ``tensor.grad_fn`` and ``node.next_functions`` return Python wrappers that torch
+creates on access and may free as soon as the last reference goes; the same autograd node can
+then come back as another object, and a freed object's ``id`` can be reused by an unrelated one.
+So no walk here ever keys on ``id()`` of a node object it does not hold: every node is kept in a
+set (holding a strong reference keeps torch returning that same wrapper for the node, on every
+supported version), and leaves are identified by their ``variable`` tensor (a parameter or input
+tensor that the caller owns), never by their ``AccumulateGrad`` wrapper.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-__all__ = ["depends_on", "gram_matrix", "replace_grad", "weighted_sum"]
+__all__ = ["GraphAnalysis", "analyse_graph", "depends_on"]
 
 
-def _node_of(t: Tensor) -> object | None:
-    """The autograd node that receives ``t``'s gradient (grad_fn, or AccumulateGrad for leaves)."""
-    if t.grad_fn is not None:
-        return t.grad_fn
-    if t.requires_grad:
-        # A leaf: its AccumulateGrad node is reachable through an expand view.
-        return t.view_as(t).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
-    return None
+def _edges(node: object) -> list[tuple[object, int]]:
+    """The edges ``(node, output_nr)`` into the nodes that compute ``node``'s inputs."""
+    return [(c, nr) for c, nr in getattr(node, "next_functions", ()) if c is not None]
+
+
+def _children(node: object) -> list[object]:
+    return [c for c, _ in _edges(node)]
+
+
+def _leaf_variable(node: object) -> Tensor | None:
+    """The tensor an ``AccumulateGrad`` node accumulates into (``None`` for other nodes)."""
+    var = getattr(node, "variable", None)
+    return var if isinstance(var, Tensor) else None
+
+
+class _Targets:
+    """The tensors a walk looks for: a non-leaf tensor by the edge into it, ``(grad_fn,
+    output_nr)`` (the node held alive here; a node with several outputs is reached through one of
+    them only), a leaf by the identity of the tensor itself."""
+
+    def __init__(self, tensors: Iterable[Tensor]) -> None:
+        self.edges: set[tuple[object, int]] = set()
+        self.leaves: set[int] = set()
+        self._keep: list[Tensor] = []
+        for t in tensors:
+            if t.grad_fn is not None:
+                self.edges.add((t.grad_fn, t.output_nr))
+            elif t.requires_grad:
+                self.leaves.add(id(t))
+                self._keep.append(t)
+
+    def hit(self, node: object, nr: int) -> bool:
+        if (node, nr) in self.edges:
+            return True
+        var = _leaf_variable(node)
+        return var is not None and id(var) in self.leaves
 
 
 def depends_on(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
     """For each output, whether its autograd graph reaches any of ``inputs``.
 
-    A walk over the graph (no gradient is computed): a loss like ``0 * z`` depends on ``z``,
-    a loss computed from ``z.detach()`` does not. Shared sub-graphs are visited once.
+    A walk over the graph (no gradient is computed); shared sub-graphs are visited once. Inputs
+    may be non-leaf tensors (a representation) or leaves (parameters).
     """
-    targets = {id(n) for n in (_node_of(t) for t in inputs) if n is not None}
-    memo: dict[int, bool] = {}
+    targets = _Targets(inputs)
+    memo: dict[object, bool] = {}  # node -> reaches a target; holds every visited node alive
 
-    def reaches(root: object | None) -> bool:
-        if root is None:
-            return False
+    def reaches(root: object) -> bool:
         stack: list[tuple[object, bool]] = [(root, False)]
         while stack:
             node, expanded = stack.pop()
-            key = id(node)
-            if key in memo and not expanded:
-                continue
-            if key in targets:
-                memo[key] = True
-                continue
-            children = [c for c, _ in getattr(node, "next_functions", ()) if c is not None]
             if expanded:
-                memo[key] = any(memo.get(id(c), False) for c in children)
+                memo[node] = any(targets.hit(c, nr) or memo.get(c, False) for c, nr in _edges(node))
                 continue
-            memo[key] = False  # provisional; graphs are acyclic
+            if node in memo:
+                continue
+            memo[node] = False  # provisional; graphs are acyclic
             stack.append((node, True))
-            stack.extend((c, False) for c in children if id(c) not in memo)
-        return memo[id(root)]
+            stack.extend((c, False) for c in _children(node) if c not in memo)
+        return memo[root]
 
-    return [reaches(o.grad_fn) for o in outputs]
-
-
-def _chunked_gram(rows: Tensor, chunk: int, scale: Tensor | None) -> Tensor:
-    k, n = rows.shape
-    out = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
-    for start in range(0, n, chunk):
-        part = rows[:, start : start + chunk]
-        if part.dtype != torch.float32:
-            part = part.float()
-        if scale is not None:
-            part = part * scale[:, None]
-        out += (part @ part.T).to(torch.float64)
+    out = []
+    for o in outputs:
+        if o.grad_fn is None:
+            out.append(targets.hit(_LeafProbe(o), 0))
+        else:
+            out.append(targets.hit(o.grad_fn, o.output_nr) or reaches(o.grad_fn))
     return out
 
 
-def gram_matrix(rows: Tensor, *, chunk: int = 1 << 15) -> Tensor:
-    """Float64 Gram matrix ``rows @ rows.T`` of a ``(K, N)`` matrix of flattened gradients.
+class _LeafProbe:
+    """Stands for an output that is itself a leaf tensor (it reaches only itself)."""
 
-    Float64 rows: one float64 product. Lower precision rows (float32; bfloat16/float16 are
-    widened one chunk at a time): float32 products over column chunks of ``chunk`` entries,
-    accumulated in float64. That avoids a float64 copy of the K x N gradients (the dominant cost
-    at large K) and keeps the rounding of each partial product to about ``sqrt(chunk) * 6e-8``
-    relative; the sum over chunks adds no float32 rounding. If a diagonal entry comes out
-    infinite or below 1e-30 (float32 overflow or underflow: ``GradScaler`` losses scaled by
-    2^24, tasks whose gradients are 1e-20), the product is redone with each row scaled by a
-    power of two that brings its largest entry into [1, 2) (exact), the scaling being undone in
-    float64; genuinely non-finite gradients still give a non-finite Gram.
+    def __init__(self, t: Tensor) -> None:
+        self.variable = t
+
+
+@dataclass(frozen=True)
+class GraphAnalysis:
+    """What one walk of the losses' graph found (see :func:`analyse_graph`).
+
+    Attributes:
+        reaches: per task, whether its loss reaches some balance-point block.
+        heads: per task, the managed parameters its loss reaches above the balance point;
+            ``None`` when the split is not clean (a head parameter or graph node also lies below
+            the balance point, as with MMoE gates that read the embeddings, or the walk above
+            the balance point meets a leaf the optimizer does not manage).
+        trunk_blocks: per block, whether some managed parameter lies below it.
     """
-    k, n = rows.shape
-    if rows.dtype == torch.float64:
-        return rows @ rows.T
-    if n == 0:
-        return torch.zeros(k, k, dtype=torch.float64, device=rows.device)
-    out = _chunked_gram(rows, chunk, None)
-    diag = out.diagonal()
-    suspect = ~(diag > 1e-30) | ~torch.isfinite(diag)
-    for i in torch.nonzero(suspect & (diag == 0)).flatten().tolist():
-        suspect[i] = bool(rows[i].any())  # an exactly zero gradient is fine, underflow is not
-    if not bool(suspect.any()) and bool(torch.isfinite(out).all()):
-        return out
-    # largest magnitude per row from two plain reductions (no |rows| temporary)
-    peak = torch.maximum(rows.amax(dim=1), -rows.amin(dim=1)).to(torch.float32)
-    exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
-    exponent = torch.where(torch.isfinite(exponent), exponent, torch.zeros_like(exponent))
-    out = _chunked_gram(rows, chunk, torch.exp2(-exponent))
-    unscale = torch.exp2(exponent.to(torch.float64))
-    return out * unscale[:, None] * unscale[None, :]
+
+    reaches: list[bool]
+    heads: list[list[Tensor]] | None
+    trunk_blocks: list[bool]
 
 
-def weighted_sum(losses: Sequence[Tensor], coefficients: Sequence[float] | Tensor | None) -> Tensor:
-    """``sum_k c_k L_k`` with Python-float coefficients (``None``: the plain sum)."""
-    if coefficients is None:
-        total = losses[0]
-        for loss in losses[1:]:
-            total = total + loss
-        return total
-    cs = coefficients.tolist() if isinstance(coefficients, Tensor) else list(coefficients)
-    total = cs[0] * losses[0]
-    for c, loss in zip(cs[1:], losses[1:]):
-        total = total + c * loss
-    return total
+def analyse_graph(
+    losses: Sequence[Tensor], blocks: Sequence[Tensor], managed: set[int]
+) -> GraphAnalysis:
+    """Walk the graph once below the balance point and once above it, per task.
+
+    Args:
+        losses: the K task losses.
+        blocks: the balance-point tensors (non-leaf).
+        managed: ``id`` of every parameter tensor the optimizer manages (tensors are owned by
+            the model, so their ids are stable; node wrappers are never keyed by id).
+    """
+    block_nodes: list[object] = [z.grad_fn for z in blocks]
+    block_edges = {(z.grad_fn, z.output_nr) for z in blocks}
+    below: set[object] = set()  # every node below (and including) some block's grad_fn
+    trunk_blocks = []
+    for root in block_nodes:
+        found = False
+        seen: set[object] = set()
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            var = _leaf_variable(node)
+            if var is not None:
+                found = found or id(var) in managed
+                continue
+            stack.extend(_children(node))
+        below |= seen
+        trunk_blocks.append(found)
+
+    reaches: list[bool] = []
+    heads: list[list[Tensor]] | None = []
+    for loss in losses:
+        hit = False
+        params: dict[int, Tensor] = {}
+        seen = set()
+        edges = [(loss.grad_fn, loss.output_nr)] if loss.grad_fn is not None else []
+        while edges:
+            node, nr = edges.pop()
+            if (node, nr) in block_edges:
+                hit = True  # stop at the balance point
+                continue
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in below:
+                heads = None  # the heads share graph with the trunk
+                hit = hit or _reaches_any(node, block_edges)
+                continue
+            var = _leaf_variable(node)
+            if var is not None:
+                if id(var) in managed:
+                    params[id(var)] = var
+                else:
+                    heads = None  # an unmanaged leaf above the balance point
+                continue
+            edges.extend(_edges(node))
+        reaches.append(hit)
+        if heads is not None:
+            heads.append(list(params.values()))
+    return GraphAnalysis(reaches=reaches, heads=heads, trunk_blocks=trunk_blocks)
 
 
-def replace_grad(grad: Tensor) -> Callable[[Tensor], Tensor]:
-    """A tensor hook that replaces the incoming gradient by ``grad``."""
-
-    def hook(_incoming: Tensor) -> Tensor:
-        return grad
-
-    return hook
+def _reaches_any(root: object, targets: set[tuple[object, int]]) -> bool:
+    """Whether ``root``'s sub-graph contains one of the edges ``targets`` (held by the caller)."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for edge in _edges(node):
+            if edge in targets:
+                return True
+            stack.append(edge[0])
+    return False

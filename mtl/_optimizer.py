@@ -24,12 +24,24 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._graph import depends_on, gram_matrix, replace_grad, weighted_sum
+from ._checks import (
+    check_losses,
+    check_parameters,
+    check_reached,
+    check_representation,
+    check_trunk,
+    unreached_error,
+)
+from ._combine import accumulate_head_grads, replace_grad, sum_backward
+from ._gram import combine_rows, device_gram, rescaled_gram, suspect_rows, task_rows
+from ._graph import GraphAnalysis, analyse_graph, depends_on
+from ._host import to_device, to_host
 from ._info import BalanceInfo, NonFiniteError
 
 __all__ = ["BalancedOptimizer"]
@@ -132,8 +144,6 @@ class BalancedOptimizer(Optimizer):
         self.process_group = process_group
         self.compute_gram = self.requires_gram if compute_gram is None else bool(compute_gram)
         self.parameter_update = parameter_update
-        #: level of the backward in progress ("representation" or "parameters"), for subclasses
-        self.level: Literal["representation", "parameters"] | None = None
         #: balancer state saved by state_dict (moving averages, weights...); subclasses fill it.
         self.balancer_state: dict[str, Any] = {}
         self.num_steps = 0  # balanced backward passes that updated the balancer
@@ -250,21 +260,24 @@ class BalancedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the method
     def _compute_weights(
-        self, gram: Tensor | None, losses: Tensor, block_grams: Tensor | None
-    ) -> Tensor:
-        """Coefficients for the task gradients.
+        self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
+    ) -> np.ndarray:
+        """Coefficients for the task gradients, computed on the host.
+
+        Runs on the step's one host copy: every argument is a float64 NumPy array, and the
+        method must not read device tensors (each read is a synchronization on a GPU).
 
         Args:
-            gram: ``(K, K)`` float64 Gram matrix of the task gradients (summed over blocks), or
-                ``None`` when ``compute_gram`` is off.
-            losses: ``(K,)`` float64 detached losses.
+            gram: ``(K, K)`` Gram matrix of the task gradients (summed over blocks), or ``None``
+                when ``compute_gram`` is off.
+            losses: ``(K,)`` task losses (under DDP: the mean over ranks).
             block_grams: ``(blocks, K, K)`` per-block Gram matrices, or ``None``.
 
         Returns:
             ``(K,)`` coefficients, or ``(blocks, K)`` for per-block methods. The base class
             returns ones (the plain sum).
         """
-        return torch.ones_like(losses)
+        return np.ones_like(losses)
 
     def _extras(self) -> dict[str, Any]:
         """Method-specific diagnostics of the last call, reported in ``BalanceInfo.extras``."""
@@ -280,6 +293,12 @@ class BalancedOptimizer(Optimizer):
     ) -> BalanceInfo:
         """Balance the task gradients and write the combined gradient into ``.grad``.
 
+        The pipeline of one step: check the inputs and the graph (:mod:`mtl._checks`,
+        :mod:`mtl._graph`); per-task gradients into a ``(K, N)`` matrix per block and their Gram
+        matrices, on the device (:mod:`mtl._gram`); ONE host copy of the losses and the Gram
+        matrices, on which the method's weights and every decision are computed
+        (:mod:`mtl._host`); the combination reaches the parameters (:mod:`mtl._combine`).
+
         Args:
             losses: K scalar tensors (a sequence, or a 1-D tensor of length K).
             representation: the balance point (a tensor every task loss depends on, or a
@@ -288,8 +307,8 @@ class BalancedOptimizer(Optimizer):
             shared_parameters: balance at the shared parameters instead (K backward passes).
 
         Returns:
-            a :class:`~mtl.BalanceInfo`; gradients are accumulated into ``.grad`` (call
-            ``zero_grad()`` before, as with ``loss.backward()``).
+            a :class:`~mtl.BalanceInfo` (its tensors live on the host); gradients are
+            accumulated into ``.grad`` (call ``zero_grad()`` before, as with ``loss.backward()``).
         """
         task_losses = self._check_losses(losses)
         if (representation is None) == (shared_parameters is None):
@@ -298,21 +317,15 @@ class BalancedOptimizer(Optimizer):
                 f"(got {'both' if representation is not None else 'neither'})"
             )
         values = torch.stack([loss.detach().to(torch.float64) for loss in task_losses])
-        bad = self._nonfinite_tasks(values)
         if representation is not None:
-            level: Literal["representation", "parameters"] = "representation"
-            blocks = self._check_representation(representation)
-        else:
-            level = "parameters"
-            blocks = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
-        self.level = level
-        if bad:
-            return self._nonfinite(level, values, "loss", bad)
-        if not self.compute_gram and self._plain_backward_is_exact():
-            return self._backward_plain(task_losses, values, blocks, level)
-        if level == "representation":
+            blocks = check_representation(representation)
+            if not self.compute_gram and self._plain_backward_is_exact():
+                return self._backward_plain(task_losses, values, blocks, "representation")
             return self._backward_representation(task_losses, values, blocks)
-        return self._backward_parameters(task_losses, values, blocks)
+        params = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
+        if not self.compute_gram and self._plain_backward_is_exact():
+            return self._backward_plain(task_losses, values, params, "parameters")
+        return self._backward_parameters(task_losses, values, params)
 
     # -- checks
     def _name(self, k: int) -> str:
@@ -320,108 +333,69 @@ class BalancedOptimizer(Optimizer):
             return f"task {k} ({self.task_names[k]!r})"
         return f"task {k}"
 
+    def _managed(self) -> set[int]:
+        """``id`` of every parameter tensor the inner optimizer manages."""
+        return {id(p) for g in self.param_groups for p in g["params"]}
+
     def _check_losses(self, losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
-        if isinstance(losses, Tensor):
-            if losses.dim() != 1:
-                raise ValueError(
-                    "losses given as a tensor must be 1-D of length K, got shape "
-                    f"{tuple(losses.shape)}"
-                )
-            items = list(losses.unbind(0))
-        elif isinstance(losses, (list, tuple)):
-            items = list(losses)
-        else:
-            raise TypeError(
-                f"losses must be a sequence of scalar tensors or a 1-D tensor, got "
-                f"{type(losses).__name__}"
-            )
-        if len(items) == 0:
-            raise ValueError("losses is empty")
-        if self.num_tasks is not None and len(items) != self.num_tasks:
-            raise ValueError(f"expected {self.num_tasks} losses (num_tasks), got {len(items)}")
-        for k, loss in enumerate(items):
-            if not isinstance(loss, Tensor):
-                raise TypeError(f"loss of {self._name(k)} is a {type(loss).__name__}, not a Tensor")
-            if loss.dim() != 0:
-                raise ValueError(
-                    f"loss of {self._name(k)} must be a scalar tensor, got shape {tuple(loss.shape)}"
-                    " (reduce it with .mean() or .sum())"
-                )
-            if not loss.requires_grad:
-                raise ValueError(f"loss of {self._name(k)} does not require grad")
+        items = check_losses(losses, self.num_tasks, self._name)
         if self.num_tasks is None:
             self.num_tasks = len(items)
         return items
 
     def _check_representation(self, representation: Tensor | Sequence[Tensor]) -> list[Tensor]:
-        if isinstance(representation, Tensor):
-            blocks = [representation]
-        elif isinstance(representation, (list, tuple)) and len(representation) > 0:
-            blocks = list(representation)
-        else:
-            raise TypeError(
-                "representation must be a tensor or a non-empty tuple/list of tensors, got "
-                f"{type(representation).__name__}"
-            )
-        for b, z in enumerate(blocks):
-            where = "representation" if len(blocks) == 1 else f"representation block {b}"
-            if not isinstance(z, Tensor):
-                raise TypeError(f"{where} is a {type(z).__name__}, not a Tensor")
-            if not z.requires_grad:
-                raise ValueError(
-                    f"{where} does not require grad: it is detached from the trunk, so the "
-                    "shared layers would receive no gradient"
-                )
-            if z.grad_fn is None:
-                raise ValueError(
-                    f"{where} is a leaf tensor: nothing below it would receive the balanced "
-                    "gradient. Pass the output of the shared trunk, or use shared_parameters="
-                )
-        return blocks
+        return check_representation(representation)
 
     def _check_parameters(self, shared_parameters: Iterable[Tensor]) -> list[Tensor]:
-        if isinstance(shared_parameters, Tensor):
-            raise TypeError(
-                "shared_parameters must be an iterable of parameters, got a single tensor "
-                "(wrap it in a list)"
-            )
-        params = list(shared_parameters)
-        if not params:
-            raise ValueError("shared_parameters is empty")
-        seen: set[int] = set()
-        managed = {id(p) for g in self.param_groups for p in g["params"]}
-        for i, p in enumerate(params):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"shared_parameters[{i}] is a {type(p).__name__}, not a Tensor")
-            if not p.requires_grad:
-                raise ValueError(f"shared_parameters[{i}] does not require grad")
-            if id(p) in seen:
-                raise ValueError(f"shared_parameters[{i}] appears twice")
-            if id(p) not in managed:
-                raise ValueError(
-                    f"shared_parameters[{i}] (shape {tuple(p.shape)}) is not managed by the inner "
-                    "optimizer, so it would never be updated"
-                )
-            seen.add(id(p))
-        return params
+        return check_parameters(shared_parameters, self._managed())
 
-    def _nonfinite_tasks(self, values: Tensor) -> list[int]:
-        if bool(torch.isfinite(values).all()):
-            return []
-        return [k for k in range(values.shape[0]) if not math.isfinite(float(values[k]))]
+    def _check_trunk(self, blocks: list[Tensor]) -> None:
+        check_trunk(analyse_graph([], blocks, self._managed()))
+
+    def _analyse(self, losses: list[Tensor], blocks: list[Tensor]) -> GraphAnalysis:
+        """One walk of the graph: raises for a trunk without parameters or an unreached loss."""
+        analysis = analyse_graph(losses, blocks, self._managed())
+        check_trunk(analysis)
+        check_reached(analysis.reaches, self._name)
+        return analysis
+
+    def _heads_above(self, losses: list[Tensor], blocks: list[Tensor]) -> list[list[Tensor]] | None:
+        """Per task, the optimizer's parameters above the balance point, when the split is clean.
+
+        ``None`` (use the general path: one backward of the summed losses with a hook at the
+        representation) when some part above the balance point also lies below it (e.g. MMoE's
+        gates read the embeddings), when it reaches a leaf that the inner optimizer does not
+        manage, under DDP (DDP must see one ordinary backward), or with ``grad_mode="batched"``.
+        """
+        if self.grad_mode != "loop" or self._group()[0]:
+            return None
+        return analyse_graph(losses, blocks, self._managed()).heads
+
+    def _raise_unreached(
+        self, losses: list[Tensor], blocks: list[Tensor], only: int | None = None
+    ) -> None:
+        reached = depends_on(losses, blocks)
+        bad = [k for k, r in enumerate(reached) if not r] if only is None else [only]
+        raise unreached_error(bad, self._name)
+
+    def _nonfinite_tasks(self, values: Tensor | np.ndarray) -> list[int]:
+        host = values if isinstance(values, np.ndarray) else to_host(values)[0]
+        assert host is not None
+        return [k for k in range(host.shape[0]) if not math.isfinite(float(host[k]))]
 
     def _nonfinite(
         self,
         level: Literal["representation", "parameters"],
-        values: Tensor,
+        values: Tensor | np.ndarray,
         what: str,
         bad: list[int],
     ) -> BalanceInfo:
         """Raise, or skip the step without touching the balancer state.
 
         When skipping, the ``.grad`` of every parameter of the inner optimizer is set to NaN (no
-        backward pass is run): ``torch.amp.GradScaler`` then sees the overflow and lowers its
-        scale, and the next :meth:`step` is a no-op in any case. ``zero_grad()`` clears them.
+        further backward pass is run): ``torch.amp.GradScaler`` then sees the overflow and
+        lowers its scale, and the next :meth:`step` is a no-op in any case. ``zero_grad()``
+        clears them.
         """
         names = ", ".join(self._name(k) for k in bad) if bad else "the summed tasks"
         if self.on_nonfinite == "raise":
@@ -435,15 +409,40 @@ class BalancedOptimizer(Optimizer):
                         p.grad = torch.full_like(p, float("nan"))
         self.num_skipped += 1
         self._skip_next_step = True
-        k = values.shape[0]
+        host = values if isinstance(values, np.ndarray) else to_host(values)[0]
+        assert host is not None
         return BalanceInfo(
-            weights=torch.zeros(k, dtype=torch.float64),
-            losses=values,
+            weights=torch.zeros(host.shape[0], dtype=torch.float64),
+            losses=torch.from_numpy(np.array(host, dtype=np.float64)),
             gram=None,
             level=level,
             skipped=True,
             extras={"reason": f"non-finite {what} for {names}"},
         )
+
+    def _decide(
+        self,
+        level: Literal["representation", "parameters"],
+        values: np.ndarray,
+        block_grams: np.ndarray | None,
+        grad_finite: bool = True,
+    ) -> BalanceInfo | None:
+        """The host-side verdict on a step: ``None`` to go on, else the skip (or a raise).
+
+        Non-finite losses are named first, then tasks with a non-finite gradient (diagonal of
+        the Gram), then a non-finite gradient of the summed tasks.
+        """
+        bad = [k for k in range(values.shape[0]) if not math.isfinite(float(values[k]))]
+        if bad:
+            return self._nonfinite(level, values, "loss", bad)
+        if block_grams is not None:
+            diag = np.diagonal(block_grams, axis1=-2, axis2=-1).sum(0)
+            bad = [k for k in range(values.shape[0]) if not math.isfinite(float(diag[k]))]
+            if bad or not np.isfinite(block_grams).all():
+                return self._nonfinite(level, values, "gradient", bad or list(range(len(diag))))
+        if not grad_finite:
+            return self._nonfinite(level, values, "gradient", [])
+        return None
 
     # -- distributed
     def _group(self) -> tuple[bool, Any]:
@@ -453,84 +452,130 @@ class BalancedOptimizer(Optimizer):
         group = None if self.process_group == "auto" else self.process_group
         return dist.get_world_size(group) > 1, group
 
-    def _reduce(self, values: Tensor, block_grams: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _reduce(
+        self, values: Tensor, block_grams: Tensor | None, gram_power: int = 2
+    ) -> tuple[Tensor, Tensor | None]:
         """Global losses (mean over ranks) and Gram matrices (sum over ranks / W^2).
 
         With mean-reduced losses and DDP's averaged gradients, the global gradient of task k is
-        the mean of the ranks' gradients, so its Gram matrix is sum_r M_r / W^2.
+        the mean of the ranks' gradients, so its Gram matrix is sum_r M_r / W^2 (representation
+        level). Gram matrices of already averaged gradients (parameter level) are the same on
+        every rank: ``gram_power=0`` leaves them alone. One all-reduce, on the device.
         """
         active, group = self._group()
         if not active:
             return values, block_grams
         world = dist.get_world_size(group)
-        parts = [values] if block_grams is None else [values, block_grams.reshape(-1)]
-        packed = torch.cat(parts)
+        if block_grams is None or gram_power == 0:
+            packed = values.clone()
+            dist.all_reduce(packed, group=group)
+            return packed / world, block_grams
+        packed = torch.cat([values, block_grams.reshape(-1)])
         dist.all_reduce(packed, group=group)
         k = values.shape[0]
-        values = packed[:k] / world
-        if block_grams is not None:
-            block_grams = packed[k:].reshape(block_grams.shape) / world**2
-        return values, block_grams
+        return packed[:k] / world, packed[k:].reshape(block_grams.shape) / world**gram_power
+
+    def _host_grams(
+        self,
+        values: Tensor,
+        block_grams: Tensor,
+        rows: Sequence[Tensor],
+        zero_rows: Sequence[set[int]],
+        gram_power: int = 2,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Reduce over ranks and copy the losses and Gram matrices to the host: ONE transfer.
+
+        A float32 product that over- or underflowed (a diagonal entry infinite or below 1e-30
+        for a row not known to be zero) is redone with exact power-of-two row scaling and read
+        again: a second transfer, on such rare steps only.
+        """
+        reduced_values, reduced = self._reduce(values, block_grams, gram_power)
+        host_values, host_grams = to_host(reduced_values, reduced)
+        assert host_values is not None and host_grams is not None
+        if not np.isfinite(host_values).all():
+            return host_values, host_grams
+        redo = [
+            b
+            for b in range(len(rows))
+            if rows[b].dtype != torch.float64
+            and set(suspect_rows(np.diagonal(host_grams[b]).tolist())) - zero_rows[b]
+        ]
+        if redo:
+            fixed = torch.stack(
+                [rescaled_gram(r) if b in redo else block_grams[b] for b, r in enumerate(rows)]
+            )
+            _, fixed_reduced = self._reduce(values, fixed, gram_power)
+            (host_grams,) = to_host(fixed_reduced)
+            assert host_grams is not None
+        return host_values, host_grams
 
     def _average_rows(self, rows: list[Tensor]) -> list[Tensor]:
         """Parameter level under DDP: the per-task gradients averaged over ranks.
 
         Unlike representation gradients (disjoint coordinates per rank, so the global Gram is
         sum_r M_r / W^2), parameter gradients of all ranks live in the same space and the global
-        Gram has cross-rank terms; it needs the averaged K x D gradients (one all-reduce of K
-        times the shared gradient size).
+        Gram has cross-rank terms; it needs the averaged K x D gradients (one all-reduce per
+        gradient matrix).
         """
         active, group = self._group()
         if not active:
             return rows
-        flat = torch.cat([r.reshape(-1) for r in rows])
-        dist.all_reduce(flat, group=group)
-        flat /= dist.get_world_size(group)
-        out, offset = [], 0
+        world = dist.get_world_size(group)
         for r in rows:
-            out.append(flat[offset : offset + r.numel()].view_as(r))
-            offset += r.numel()
-        return out
+            dist.all_reduce(r, group=group)
+            r.div_(world)
+        return rows
 
     # -- weights
     def _weights(
-        self, values: Tensor, block_grams: Tensor | None, num_blocks: int
-    ) -> tuple[Tensor, Tensor | None]:
+        self, values: np.ndarray, block_grams: np.ndarray | None, num_blocks: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         gram = None if block_grams is None else block_grams.sum(0)
-        weights = self._compute_weights(gram, values, block_grams)
+        raw = self._compute_weights(gram, values, block_grams)
+        if isinstance(raw, Tensor):  # a subclass written against torch tensors
+            raw = raw.detach().to("cpu", torch.float64).numpy()
+        weights = np.asarray(raw, dtype=np.float64)
         k = values.shape[0]
-        if not isinstance(weights, Tensor):
-            weights = torch.as_tensor(weights, dtype=torch.float64)
-        weights = weights.detach().to(torch.float64)
         if weights.shape not in ((k,), (num_blocks, k)):
             raise RuntimeError(
-                f"{type(self).__name__}._compute_weights returned shape {tuple(weights.shape)}, "
+                f"{type(self).__name__}._compute_weights returned shape {weights.shape}, "
                 f"expected ({k},) or ({num_blocks}, {k})"
             )
-        if not bool(torch.isfinite(weights).all()):
+        if not np.isfinite(weights).all():
             raise NonFiniteError(f"{type(self).__name__} produced non-finite weights {weights}")
         return weights, gram
 
-    def _block_weights(self, weights: Tensor, num_blocks: int) -> Tensor:
-        return weights.expand(num_blocks, -1) if weights.dim() == 1 else weights
+    @staticmethod
+    def _block_weights(weights: np.ndarray, num_blocks: int) -> np.ndarray:
+        return (
+            np.broadcast_to(weights, (num_blocks, weights.shape[-1]))
+            if weights.ndim == 1
+            else weights
+        )
 
-    def _head_coefficients(self, weights: Tensor) -> Tensor | None:
+    def _head_coefficients(self, weights: np.ndarray) -> list[float] | None:
         """Coefficients of the task losses in the head backward (None = plain sum)."""
         if not self.weight_heads:
             return None
-        return weights if weights.dim() == 1 else weights.mean(0)
+        return [float(c) for c in (weights if weights.ndim == 1 else weights.mean(0))]
 
-    def _check_gram(
+    def _info(
         self,
         level: Literal["representation", "parameters"],
-        values: Tensor,
-        block_grams: Tensor,
-    ) -> BalanceInfo | None:
-        diag = block_grams.diagonal(dim1=-2, dim2=-1).sum(0)
-        bad = self._nonfinite_tasks(diag)
-        if not bad and not bool(torch.isfinite(block_grams).all()):
-            bad = list(range(values.shape[0]))
-        return self._nonfinite(level, values, "gradient", bad) if bad else None
+        weights: np.ndarray,
+        values: np.ndarray,
+        gram: np.ndarray | None,
+        block_grams: np.ndarray | None,
+    ) -> BalanceInfo:
+        self.num_steps += 1
+        return BalanceInfo(
+            weights=torch.from_numpy(np.array(weights, dtype=np.float64)),
+            losses=torch.from_numpy(np.array(values, dtype=np.float64)),
+            gram=None if gram is None else torch.from_numpy(np.array(gram, dtype=np.float64)),
+            level=level,
+            block_grams=None if block_grams is None else torch.from_numpy(block_grams.copy()),
+            extras=self._extras(),
+        )
 
     # -- representation level
     def _task_representation_grads(
@@ -538,14 +583,14 @@ class BalancedOptimizer(Optimizer):
         losses: list[Tensor],
         blocks: list[Tensor],
         heads: Sequence[Sequence[Tensor]] | None = None,
-    ) -> tuple[list[Tensor], list[tuple[Tensor | None, ...]]]:
-        """``rows[b][k] = dL_k / d blocks[b]`` (flattened, one ``(K, numel)`` matrix per block)
-        and ``head_grads[k][i] = dL_k / d heads[k][i]`` (the parameters task k reaches above the
-        blocks, from :meth:`_heads_above`; only with ``grad_mode="loop"``).
+    ) -> tuple[list[Tensor], list[tuple[Tensor | None, ...]], list[set[int]]]:
+        """``rows[b][k] = dL_k / d blocks[b]`` (flattened, one ``(K, numel)`` matrix per block),
+        ``head_grads[k][i] = dL_k / d heads[k][i]`` (the parameters task k reaches above the
+        blocks; only with ``grad_mode="loop"``) and, per block, the tasks whose row is zero
+        because their loss does not reach that block.
 
         Loop mode copies each task's gradient into its row as soon as it is computed (while it
         is still in cache) and drops it: no K live gradient tensors and no final stack.
-        Raises for a loss that does not reach any block.
         """
         k_tasks = len(losses)
         if self.grad_mode == "batched":
@@ -559,139 +604,78 @@ class BalancedOptimizer(Optimizer):
                 allow_unused=True,
                 is_grads_batched=True,
             )
-            # a task that reaches no block has all-zero rows but must still be reported
-            if not all(depends_on(losses, blocks)):
-                self._raise_unreached(losses, blocks)
             rows = [
                 z.new_zeros(k_tasks, z.numel()) if g is None else g.reshape(k_tasks, -1)
                 for z, g in zip(blocks, per_block)
             ]
-            return rows, []
-        rows = self._row_buffers(k_tasks, blocks)
+            zeros = [set(range(k_tasks)) if g is None else set() for g in per_block]
+            return rows, [], zeros
+        rows = self._row_buffers(k_tasks, [(z.numel(), z.dtype, z.device) for z in blocks])
         head_grads = []
+        zeros: list[set[int]] = [set() for _ in blocks]
         n = len(blocks)
         for k, loss in enumerate(losses):
             inputs = [*blocks, *heads[k]] if heads is not None else blocks
             gs = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-            if all(g is None for g in gs[:n]):
-                self._raise_unreached(losses, blocks, only=k)
             for b, g in enumerate(gs[:n]):
                 if g is None:
                     rows[b][k].zero_()
+                    zeros[b].add(k)
                 else:
                     rows[b][k].copy_(g.reshape(-1))
             head_grads.append(gs[n:])
             del gs
-        return rows, head_grads
+        return rows, head_grads, zeros
 
-    def _row_buffers(self, k: int, blocks: list[Tensor]) -> list[Tensor]:
-        """The ``(K, numel)`` gradient matrices, kept from one step to the next while the shapes
-        do not change: a fresh K x B x d buffer every step costs a page fault per 4 KiB page on
-        first touch (K=16, 1 MiB per task: the copies took 7.3 ms instead of 1.5 ms). The
-        buffer is the one the step needs at its peak anyway; it is not part of the state_dict.
+    def _row_buffers(
+        self, k: int, shapes: Sequence[tuple[int, torch.dtype, torch.device]]
+    ) -> list[Tensor]:
+        """``(K, numel)`` gradient matrices for blocks of ``(numel, dtype, device)``, kept from
+        one step to the next while the shapes do not change: a fresh K x B x d buffer every step
+        costs a page fault per 4 KiB page on first touch (K=16, 1 MiB per task: the copies took
+        7.3 ms instead of 1.5 ms). The buffer is the one the step needs at its peak anyway; it
+        is not part of the state_dict.
         """
-        key = [(k, z.numel(), z.dtype, z.device) for z in blocks]
+        key = [(k, *shape) for shape in shapes]
         if self._rows_cache is None or self._rows_cache[0] != key:
             self._rows_cache = None  # free the old buffer before allocating the new one
-            self._rows_cache = (key, [z.new_empty(k, z.numel()) for z in blocks])
+            buffers = [torch.empty(k, n, dtype=dtype, device=device) for n, dtype, device in shapes]
+            self._rows_cache = (key, buffers)
         return self._rows_cache[1]
-
-    def _raise_unreached(
-        self, losses: list[Tensor], blocks: list[Tensor], only: int | None = None
-    ) -> None:
-        reached = depends_on(losses, blocks)
-        bad = [k for k, r in enumerate(reached) if not r] if only is None else [only]
-        names = ", ".join(self._name(k) for k in bad)
-        raise ValueError(
-            f"the loss of {names} does not depend on the representation: its graph never "
-            "reaches the given tensor (was it computed from a detached copy, or from another "
-            "tensor than the one the heads consume? With torch.compile, compile the trunk and "
-            "the heads as separate regions so the representation is a boundary between them, "
-            "or balance at shared_parameters=)"
-        )
 
     def _backward_representation(
         self, losses: list[Tensor], values: Tensor, blocks: list[Tensor]
     ) -> BalanceInfo:
-        self._check_trunk(blocks)
+        analysis = self._analyse(losses, blocks)
         # heads disjoint from the trunk: one pass per task gives both its representation gradient
         # and its heads' gradients, and the final backward runs through the trunk only
-        heads = self._heads_above(losses, blocks)
-        rows, head_grads = self._task_representation_grads(losses, blocks, heads)
-        block_grams = torch.stack([gram_matrix(r) for r in rows])
-        failed = self._check_gram("representation", values, block_grams)
-        if failed is not None:
-            return failed
-        values, block_grams = self._reduce(values, block_grams)
-        weights, gram = self._weights(values, block_grams, len(blocks))
-        bw = self._block_weights(weights, len(blocks))
+        clean = self.grad_mode == "loop" and not self._group()[0]
+        heads = analysis.heads if clean else None
+        rows, head_grads, zeros = self._task_representation_grads(losses, blocks, heads)
+        grams = torch.stack([device_gram(r) for r in rows])
+        host_values, host_grams = self._host_grams(values, grams, rows, zeros)
+        verdict = self._decide("representation", host_values, host_grams)
+        if verdict is not None:
+            return verdict
+        weights, gram = self._weights(host_values, host_grams, len(blocks))
+        bw = to_device(self._block_weights(weights, len(blocks)), rows[0].device)
         combined = [
             (bw[b].to(rows[b].dtype) @ rows[b]).view_as(blocks[b]) for b in range(len(blocks))
         ]
+        coef = self._head_coefficients(weights)
         if heads is not None:
             torch.autograd.backward(blocks, grad_tensors=combined)  # the trunk only
-            coef = self._head_coefficients(weights)
-            _accumulate_head_grads(heads, head_grads, None if coef is None else coef.tolist())
+            accumulate_head_grads(heads, head_grads, coef)
         else:
             handles = [z.register_hook(replace_grad(c)) for z, c in zip(blocks, combined)]
             try:
-                _sum_backward(losses, self._head_coefficients(weights))
+                sum_backward(losses, coef)
             finally:
                 for h in handles:
                     h.remove()
-        self.num_steps += 1
-        return BalanceInfo(
-            weights=weights,
-            losses=values,
-            gram=gram,
-            level="representation",
-            block_grams=block_grams if len(blocks) > 1 else None,
-            extras=self._extras(),
+        return self._info(
+            "representation", weights, host_values, gram, host_grams if len(blocks) > 1 else None
         )
-
-    def _heads_above(self, losses: list[Tensor], blocks: list[Tensor]) -> list[list[Tensor]] | None:
-        """Per task, the optimizer's parameters above the balance point, when the split is clean.
-
-        Walks the autograd graph from each loss, stopping at the representation blocks, and
-        collects the parameters it reaches (that task's heads). Returns ``None`` (use the general
-        path: one backward of the summed losses with a hook at the representation) when some
-        part above the balance point also lies below it (e.g. MMoE's gates read the embeddings),
-        when it reaches a leaf that the inner optimizer does not manage, under DDP (DDP must see
-        one ordinary backward), or with ``grad_mode="batched"``.
-        """
-        if self.grad_mode != "loop" or self._group()[0]:
-            return None
-        block_nodes = {id(z.grad_fn) for z in blocks}
-        below: set[int] = set()
-        stack = [z.grad_fn for z in blocks]
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in below:
-                continue
-            below.add(id(node))
-            stack.extend(c for c, _ in getattr(node, "next_functions", ()))
-        managed = {id(p) for g in self.param_groups for p in g["params"]}
-        per_task = []
-        for loss in losses:
-            found: dict[int, Tensor] = {}
-            seen: set[int] = set()
-            stack = [loss.grad_fn]
-            while stack:
-                node = stack.pop()
-                if node is None or id(node) in seen or id(node) in block_nodes:
-                    continue
-                if id(node) in below:
-                    return None  # the heads share graph with the trunk
-                seen.add(id(node))
-                var = getattr(node, "variable", None)
-                if var is not None:
-                    if id(var) not in managed:
-                        return None
-                    found[id(var)] = var
-                    continue
-                stack.extend(c for c, _ in getattr(node, "next_functions", ()))
-            per_task.append(list(found.values()))
-        return per_task
 
     def _plain_backward_is_exact(self) -> bool:
         """Whether one plain backward of sum_k c_k L_k gives the balanced gradients.
@@ -713,61 +697,39 @@ class BalancedOptimizer(Optimizer):
 
         Still checks that every loss reaches the balance point (a walk of the autograd graph)
         and that the gradient arriving at the balance point (representation level: a tensor
-        hook; parameter level: the shared ``.grad``) is finite.
+        hook; parameter level: the shared ``.grad``) is finite. The losses and that finiteness
+        flag reach the host in one transfer, after the backward.
         """
         if level == "representation":
-            self._check_trunk(blocks)
-            reached = depends_on(losses, blocks)
-            if not all(reached):
-                self._raise_unreached(losses, blocks)
+            self._analyse(losses, blocks)
         else:
-            for k, r in enumerate(depends_on(losses, blocks)):
-                if not r:
-                    raise ValueError(
-                        f"the loss of {self._name(k)} does not depend on any of the "
-                        "shared_parameters"
-                    )
-        values, _ = self._reduce(values, None)
-        weights, _ = self._weights(values, None, len(blocks))
-        finite = [True]
+            check_reached(depends_on(losses, blocks), self._name, parameters=True)
+        k = len(losses)
+        weights = self._compute_weights(None, np.ones(k), None)
+        weights = np.asarray(weights, dtype=np.float64)
+        flags: list[Tensor] = []
         handles = []
         if level == "representation":
 
             def check(grad: Tensor) -> None:
-                if not _is_finite(grad):
-                    finite[0] = False
+                flags.append(_finite_flag(grad))
 
             handles = [z.register_hook(check) for z in blocks]
         try:
-            _sum_backward(losses, weights)
+            sum_backward(losses, [float(c) for c in weights])
         finally:
             for h in handles:
                 h.remove()
         if level == "parameters":
-            finite[0] = all(p.grad is None or _is_finite(p.grad) for p in blocks)
-        if not finite[0]:
-            return self._nonfinite(level, values, "gradient", [])
-        self.num_steps += 1
-        return BalanceInfo(
-            weights=weights,
-            losses=values,
-            gram=None,
-            level=level,
-            extras=self._extras(),
-        )
-
-    def _check_trunk(self, blocks: list[Tensor]) -> None:
-        """Raise when no trainable parameter lies below the balance point (the trunk would
-        receive no gradient, e.g. a representation rebuilt from a detached tensor)."""
-        managed = {id(p) for g in self.param_groups for p in g["params"]}
-        for b, z in enumerate(blocks):
-            if not _reaches_parameter(z.grad_fn, managed):
-                where = "representation" if len(blocks) == 1 else f"representation block {b}"
-                raise ValueError(
-                    f"no trainable parameter lies below the {where}: the shared trunk would "
-                    "receive no gradient (is the representation computed from a detached "
-                    "tensor?)"
-                )
+            flags = [_finite_flag(p.grad) for p in blocks if p.grad is not None]
+        finite = torch.stack(flags).all().to(torch.float64) if flags else values.new_ones(())
+        reduced_values, _ = self._reduce(values, None)
+        host_values, host_finite = to_host(reduced_values, finite)
+        assert host_values is not None and host_finite is not None
+        verdict = self._decide(level, host_values, None, bool(host_finite.item() == 1.0))
+        if verdict is not None:
+            return verdict
+        return self._info(level, weights, host_values, None, None)
 
     # -- parameter level
     def _parameter_update_mode(self) -> str:
@@ -775,9 +737,15 @@ class BalancedOptimizer(Optimizer):
             return self.parameter_update
         return "backward" if self._group()[0] else "direct"
 
-    def _backward_parameters(
-        self, losses: list[Tensor], values: Tensor, params: list[Tensor]
-    ) -> BalanceInfo:
+    def _parameter_rows(self, losses: list[Tensor], params: list[Tensor]) -> list[_ParamBlock]:
+        """The per-task gradients of the shared parameters, copied once into gradient matrices.
+
+        Dense parameters of one dtype and device share ONE ``(K, sum of numel)`` matrix (kept
+        from step to step like the representation rows); each sparse parameter gets its own
+        matrix of the rows some task touched. Raises for a loss that reaches no parameter.
+        """
+        densify = self._group()[0]  # ranks touch different rows: average dense gradients
+        k_tasks = len(losses)
         grads: list[tuple[Tensor | None, ...]] = []
         for k, loss in enumerate(losses):
             gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -786,60 +754,164 @@ class BalancedOptimizer(Optimizer):
                     f"the loss of {self._name(k)} does not depend on any of the shared_parameters"
                 )
             grads.append(gs)
-        densify = self._group()[0]  # ranks touch different rows: average dense gradients
-        rows, row_ids = [], []
-        for i, p in enumerate(params):
-            r, ids = _task_rows([g[i] for g in grads], p, densify)
-            rows.append(r)
-            row_ids.append(ids)
-        rows = self._average_rows(rows)
-        block_grams = torch.stack([gram_matrix(r) for r in rows])
-        failed = self._check_gram("parameters", values, block_grams)
-        if failed is not None:
-            return failed
-        values, _ = self._reduce(values, None)
-        weights, gram = self._weights(values, block_grams, len(params))
-        bw = self._block_weights(weights, len(params))
-        shared = {id(p) for p in params}
-        heads = [
-            p
-            for g in self.param_groups
-            for p in g["params"]
-            if p.requires_grad and id(p) not in shared
+        sparse_idx = [
+            i
+            for i in range(len(params))
+            if not densify and any(g[i] is not None and g[i].is_sparse for g in grads)
         ]
-        combined = [
-            _combine_rows(bw[i].to(rows[i].dtype) @ rows[i], ids, p)
-            for i, (p, ids) in enumerate(zip(params, row_ids))
+        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i in range(len(params)):
+            if i not in sparse_idx:
+                groups.setdefault((params[i].dtype, params[i].device), []).append(i)
+        shapes = [
+            (sum(params[i].numel() for i in idx), dtype, device)
+            for (dtype, device), idx in groups.items()
         ]
+        blocks: list[_ParamBlock] = []
+        for buf, idx in zip(self._row_buffers(k_tasks, shapes), groups.values()):
+            offsets = [0]
+            for i in idx:
+                offsets.append(offsets[-1] + params[i].numel())
+            for k in range(k_tasks):
+                dst, src = [], []
+                for j, i in enumerate(idx):
+                    g = grads[k][i]
+                    view = buf[k, offsets[j] : offsets[j + 1]]
+                    if g is None:
+                        view.zero_()
+                    else:
+                        dst.append(view)
+                        src.append((g.to_dense() if g.is_sparse else g).reshape(-1))
+                _copy_all(dst, src)
+            zeros = [{k for k in range(k_tasks) if grads[k][i] is None} for i in idx]
+            blocks.append(_ParamBlock(buf, [params[i] for i in idx], offsets, None, zeros))
+        for i in sparse_idx:
+            rows, ids = task_rows([g[i] for g in grads], params[i], densify=False)
+            zeros = [{k for k in range(k_tasks) if grads[k][i] is None}]
+            blocks.append(_ParamBlock(rows, [params[i]], [0, rows.shape[1]], ids, zeros))
+        return blocks
+
+    def _backward_parameters(
+        self, losses: list[Tensor], values: Tensor, params: list[Tensor]
+    ) -> BalanceInfo:
+        blocks = self._parameter_rows(losses, params)
+        self._average_rows([blk.rows for blk in blocks])
+        # the Gram matrices' blocks: one per parameter tensor for per-block methods (MetaBalance
+        # semantics), else one per gradient matrix (their sum is the Gram of all shared params)
+        if self.per_block:
+            order = {id(p): i for i, p in enumerate(params)}  # blocks in the caller's order
+            pieces = sorted(
+                ((blk, j) for blk in blocks for j in range(len(blk.params))),
+                key=lambda piece: order[id(piece[0].params[piece[1]])],
+            )
+        else:
+            pieces = [(blk, None) for blk in blocks]
+        piece_rows = [blk.piece(j) for blk, j in pieces]
+        zero = [blk.zero_rows(j) for blk, j in pieces]
+        grams = torch.stack([device_gram(r) for r in piece_rows])
+        host_values, host_grams = self._host_grams(values, grams, piece_rows, zero, gram_power=0)
+        verdict = self._decide("parameters", host_values, host_grams)
+        if verdict is not None:
+            return verdict
+        weights, gram = self._weights(host_values, host_grams, len(pieces))
+        bw = to_device(self._block_weights(weights, len(pieces)), piece_rows[0].device)
+        combined: list[tuple[Tensor, Tensor]] = []  # (parameter, its combined gradient)
+        for (blk, j), r, w in zip(pieces, piece_rows, bw):
+            flat = w.to(r.dtype) @ r
+            for jj in range(len(blk.params)) if j is None else [j]:
+                p = blk.params[jj]
+                part = flat if j is not None else flat[blk.offsets[jj] : blk.offsets[jj + 1]]
+                combined.append((p, combine_rows(part, blk.ids, p)))
+        coef = self._head_coefficients(weights)
         if self._parameter_update_mode() == "backward":
             # one ordinary backward; hooks replace each shared parameter's incoming gradient,
             # so DDP's own hooks average the combined gradient as usual
-            handles = [p.register_hook(replace_grad(g)) for p, g in zip(params, combined)]
+            handles = [p.register_hook(replace_grad(g)) for p, g in combined]
             try:
-                _sum_backward(losses, self._head_coefficients(weights))
+                sum_backward(losses, coef)
             finally:
                 for h in handles:
                     h.remove()
         else:
+            shared = {id(p) for p in params}
+            heads = [
+                p
+                for g in self.param_groups
+                for p in g["params"]
+                if p.requires_grad and id(p) not in shared
+            ]
             if heads:  # heads only: the trunk is not traversed again
-                _sum_backward(losses, self._head_coefficients(weights), inputs=heads)
-            for p, g in zip(params, combined):
+                sum_backward(losses, coef, inputs=heads)
+            for p, g in combined:
                 if p.grad is None:
                     p.grad = g
                 else:
                     p.grad = p.grad + g if p.grad.is_sparse else p.grad.add_(g)
-        self.num_steps += 1
-        return BalanceInfo(
-            weights=weights,
-            losses=values,
-            gram=gram,
-            level="parameters",
-            block_grams=block_grams,
-            extras=self._extras(),
+        return self._info(
+            "parameters", weights, host_values, gram, host_grams if self.per_block else None
         )
 
 
 # ---------------------------------------------------------------------- helpers
+class _ParamBlock:
+    """One gradient matrix of the parameter level.
+
+    ``rows`` is ``(K, n)``: a dense block holds several parameters, parameter ``j`` in columns
+    ``offsets[j]:offsets[j+1]``; a sparse block holds the rows ``ids`` of one parameter that some
+    task touched. ``zeros[j]`` are the tasks that do not reach parameter ``j`` (zero rows).
+    """
+
+    def __init__(
+        self,
+        rows: Tensor,
+        params: list[Tensor],
+        offsets: list[int],
+        ids: Tensor | None,
+        zeros: list[set[int]],
+    ) -> None:
+        self.rows, self.params, self.offsets, self.ids, self.zeros = (
+            rows,
+            params,
+            offsets,
+            ids,
+            zeros,
+        )
+
+    def piece(self, j: int | None) -> Tensor:
+        """The columns of parameter ``j`` (a view), or the whole matrix for ``None``."""
+        if j is None:
+            return self.rows
+        return self.rows[:, self.offsets[j] : self.offsets[j + 1]]
+
+    def zero_rows(self, j: int | None) -> set[int]:
+        """Tasks whose row of :meth:`piece` is zero by construction."""
+        if j is not None:
+            return self.zeros[j]
+        return set.intersection(*self.zeros) if self.zeros else set()
+
+
+def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for every i, as one fused launch where torch offers it."""
+    if not dst:
+        return
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None and all(d.dtype == s.dtype for d, s in zip(dst, src)):
+        foreach(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def _finite_flag(t: Tensor) -> Tensor:
+    """A 0-d bool tensor on the device: no NaN/inf entry, from one reduction (NaN and inf
+    propagate through a sum; a finite tensor whose sum overflows reads as non-finite, which only
+    a diverged run produces). Never read back here: the caller packs it into the step's one
+    host transfer."""
+    if t.is_sparse:
+        t = t._values()
+    return torch.isfinite(t.sum())
+
+
 def init_optimizer_hooks(opt: Optimizer) -> None:
     """What ``torch.optim.Optimizer.__init__`` sets up besides ``param_groups``/``state``/
     ``defaults``: the hook dictionaries and the profiled ``step``. For optimizer-like wrappers
@@ -851,104 +923,6 @@ def init_optimizer_hooks(opt: Optimizer) -> None:
     opt._optimizer_load_state_dict_pre_hooks = OrderedDict()
     opt._optimizer_load_state_dict_post_hooks = OrderedDict()
     opt._patch_step_function()
-
-
-def _sum_backward(
-    losses: list[Tensor], coefficients: Tensor | None, inputs: list[Tensor] | None = None
-) -> None:
-    plain = coefficients is None or bool((coefficients == 1).all())
-    total = weighted_sum(losses, None if plain else coefficients)
-    if inputs is None:
-        total.backward()
-    else:
-        total.backward(inputs=inputs)
-
-
-def _accumulate_head_grads(
-    heads: Sequence[Sequence[Tensor]],
-    head_grads: Sequence[Sequence[Tensor | None]],
-    coefficients: Sequence[float] | None,
-) -> None:
-    """``p.grad += sum_k c_k dL_k/dp`` over the tasks k that reach head parameter ``p``
-    (``c_k = 1`` without coefficients); a parameter one task reaches takes that gradient as is.
-    """
-    totals: dict[int, tuple[Tensor, Tensor]] = {}
-    for k, (params, grads) in enumerate(zip(heads, head_grads)):
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            if coefficients is not None:
-                g = g * coefficients[k]
-            prev = totals.get(id(p))
-            totals[id(p)] = (p, g if prev is None else prev[1] + g)
-    for p, g in totals.values():
-        p.grad = g if p.grad is None else p.grad + g
-
-
-def _is_finite(t: Tensor) -> bool:
-    """No NaN/inf entry, from one reduction (NaN and inf propagate through a sum): about 10x
-    cheaper than an elementwise mask. A finite tensor whose sum overflows (|sum| > 3e38 in
-    float32) is reported as non-finite, which only a diverged run produces."""
-    if t.is_sparse:
-        t = t._values()
-    return bool(torch.isfinite(t.sum()))
-
-
-def _reaches_parameter(root: object | None, params: set[int]) -> bool:
-    """Whether an autograd graph reaches one of ``params`` (ids; depth-first, early exit)."""
-    stack = [root]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        var = getattr(node, "variable", None)
-        if var is not None and id(var) in params:
-            return True
-        stack.extend(c for c, _ in getattr(node, "next_functions", ()))
-    return False
-
-
-def _task_rows(
-    grads: list[Tensor | None], p: Tensor, densify: bool
-) -> tuple[Tensor, Tensor | None]:
-    """The K task gradients of one parameter as a ``(K, n)`` matrix.
-
-    Sparse gradients (``nn.Embedding(sparse=True)``) stay sparse: only the rows touched by
-    some task enter the matrix (the union of their row ids is returned), so a 1M-row table costs
-    what the batch touches, not K dense copies. ``densify`` (DDP) forces dense rows.
-    """
-    sparse = [g for g in grads if g is not None and g.is_sparse]
-    if sparse and not densify and all(g.sparse_dim() == 1 for g in sparse):
-        coalesced = [None if g is None else g.coalesce() for g in grads]
-        if all(c is not None and c.is_sparse for c in coalesced):
-            ids = torch.cat([c.indices()[0] for c in coalesced]).unique()  # type: ignore[union-attr]
-            tail = sparse[0].shape[1:]
-            out = torch.zeros(
-                len(grads), ids.numel(), *tail, dtype=sparse[0].dtype, device=sparse[0].device
-            )
-            for k, c in enumerate(coalesced):
-                assert c is not None
-                out[k].index_copy_(0, torch.searchsorted(ids, c.indices()[0]), c.values())
-            return out.reshape(len(grads), -1), ids
-    dense = [
-        torch.zeros_like(p, memory_format=torch.contiguous_format)
-        if g is None
-        else (g.to_dense() if g.is_sparse else g)
-        for g in grads
-    ]
-    return torch.stack([d.reshape(-1) for d in dense]), None
-
-
-def _combine_rows(flat: Tensor, ids: Tensor | None, p: Tensor) -> Tensor:
-    """``sum_k c_k g_k`` for one parameter, sparse again when the rows were."""
-    if ids is None:
-        return flat.view_as(p)
-    values = flat.view(ids.numel(), *p.shape[1:])
-    return torch.sparse_coo_tensor(
-        ids.unsqueeze(0), values, p.shape, is_coalesced=True, check_invariants=False
-    )
 
 
 def _clone(obj: Any) -> Any:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._graph import gram_matrix
+from ._gram import gram_matrix
 from ._info import BalanceInfo
 
 __all__ = [
