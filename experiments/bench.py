@@ -25,6 +25,17 @@ Sections (each an interleaved timing run per K, ratios against the section's own
   TorchJD (MGDA, UPGrad, PCGrad; tables in / out of the shared set) and torch-rechub MetaBalance.
 * ``h2h``: dense tables of ``--rows`` rows, K in ``--h2h-tasks``: our MGDA (parameter and
   representation level) against TorchJD ``mtl_backward`` + MGDA, and the weights' agreement.
+* ``overhead``: a deliberately SMALL model (:data:`OVERHEAD_MODEL`: 4 dense tables of 1000 x 8,
+  4 numeric features, bottom 32-16, towers of width 8, batch 64; a step takes about a
+  millisecond) where per-operation overhead dominates: it stands in, on the CPU, for what a GPU
+  pays per kernel launch and host synchronization. Plain step vs every balancer at the
+  representation level, ``--overhead-steps`` (50) steps per timed block, plus the host syncs
+  (``item``, ``tolist``, ``bool``...) counted inside one untimed backward per mode
+  (:mod:`experiments.bench_syncs`).
+
+``--device cuda`` puts everything (tables, model, batches, optimizer state) on the GPU; the
+timed blocks are then bracketed by ``torch.cuda.synchronize()`` and peak memory is
+``torch.cuda.max_memory_allocated`` per mode (in-process) instead of the peak-RSS children.
 
 Plus: peak RSS per mode in a child process, MARIGOLD's weights against the exact MGDA weights
 along a short training run, the two cost claims as tables, and the performance budget of
@@ -36,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -53,6 +65,8 @@ from experiments.bench_core import (
     BenchModelConfig,
     ModeSpec,
     build_group,
+    count_backward_syncs,
+    device_clock,
     interleaved_timings,
     make_embedding,
     make_mode,
@@ -65,7 +79,20 @@ from experiments.bench_peers import INSTALL_HINT, TORCHJD_AGGREGATORS, peer_stat
 __all__ = ["add_arguments", "main", "run"]
 
 ALL_BALANCERS = ("equal", "mgda", "multibalance", "gradops", "pcgrad", "marigold")
-SECTIONS = ("rep", "param", "h2h")
+SECTIONS = ("rep", "param", "h2h", "overhead")
+#: the overhead section's model: small enough that per-operation overhead dominates a step
+OVERHEAD_MODEL: dict[str, Any] = {
+    "fields": 4,
+    "rows": 1000,
+    "dim": 8,
+    "numeric": 4,
+    "bottom": (32, 16),
+    "tower": (8,),
+    "batch_size": 64,
+    "sparse": False,
+}
+#: budget of the overhead section: representation-level MGDA vs plain at this K
+OVERHEAD_BUDGET = (4, 1.3)
 REP_BUDGET_METHODS = ("mgda", "multibalance", "gradops", "pcgrad")
 #: modes measured for peak memory with ``--memory key``
 KEY_MEMORY_MODES = {
@@ -102,6 +129,7 @@ QUICK = {
     "lambda_tasks": "2",
     "lambda_steps": 10,
     "lambda_every": 5,
+    "overhead_steps": 5,
     "threads": 1,
 }
 
@@ -123,6 +151,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser`` (used by ``python -m experiments bench``)."""
     p = parser
     p.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda / cuda:N: where tables, model, batches and optimizer "
+        "state live; on CUDA the timing is synchronized and peak memory is "
+        "torch.cuda.max_memory_allocated per mode",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -159,15 +194,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sections",
         default=",".join(SECTIONS),
-        help="comma-separated subset of rep,param,h2h (default all)",
+        help="comma-separated subset of rep,param,h2h,overhead (default all)",
     )
-    p.add_argument("--repeats", type=int, help="timed rounds, section rep (default 5)")
+    p.add_argument(
+        "--repeats", type=int, help="timed rounds, sections rep and overhead (default 5)"
+    )
     p.add_argument("--steps", type=int, help="steps per block, section rep (default 3)")
     p.add_argument(
         "--param-repeats", type=int, help="timed rounds, sections param and h2h (default 3)"
     )
     p.add_argument(
         "--param-steps", type=int, help="steps per block, sections param and h2h (default 1)"
+    )
+    p.add_argument(
+        "--overhead-steps",
+        type=int,
+        help="steps per block, section overhead (default 50: a step there is ~1 ms)",
     )
     p.add_argument("--warmup", type=int, help="untimed warm-up rounds (default 1)")
     p.add_argument(
@@ -225,6 +267,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         "lambda_tasks": "4,16",
         "lambda_steps": 100,
         "lambda_every": 10,
+        "overhead_steps": 50,
     }
     if args.quick:
         defaults.update(QUICK)
@@ -265,6 +308,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         "memory_steps",
         "lambda_steps",
         "lambda_every",
+        "overhead_steps",
         "fields",
         "dim",
     ):
@@ -272,7 +316,30 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
+    args.device = _check_device(getattr(args, "device", None) or "cpu")
     return args
+
+
+def _check_device(text: str) -> str:
+    """``text`` as a device string, or ValueError naming the problem (before anything runs)."""
+    try:
+        dev = torch.device(str(text).strip())
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {text}: CUDA is not available on this machine "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda or 'none'}, "
+            f"torch.cuda.is_available() is False); run with --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"--device {text}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return str(dev)
 
 
 def _model_config(args: argparse.Namespace) -> BenchModelConfig:
@@ -285,7 +352,30 @@ def _model_config(args: argparse.Namespace) -> BenchModelConfig:
         batch_size=args.batch_size,
         table_optimizer=args.table_optimizer,
         seed=args.seed,
+        device=args.device,
     )
+
+
+def _overhead_config(args: argparse.Namespace) -> BenchModelConfig:
+    """The small model of section ``overhead`` (:data:`OVERHEAD_MODEL`)."""
+    m = OVERHEAD_MODEL
+    return BenchModelConfig(
+        fields=m["fields"],
+        dim=m["dim"],
+        numeric=m["numeric"],
+        bottom=tuple(m["bottom"]),
+        tower=tuple(m["tower"]),
+        batch_size=m["batch_size"],
+        table_optimizer="sgd",
+        seed=args.seed,
+        device=args.device,
+    )
+
+
+def _section_config(
+    section: str, args: argparse.Namespace, cfg: BenchModelConfig
+) -> BenchModelConfig:
+    return _overhead_config(args) if section == "overhead" else cfg
 
 
 # ---------------------------------------------------------------------------- mode lists
@@ -366,6 +456,8 @@ def section_modes(section: str, args: argparse.Namespace, peers: dict[str, Any])
                     include_embeddings=False,
                 ),
             ]
+    elif section == "overhead":
+        modes += [_ours(b, "representation") for b in bal]
     return modes
 
 
@@ -377,6 +469,14 @@ def _section_setup(section: str, args: argparse.Namespace) -> dict[str, Any]:
             "tasks": args.tasks,
             "repeats": args.repeats,
             "steps": args.steps,
+        }
+    if section == "overhead":
+        return {
+            "rows": OVERHEAD_MODEL["rows"],
+            "sparse": OVERHEAD_MODEL["sparse"],
+            "tasks": args.tasks,
+            "repeats": args.repeats,
+            "steps": args.overhead_steps,
         }
     if section == "param":
         return {
@@ -399,10 +499,17 @@ SECTION_TITLES = {
     "rep": "representation level, sparse tables",
     "param": "parameter level, dense tables",
     "h2h": "head-to-head with TorchJD, dense tables",
+    "overhead": "per-operation overhead, small model",
 }
 
 
-def _mem_available() -> int | None:
+def _mem_available(device: str = "cpu") -> int | None:
+    """Bytes available for new tensors: free GPU memory on CUDA, ``MemAvailable`` on the CPU."""
+    if torch.device(device).type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except Exception:  # noqa: BLE001
+            return None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -413,8 +520,9 @@ def _mem_available() -> int | None:
     return None
 
 
-def _memory_guard(spec: ModeSpec, per_task_bytes: int, k: int) -> str | None:
-    """A reason to skip a parameter-level mode whose per-task gradients would not fit in RAM.
+def _memory_guard(spec: ModeSpec, per_task_bytes: int, k: int, device: str = "cpu") -> str | None:
+    """A reason to skip a parameter-level mode whose per-task gradients would not fit in RAM
+    (in free GPU memory on CUDA).
 
     Estimate: 3 dense copies of the K per-task gradients (the gradients, their stacked rows or
     TorchJD's concatenated Jacobian, and the float64/vmap temporaries).
@@ -424,11 +532,12 @@ def _memory_guard(spec: ModeSpec, per_task_bytes: int, k: int) -> str | None:
     if spec.kind == "torchjd" and not spec.include_embeddings:
         return None
     need = 3 * k * per_task_bytes
-    avail = _mem_available()
+    avail = _mem_available(device)
     if avail is not None and need > 0.8 * avail:
+        where = "GPU memory" if torch.device(device).type == "cuda" else "RAM"
         return (
             f"skipped: estimated {need / 2**30:.1f} GiB of per-task gradients > 80% of the "
-            f"{avail / 2**30:.1f} GiB available"
+            f"{avail / 2**30:.1f} GiB of {where} available"
         )
     return None
 
@@ -441,10 +550,16 @@ def run_section(
     peers: dict[str, Any],
     progress: Callable[..., Any],
 ) -> dict[str, Any]:
-    """Interleaved timing of every mode of ``section`` for each K; rows of the results table."""
+    """Interleaved timing of every mode of ``section`` for each K; rows of the results table.
+
+    ``cfg`` is the section's model (section ``overhead`` passes its small one). Section
+    ``overhead`` also counts, after the timed rounds, the host syncs inside one untimed
+    backward of every mode (``syncs_per_backward``).
+    """
     setup = _section_setup(section, args)
     specs = section_modes(section, args, peers)
     embedding = make_embedding(cfg, setup["rows"], setup["sparse"], args.seed)
+    clock = device_clock(cfg.device)
     rows: list[dict[str, Any]] = []
     for k in setup["tasks"]:
         group = build_group(section, cfg, k, setup["rows"], setup["sparse"], embedding=embedding)
@@ -452,7 +567,7 @@ def run_section(
         modes: dict[str, Callable[[], Any]] = {}
         skipped: dict[str, str] = {}
         for spec in specs:
-            reason = _memory_guard(spec, per_task, k)
+            reason = _memory_guard(spec, per_task, k, cfg.device)
             if reason:
                 skipped[spec.name] = reason
                 continue
@@ -468,9 +583,19 @@ def run_section(
             repeats=setup["repeats"],
             warmup=args.warmup,
             steps=steps,
+            clock=clock,
             on_block=lambda _n, _r, bar=bar: bar.update(1),
         )
         bar.close()
+        syncs: dict[str, dict[str, Any] | str | None] = {}
+        if section == "overhead":
+            for name, fn in modes.items():
+                if name in timing.errors:
+                    continue
+                try:
+                    syncs[name] = count_backward_syncs(fn)
+                except Exception as exc:  # noqa: BLE001 - reported in the row
+                    syncs[name] = f"sync count failed: {type(exc).__name__}: {exc}"[:300]
         base = timing.times.get("plain", [])
         for spec in specs:
             row: dict[str, Any] = {
@@ -491,11 +616,20 @@ def run_section(
                 row["error"] = timing.errors[spec.name]
             if row["error"] is None and base:
                 row.update(ratio_summary(timing.times[spec.name], base))
+            if spec.name in syncs:
+                sc = syncs[spec.name]
+                if isinstance(sc, dict):
+                    row["syncs_per_backward"] = sc["total"]
+                    row["syncs_by_name"] = sc["by_name"]
+                elif isinstance(sc, str):
+                    row["syncs_error"] = sc
             rows.append(row)
         del modes, group, timing
     del embedding
     return {
         "title": SECTION_TITLES[section],
+        "device": cfg.device,
+        "model": cfg.to_dict(),
         "rows_per_table": setup["rows"],
         "sparse_tables": setup["sparse"],
         "tasks": setup["tasks"],
@@ -623,8 +757,17 @@ def run_memory(
     cfg: BenchModelConfig,
     progress: Callable[..., Any],
 ) -> None:
-    """Peak RSS per mode (one child process each) at one K per section; fills the result rows."""
+    """Peak memory per mode at one K per section; fills the result rows.
+
+    CPU: peak RSS of one child process per mode. CUDA: :func:`run_memory_cuda` (in-process,
+    ``torch.cuda.max_memory_allocated``). Section ``overhead`` is about time only: skipped.
+    """
+    if torch.device(cfg.device).type == "cuda":
+        run_memory_cuda(sections, args, cfg, progress)
+        return
     for section, data in sections.items():
+        if section == "overhead":
+            continue
         setup = _section_setup(section, args)
         k = args.memory_tasks if section != "h2h" else max(setup["tasks"])
         if k not in setup["tasks"]:
@@ -673,6 +816,138 @@ def run_memory(
                     row["rss_step_ratio"] = inc / b_inc
 
 
+def cuda_memory_of_mode(
+    section: str,
+    cfg: BenchModelConfig,
+    spec: ModeSpec,
+    k: int,
+    rows: int,
+    sparse: bool,
+    embedding: Any,
+    steps: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Peak CUDA memory of one mode: a fresh model, optimizer and balancer around ``embedding``.
+
+    One untimed warm-up step first (optimizer state, balancer buffers and cuBLAS workspaces exist
+    from then on, as in training), then ``torch.cuda.reset_peak_memory_stats()``, ``steps``
+    steps and ``torch.cuda.max_memory_allocated()``. Returned (bytes): ``peak`` (everything
+    allocated at the peak: tables, model, optimizer state, the step's temporaries) and
+    ``before`` (allocated just before the measured steps); ``peak - before`` is what the steps
+    add.
+    """
+    dev = torch.device(cfg.device)
+    group = fn = None
+    try:
+        group = build_group(section, cfg, k, rows, sparse, embedding=embedding, seed=seed)
+        fn = make_mode(spec, group)
+        fn()
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        msg = str(exc).strip().splitlines()
+        return {"error": f"{type(exc).__name__}: {msg[0] if msg else ''}"[:300]}
+    finally:
+        del group, fn
+        for p in embedding.parameters():
+            p.grad = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {"peak": int(peak), "before": int(before), "steps": steps}
+
+
+def run_memory_cuda(
+    sections: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    cfg: BenchModelConfig,
+    progress: Callable[..., Any],
+) -> None:
+    """Peak CUDA memory per mode (:func:`cuda_memory_of_mode`) at one K per section.
+
+    Same mode selection as the CPU's peak-RSS children (``--memory``, ``--memory-modes``,
+    ``--memory-tasks``); fills ``cuda_peak_mb``, ``cuda_peak_ratio`` (over plain),
+    ``cuda_step_mb`` (peak minus allocated before the steps) and ``cuda_step_ratio``.
+    """
+    for section, data in sections.items():
+        if section == "overhead":
+            continue
+        setup = _section_setup(section, args)
+        k = args.memory_tasks if section != "h2h" else max(setup["tasks"])
+        if k not in setup["tasks"]:
+            k = max(setup["tasks"])
+        rows = {r["mode"]: r for r in data["results"] if r["K"] == k}
+        names = [n for n in rows if rows[n].get("error") is None]
+        chosen = _memory_selection(section, names, args)
+        if chosen and "plain" not in chosen:
+            chosen.insert(0, "plain")
+        data["memory"] = {
+            "K": k,
+            "steps": args.memory_steps,
+            "modes": chosen,
+            "source": "torch.cuda.max_memory_allocated",
+        }
+        if not chosen:
+            continue
+        bar = progress(total=len(chosen), desc=f"cuda memory {section} K={k}")
+        specs = {m["name"]: ModeSpec.from_dict(m) for m in data["modes"]}
+        embedding = make_embedding(cfg, setup["rows"], setup["sparse"], args.seed)
+        results: dict[str, dict[str, Any]] = {}
+        for name in chosen:
+            results[name] = cuda_memory_of_mode(
+                section,
+                cfg,
+                specs[name],
+                k,
+                setup["rows"],
+                setup["sparse"],
+                embedding,
+                args.memory_steps,
+                args.seed,
+            )
+            bar.update(1)
+        bar.close()
+        del embedding
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = results.get("plain", {})
+        for name, res in results.items():
+            row = rows[name]
+            if "error" in res:
+                row["cuda_error"] = res["error"]
+                continue
+            row["cuda_peak_mb"] = res["peak"] / 2**20
+            row["cuda_step_mb"] = (res["peak"] - res["before"]) / 2**20
+            if "peak" in base and base["peak"] > 0:
+                row["cuda_peak_ratio"] = res["peak"] / base["peak"]
+                b_inc = base["peak"] - base["before"]
+                if b_inc > 0:
+                    row["cuda_step_ratio"] = (res["peak"] - res["before"]) / b_inc
+
+
+def _mem_view(r: dict[str, Any]) -> dict[str, Any]:
+    """A row's peak-memory measurement, CUDA or RSS: mb, ratio, step_mb, step_ratio, error."""
+    if any(key.startswith("cuda_") for key in r):
+        return {
+            "mb": r.get("cuda_peak_mb"),
+            "ratio": r.get("cuda_peak_ratio"),
+            "step_mb": r.get("cuda_step_mb"),
+            "step_ratio": r.get("cuda_step_ratio"),
+            "error": r.get("cuda_error"),
+        }
+    return {
+        "mb": r.get("rss_mb"),
+        "ratio": r.get("rss_ratio"),
+        "step_mb": r.get("rss_step_mb"),
+        "step_ratio": r.get("rss_step_ratio"),
+        "error": r.get("rss_error"),
+    }
+
+
 def _increment(res: dict[str, Any]) -> int | None:
     """RSS added by the steps: their peak minus the RSS before them (KiB)."""
     if res.get("steps_peak_kb") is None or res.get("rss_before_steps_kb") is None:
@@ -701,8 +976,8 @@ def mgda_agreement(
     out = group.model(x)
     opt.zero_grad()
     info = opt.backward(task_losses(out.task_outputs, ys), shared_parameters=group.shared)
-    ours = info.weights.detach().to(torch.float64)
-    gram = info.gram
+    ours = info.weights.detach().to("cpu", torch.float64)
+    gram = None if info.gram is None else info.gram.detach().to("cpu", torch.float64)
     res: dict[str, Any] = {"available": True, "K": k, "rows": args.rows, "ours": ours.tolist()}
     for label, options in (
         ("torchjd_default", {}),
@@ -716,7 +991,7 @@ def mgda_agreement(
             group.shared,
             torchjd_aggregator("mgda", **options),
         )
-        w64 = w.detach().to(torch.float64)
+        w64 = w.detach().to("cpu", torch.float64)
         res[label] = {
             "options": options,
             "weights": w64.tolist(),
@@ -771,8 +1046,9 @@ def marigold_lambda_run(
                 losses = task_losses(out.task_outputs, ys)
                 exact = None
                 if step % args.lambda_every == 0 or step == args.lambda_steps - 1:
-                    gram = sparse_aware_gram(losses, group.shared)
+                    gram = sparse_aware_gram(losses, group.shared).cpu()
                     exact, _ = mgda_weights(gram)
+                    exact = exact.detach().to("cpu", torch.float64)
                 opt.zero_grad()
                 info = opt.backward(
                     losses,
@@ -781,7 +1057,7 @@ def marigold_lambda_run(
                 )
                 opt.step()
                 if exact is not None:
-                    lam = info.weights.detach().to(torch.float64)
+                    lam = info.weights.detach().to("cpu", torch.float64)
                     uniform = torch.full_like(exact, 1.0 / k)
                     record.append(
                         {
@@ -992,19 +1268,23 @@ def budget_table(
     mem = [
         r
         for r in sections.get("rep", {}).get("results", [])
-        if r["level"] == "representation" and r["kind"] == "ours" and "rss_ratio" in r
+        if r["level"] == "representation"
+        and r["kind"] == "ours"
+        and _mem_view(r)["ratio"] is not None
     ]
     if mem:
-        w = max(mem, key=lambda r: r["rss_ratio"])
+        w = max(mem, key=lambda r: _mem_view(r)["ratio"])
+        wv = _mem_view(w)
+        what = "torch.cuda.max_memory_allocated" if "cuda_peak_ratio" in w else "peak-RSS"
         items.append(
             _budget_item(
                 "peak memory, representation level vs plain",
                 "<= 1.1x",
-                f"worst peak-RSS ratio {w['rss_ratio']:.3f}x ({w['mode']}, K={w['K']}, "
+                f"worst {what} ratio {wv['ratio']:.3f}x ({w['mode']}, K={w['K']}, "
                 f"{args.rows}-row sparse tables); its steps add "
-                f"{_num(w.get('rss_step_mb'), '{:.0f}')} MB vs plain's "
+                f"{_num(wv['step_mb'], '{:.0f}')} MB vs plain's "
                 f"{_num(_plain_step_mb(sections, 'rep', w['K']), '{:.0f}')} MB",
-                w["rss_ratio"] <= 1.1,
+                wv["ratio"] <= 1.1,
             )
         )
     else:
@@ -1067,13 +1347,126 @@ def budget_table(
         )
     else:
         items.append(_budget_item("diagnostics every 10 steps", "<= 5 % overhead"))
+    items += _overhead_budget(sections, args)
+    if torch.device(args.device).type == "cuda":
+        items += _gpu_budget(sections, derived, args)
+    return items
+
+
+def _overhead_budget(sections: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Section ``overhead``: MGDA's ratio at K=4 and the host syncs per backward."""
+    k, limit = OVERHEAD_BUDGET
+    dev = "CPU" if torch.device(args.device).type == "cpu" else "CUDA"
+    label = f"{dev} overhead section: representation-level MGDA <= {limit}x plain at K={k}"
+    if "overhead" not in sections:
+        return [_budget_item(label, f"<= {limit}x", "– (section overhead not run)")]
+    r = _find(sections, "overhead", "rep:mgda", k)
+    if r is None:
+        item = _budget_item(label, f"<= {limit}x", f"– (rep:mgda at K={k} not measured)")
+    else:
+        item = _budget_item(
+            label,
+            f"<= {limit}x",
+            f"{r['ratio']:.3f}x [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] "
+            f"({r['ms_per_step']:.2f} ms vs plain's "
+            f"{_find(sections, 'overhead', 'plain', k)['ms_per_step']:.2f} ms; "  # type: ignore[index]
+            f"{r.get('steps_per_block')} steps per block)",
+            r["ratio"] <= limit,
+        )
+    out = [item]
+    counted = [
+        r
+        for r in sections["overhead"]["results"]
+        if r["kind"] == "ours" and r.get("syncs_per_backward") is not None
+    ]
+    sync_label = (
+        "host synchronizations inside one steady-state backward (item/tolist/bool/float/int/"
+        "cpu/numpy/nonzero calls; overhead section, every balancer, representation level)"
+    )
+    if counted:
+        w = max(counted, key=lambda r: (r["syncs_per_backward"], r["K"]))
+        per_mode: dict[str, int] = {}
+        for r in counted:
+            per_mode[r["mode"]] = max(per_mode.get(r["mode"], 0), r["syncs_per_backward"])
+        out.append(
+            _budget_item(
+                sync_label,
+                "<= 1",
+                f"worst {w['syncs_per_backward']} ({w['mode']}, K={w['K']}: "
+                f"{w.get('syncs_by_name') or {}}); max per mode over K: "
+                + ", ".join(f"{m} {n}" for m, n in per_mode.items()),
+                w["syncs_per_backward"] <= 1,
+            )
+        )
+    else:
+        out.append(_budget_item(sync_label, "<= 1"))
+    return out
+
+
+def _gpu_budget(
+    sections: dict[str, Any], derived: dict[str, Any], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The two GPU lines of the budget (``--device cuda`` only): section rep's representation-level
+    ratios against 1.10x (K <= 8) / 1.2x (K = 16), and exact parameter-level MGDA against TorchJD
+    (section h2h, same model and weights)."""
+    gpu = torch.cuda.get_device_name(torch.device(args.device))
+    items: list[dict[str, Any]] = []
+    rs = [
+        r
+        for r in sections.get("rep", {}).get("results", [])
+        if r["level"] == "representation"
+        and r["method"] in REP_BUDGET_METHODS
+        and r["kind"] == "ours"
+        and "ratio" in r
+    ]
+    label = f"on {gpu}: representation-level step (MGDA-UB, MultiBalance, GradOPS, PCGrad) vs plain"
+    if rs:
+        parts, met = [], True
+        for lo, hi, limit in ((1, 8, 1.10), (9, 10**9, 1.2)):
+            sub = [r for r in rs if lo <= r["K"] <= hi]
+            if sub:
+                w = max(sub, key=lambda r: r["ratio"])
+                parts.append(
+                    f"K {'<= 8' if hi == 8 else '> 8'}: worst {w['ratio']:.3f}x "
+                    f"({w['mode']}, K={w['K']})"
+                )
+                met = met and w["ratio"] <= limit
+        items.append(
+            _budget_item(
+                label,
+                "<= 1.10x at K <= 8, <= 1.2x at K = 16",
+                "; ".join(parts) + f" (sparse tables, {args.rows} rows, dim {args.dim})",
+                met,
+            )
+        )
+    else:
+        items.append(_budget_item(label, "<= 1.10x at K <= 8, <= 1.2x at K = 16"))
+    h2h = [e for e in derived.get("h2h", []) if "speedup_vs_param" in e]
+    label = f"on {gpu}: exact parameter-level MGDA vs TorchJD mtl_backward + MGDA, same model"
+    if h2h:
+        e = h2h[-1]
+        items.append(
+            _budget_item(
+                label,
+                ">= 2x faster",
+                f"{e.get('param:mgda_ms', math.nan):.1f} ms vs "
+                f"{e.get('torchjd:mgda:emb_ms', math.nan):.1f} ms: {e['speedup_vs_param']:.2f}x "
+                f"[{e['speedup_vs_param_min']:.2f}–{e['speedup_vs_param_max']:.2f}] (K={e['K']}, "
+                f"{args.rows}-row dense tables, section h2h)",
+                e["speedup_vs_param"] >= 2,
+            )
+        )
+    else:
+        items.append(
+            _budget_item(label, ">= 2x faster", "– (TorchJD not available or h2h not run)")
+        )
     return items
 
 
 def _plain_step_mb(sections: dict[str, Any], section: str, k: int) -> float | None:
     for r in sections.get(section, {}).get("results", []):
         if r["mode"] == "plain" and r["K"] == k:
-            return r.get("rss_step_mb")
+            return _mem_view(r)["step_mb"]
     return None
 
 
@@ -1101,6 +1494,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     la = meta["machine"]
     lines.append(f"Load average before: {la['loadavg_before']}, after: {la['loadavg_after']}  ")
     lines.append(f"Wall time: {meta['elapsed_s']:.0f} s  ")
+    device = meta.get("device", "cpu")
+    cuda = torch.device(device).type == "cuda"
+    lines.append(f"Device: {meta['machine'].get('device_summary', device)}  ")
     c = meta["model"]
     lines.append(
         f"Model: SharedBottom, {c['fields']} fields x table(rows) x {c['dim']}, {c['numeric']} "
@@ -1112,39 +1508,60 @@ def render_markdown(results: dict[str, Any]) -> str:
         if not p["available"]:
             lines.append(f"> note: {key} not available ({p['reason']})")
     lines.append("")
-    lines.append(
-        "Ratio = median over rounds of (mode's time per step / plain step's time in the same "
-        "round) [min–max]; ms/step = median. Peak RSS (memory K only): `VmHWM` of a fresh "
-        "child process that builds the model and runs the mode, ratio to the plain child; "
-        "step Δ = peak RSS during the steps minus RSS before them (ratio to plain's Δ)."
-    )
+    if cuda:
+        lines.append(
+            "Ratio = median over rounds of (mode's time per step / plain step's time in the same "
+            "round) [min–max]; ms/step = median; every timed block is bracketed by "
+            "`torch.cuda.synchronize()`. Peak CUDA MB (memory K only): "
+            "`torch.cuda.max_memory_allocated` over the mode's measured steps (fresh model and "
+            "optimizer around the section's tables, one warm-up step, then "
+            "`reset_peak_memory_stats`), ratio to plain's; step Δ = that peak minus the memory "
+            "allocated before the steps (ratio to plain's Δ)."
+        )
+    else:
+        lines.append(
+            "Ratio = median over rounds of (mode's time per step / plain step's time in the same "
+            "round) [min–max]; ms/step = median. Peak RSS (memory K only): `VmHWM` of a fresh "
+            "child process that builds the model and runs the mode, ratio to the plain child; "
+            "step Δ = peak RSS during the steps minus RSS before them (ratio to plain's Δ)."
+        )
     lines.append("")
     for section, data in results["sections"].items():
+        if section == "overhead":
+            lines += _overhead_markdown(data)
+            continue
         mem_k = data.get("memory", {}).get("K")
         lines.append(
             f"## Section `{section}`: {data['title']} ({data['rows_per_table']} rows per "
             f"table; {data['repeats']} rounds x {data['steps_per_block']} steps)"
         )
         lines.append("")
-        lines.append(
-            "| mode | level | K | ratio [min–max] | ms/step | peak RSS MB | RSS ratio | "
-            "step Δ MB (ratio) | note |"
-        )
+        if cuda:
+            lines.append(
+                "| mode | level | K | ratio [min–max] | ms/step | peak CUDA MB | CUDA mem ratio | "
+                "step Δ MB (ratio) | note |"
+            )
+        else:
+            lines.append(
+                "| mode | level | K | ratio [min–max] | ms/step | peak RSS MB | RSS ratio | "
+                "step Δ MB (ratio) | note |"
+            )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in data["results"]:
-            note = r.get("error") or r.get("rss_error") or ""
+            mv = _mem_view(r)
+            note = r.get("error") or mv["error"] or ""
             mem = r["K"] == mem_k
             delta = ""
-            if mem and r.get("rss_step_mb") is not None:
-                delta = f"{r['rss_step_mb']:.0f}"
-                if r.get("rss_step_ratio") is not None:
-                    delta += f" ({r['rss_step_ratio']:.2f}x)"
+            if mem and mv["step_mb"] is not None:
+                delta = f"{mv['step_mb']:.0f}"
+                if mv["step_ratio"] is not None:
+                    delta += f" ({mv['step_ratio']:.2f}x)"
             elif mem:
                 delta = "–"
             lines.append(
                 f"| {r['mode']} | {r['level']} | {r['K']} | {_ratio_cell(r)} | "
-                f"{_num(r.get('ms_per_step'))} | {_num(r.get('rss_mb'), '{:.0f}') if mem else ''} | "
-                f"{_num(r.get('rss_ratio'), '{:.3f}') if mem else ''} | {delta} | {note[:120]} |"
+                f"{_num(r.get('ms_per_step'))} | {_num(mv['mb'], '{:.0f}') if mem else ''} | "
+                f"{_num(mv['ratio'], '{:.3f}') if mem else ''} | {delta} | {note[:120]} |"
             )
         lines.append("")
     d = results["derived"]
@@ -1301,6 +1718,37 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _overhead_markdown(data: dict[str, Any]) -> list[str]:
+    """Section ``overhead``: its model, then ratio, ms/step and syncs per backward per mode."""
+    c = data.get("model") or {}
+    lines = [
+        f"## Section `overhead`: {data['title']} ({data['repeats']} rounds x "
+        f"{data['steps_per_block']} steps)",
+        "",
+        f"Model: {c.get('fields')} dense tables of {data['rows_per_table']} x {c.get('dim')}, "
+        f"{c.get('numeric')} numeric, bottom {'-'.join(map(str, c.get('bottom', ())))}, towers "
+        f"{'-'.join(map(str, c.get('tower', ())))}, batch {c.get('batch_size')}; device "
+        f"{data.get('device', 'cpu')}. syncs/backward: calls of item, tolist, `__bool__`, "
+        "`__float__`, `__int__`, cpu, numpy, nonzero inside one untimed `backward` after the "
+        "timed rounds (`experiments/bench_syncs.py`).",
+        "",
+        "| mode | level | K | ratio [min–max] | ms/step | syncs/backward | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        note = r.get("error") or r.get("syncs_error") or ""
+        by_name = r.get("syncs_by_name")
+        if by_name:
+            note = (note + " " if note else "") + ", ".join(f"{k} {v}" for k, v in by_name.items())
+        lines.append(
+            f"| {r['mode']} | {r['level']} | {r['K']} | {_ratio_cell(r)} | "
+            f"{_num(r.get('ms_per_step'), '{:.3f}')} | "
+            f"{_num(r.get('syncs_per_backward'), '{:d}')} | {note[:120]} |"
+        )
+    lines.append("")
+    return lines
+
+
 def make_plots(results: dict[str, Any], out: Path) -> list[str]:
     """``bench_ratios.png`` (ratio vs K per mode) and ``bench_marigold.png``."""
     import matplotlib
@@ -1411,7 +1859,7 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _machine(before: str) -> dict[str, Any]:
+def _machine(before: str, device: str = "cpu") -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -1428,7 +1876,21 @@ def _machine(before: str) -> dict[str, Any]:
             mem = int(f.readline().split()[1]) / 2**20
     except (OSError, ValueError, IndexError):
         pass
+    device_summary = "cpu"
+    gpu: dict[str, Any] | None = None
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(torch.device(device))
+        gpu = {
+            "name": props.name,
+            "memory_gib": props.total_memory / 2**30,
+            "cuda": torch.version.cuda,
+            "capability": f"{props.major}.{props.minor}",
+        }
+        device_summary = f"{device}: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
     return {
+        "device": device,
+        "device_summary": device_summary,
+        "gpu": gpu,
         "cpu": cpu,
         "cpu_count": ncpu,
         "memory_gib": mem,
@@ -1508,7 +1970,9 @@ def run(args: argparse.Namespace) -> int:
     sections: dict[str, dict[str, Any]] = {}
     for section in args.sections:
         t0 = time.perf_counter()
-        sections[section] = run_section(section, args, cfg, peers, progress)
+        sections[section] = run_section(
+            section, args, _section_config(section, args, cfg), peers, progress
+        )
         phases[f"section {section}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     lambda_run = marigold_lambda_run(args, cfg, progress)
@@ -1535,7 +1999,8 @@ def run(args: argparse.Namespace) -> int:
         "meta": {
             "command": "python -m experiments bench " + " ".join(argv or []),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
-            "machine": _machine(load_before),
+            "device": args.device,
+            "machine": _machine(load_before, args.device),
             "model": cfg.to_dict(),
             "options": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "elapsed_s": 0.0,

@@ -44,6 +44,8 @@ __all__ = [
     "Group",
     "ModeSpec",
     "build_group",
+    "count_backward_syncs",
+    "device_clock",
     "interleaved_timings",
     "make_mode",
     "ratio_summary",
@@ -76,6 +78,7 @@ class BenchModelConfig:
     id_skew: float = 2.0  # ids = floor(rows * u**skew): a few hot rows, a long tail
     label_correlation: float = 0.5  # correlation of the tasks' teacher weight vectors
     seed: int = 0
+    device: str = "cpu"  # where model, tables, batches and optimizer state live
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -152,7 +155,8 @@ def make_inner_optimizer(model: nn.Module, cfg: BenchModelConfig, sparse: bool) 
 def make_embedding(cfg: BenchModelConfig, rows: int, sparse: bool, seed: int) -> FeatureEmbedding:
     """The ``fields`` tables of ``rows`` x ``dim`` (built once per section, shared by its groups)."""
     torch.manual_seed(seed)
-    return FeatureEmbedding(cfg.numeric, [rows] * cfg.fields, cfg.dim, sparse)
+    with torch.device(cfg.device):
+        return FeatureEmbedding(cfg.numeric, [rows] * cfg.fields, cfg.dim, sparse)
 
 
 def make_model(
@@ -164,15 +168,16 @@ def make_model(
     8 x 1M x 16 entries costs seconds, and every K of a section shares the tables.
     """
     torch.manual_seed(seed + 1000 * num_tasks)
-    model = SharedBottom(
-        num_numeric=cfg.numeric,
-        cardinalities=[1] * cfg.fields,
-        num_tasks=num_tasks,
-        embedding_dim=cfg.dim,
-        sparse=embedding.embeddings[0].sparse if cfg.fields else False,
-        bottom_dims=cfg.bottom,
-        tower_dims=cfg.tower,
-    )
+    with torch.device(cfg.device):
+        model = SharedBottom(
+            num_numeric=cfg.numeric,
+            cardinalities=[1] * cfg.fields,
+            num_tasks=num_tasks,
+            embedding_dim=cfg.dim,
+            sparse=embedding.embeddings[0].sparse if cfg.fields else False,
+            bottom_dims=cfg.bottom,
+            tower_dims=cfg.tower,
+        )
     model.embedding = embedding
     model.cardinalities = embedding.cardinalities
     return model
@@ -187,6 +192,7 @@ def make_batches(
     a batch, as in click logs. Labels: a fixed random teacher
     ``h = tanh(x_num A + sum_f T_f[id_f mod 997])`` (8 hidden units), task logits
     ``h . w_k`` with ``w_k = sqrt(rho) w_0 + sqrt(1 - rho) u_k``, ``y_k ~ Bernoulli(sigmoid)``.
+    Drawn on the CPU (same batches on every device), then moved to ``cfg.device``.
     """
     g = torch.Generator().manual_seed(seed + 7919 * num_tasks)
     hidden = 8
@@ -209,7 +215,8 @@ def make_batches(
             h = h + tables[f][ids[:, f] % 997]
         h = torch.tanh(h)
         ys = [torch.bernoulli(torch.sigmoid(2.0 * (h @ w)), generator=g) for w in ws]
-        out.append((Features(num, ids), ys))
+        dev = torch.device(cfg.device)
+        out.append((Features(num, ids).to(dev), [y.to(dev) for y in ys]))
     return out
 
 
@@ -297,15 +304,25 @@ def make_mode(spec: ModeSpec, group: Group) -> Callable[[], Any]:
     model, inner, k = group.model, group.inner, group.num_tasks
     opts = dict(spec.options)
 
+    # ``backward_context[0]``: a context manager entered around the backward call only (None:
+    # nothing); :func:`count_backward_syncs` puts a SyncCounter there for one untimed step.
+    backward_context: list[Any] = [None]
+
     if spec.kind == "plain":
 
         def plain() -> None:
             x, ys = group.next_batch()
             losses = task_losses(model(x).task_outputs, ys)
             inner.zero_grad()
-            sum(losses).backward()  # type: ignore[union-attr]
+            ctx = backward_context[0]
+            if ctx is None:
+                sum(losses).backward()  # type: ignore[union-attr]
+            else:
+                with ctx:
+                    sum(losses).backward()  # type: ignore[union-attr]
             inner.step()
 
+        plain.backward_context = backward_context  # type: ignore[attr-defined]
         return plain
 
     if spec.kind in ("ours", "tracker"):
@@ -337,7 +354,12 @@ def make_mode(spec: ModeSpec, group: Group) -> Callable[[], Any]:
                 kwargs = {"shared_parameters": shared}
                 if is_marigold:
                     kwargs["closure"] = lambda: task_losses(model(x).task_outputs, ys)
-            info = opt.backward(losses, **kwargs)
+            ctx = backward_context[0]
+            if ctx is None:
+                info = opt.backward(losses, **kwargs)
+            else:
+                with ctx:
+                    info = opt.backward(losses, **kwargs)
             opt.step()
             if tracker is not None:
                 tracker.update(counter[0], info)
@@ -345,6 +367,7 @@ def make_mode(spec: ModeSpec, group: Group) -> Callable[[], Any]:
             return info
 
         ours.balancer = opt  # type: ignore[attr-defined]
+        ours.backward_context = backward_context  # type: ignore[attr-defined]
         ours.tracker = tracker  # type: ignore[attr-defined]
         return ours
 
@@ -360,6 +383,47 @@ def make_mode(spec: ModeSpec, group: Group) -> Callable[[], Any]:
         return rechub_step(group, opts)
 
     raise ValueError(f"unknown mode kind {spec.kind!r}")
+
+
+# ---------------------------------------------------------------------- devices and syncs
+def device_clock(device: str | torch.device) -> Clock:
+    """The clock of :func:`interleaved_timings` for ``device``.
+
+    CPU: ``time.perf_counter``. CUDA: ``torch.cuda.synchronize(device)`` and then
+    ``time.perf_counter()``, so a timed block starts after every kernel queued before it has
+    finished and ends after its own kernels have (CUDA launches are asynchronous: without the
+    synchronization a block would measure the launches, not the work).
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return time.perf_counter
+
+    def cuda_clock() -> float:
+        torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
+    return cuda_clock
+
+
+def count_backward_syncs(fn: Callable[[], Any]) -> dict[str, Any] | None:
+    """Host syncs inside the backward call of ONE step of mode ``fn`` (not timed).
+
+    ``fn`` must come from :func:`make_mode` (its ``backward_context`` slot); returns
+    ``{"total": n, "by_name": {...}}``, or None for a mode without the slot (peers). The step is
+    a real training step (the model moves), so call it outside the timed blocks.
+    """
+    from experiments.bench_syncs import SyncCounter
+
+    slot = getattr(fn, "backward_context", None)
+    if slot is None:
+        return None
+    counter = SyncCounter()
+    slot[0] = counter
+    try:
+        fn()
+    finally:
+        slot[0] = None
+    return {"total": counter.total, "by_name": dict(sorted(counter.counts.items()))}
 
 
 # ---------------------------------------------------------------------- timing
@@ -481,7 +545,8 @@ def sparse_aware_gram(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Ten
         torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
         for loss in losses
     ]
-    gram = torch.zeros(k, k, dtype=torch.float64)
+    device = params[0].device if len(params) else torch.device("cpu")
+    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     for i, p in enumerate(params):
         gs = [grads[t][i] for t in range(k)]
         if all(g is None for g in gs):
@@ -501,10 +566,10 @@ def sparse_aware_gram(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Ten
                 )
             else:
                 rows = torch.stack(
-                    [torch.zeros(p.numel()) if c is None else c.to_dense().reshape(-1) for c in co]
+                    [p.new_zeros(p.numel()) if c is None else c.to_dense().reshape(-1) for c in co]
                 )
         else:
-            rows = torch.stack([torch.zeros(p.numel()) if g is None else g.reshape(-1) for g in gs])
+            rows = torch.stack([p.new_zeros(p.numel()) if g is None else g.reshape(-1) for g in gs])
         r = rows.to(torch.float64)
         gram += r @ r.T
     return gram

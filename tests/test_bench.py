@@ -1,7 +1,8 @@
 """Tests of the benchmark harness ``python -m experiments bench`` (experiments/bench*.py).
 
-The --quick run end to end (JSON shape, markdown, ratios), the interleaved timing helper on fake
-callables with a fake clock, the exact sparse-aware Gram, and the path where the peer libraries
+The --quick run end to end (JSON shape, markdown, ratios, the overhead section and its sync
+counts), the interleaved timing helper on fake callables with a fake clock, the exact sparse-aware
+Gram, the host-sync counter, ``--device cuda`` without CUDA, and the path where the peer libraries
 (TorchJD, torch-rechub) are missing. No timing is asserted: only shapes and invariants.
 """
 
@@ -11,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,15 @@ from experiments.bench_core import (
     BenchModelConfig,
     ModeSpec,
     build_group,
+    count_backward_syncs,
+    device_clock,
     interleaved_timings,
     make_mode,
     ratio_summary,
     sparse_aware_gram,
     task_losses,
 )
+from experiments.bench_syncs import SYNC_NAMES, SyncCounter, count_syncs
 from mtl import CombinedOptimizer
 
 
@@ -64,7 +69,8 @@ def test_quick_run_writes_outputs(quick_run: tuple[Path, dict[str, Any]]) -> Non
         "mgda_agreement",
         "budget",
     }
-    assert set(res["sections"]) == {"rep", "param", "h2h"}
+    assert set(res["sections"]) == {"rep", "param", "h2h", "overhead"}
+    assert res["meta"]["device"] == "cpu"
     md = (out / "results.md").read_text(encoding="utf-8")
     assert "| mode | level | K | ratio [min–max] | ms/step | peak RSS MB | RSS ratio |" in md
     assert "Performance budget" in md
@@ -129,6 +135,41 @@ def test_quick_run_derived(quick_run: tuple[Path, dict[str, Any]]) -> None:
         recs = lam[0]["records"]
         assert recs and all(r["l1"] >= 0 and r["l1"] <= 2 + 1e-9 for r in recs)
         assert all(abs(sum(r["mgda"]) - 1) < 1e-9 for r in recs)
+
+
+def test_quick_run_overhead_section(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    out, res = quick_run
+    ov = res["sections"]["overhead"]
+    assert ov["tasks"] == [2, 4]
+    assert ov["steps_per_block"] == bench.QUICK["overhead_steps"]
+    m = ov["model"]
+    small = bench.OVERHEAD_MODEL
+    assert (m["fields"], m["dim"], m["batch_size"]) == (
+        small["fields"],
+        small["dim"],
+        small["batch_size"],
+    )
+    assert ov["rows_per_table"] == small["rows"]
+    assert "memory" not in ov  # time only: no peak-RSS children
+    modes = {r["mode"] for r in ov["results"]}
+    assert {"plain", "rep:mgda", "rep:multibalance", "rep:gradops", "rep:pcgrad"} <= modes
+    assert all(r["level"] in ("-", "representation") for r in ov["results"])
+    for r in ov["results"]:
+        if r["error"] is None:
+            assert r["ratio"] > 0 and r["repeats"] == ov["repeats"]
+            assert isinstance(r["syncs_per_backward"], int) and r["syncs_per_backward"] >= 0
+            assert sum(r["syncs_by_name"].values()) == r["syncs_per_backward"]
+            assert set(r["syncs_by_name"]) <= SYNC_NAMES
+        if r["mode"] == "plain":
+            assert r["syncs_per_backward"] == 0  # sum(losses).backward() asks the host nothing
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "| mode | level | K | ratio [min–max] | ms/step | syncs/backward | note |" in md
+    items = {b["item"]: b for b in res["budget"]}
+    line = items["CPU overhead section: representation-level MGDA <= 1.3x plain at K=4"]
+    mgda4 = [r for r in ov["results"] if r["mode"] == "rep:mgda" and r["K"] == 4]
+    if mgda4 and mgda4[0]["error"] is None:
+        assert line["met"] is (mgda4[0]["ratio"] <= 1.3)
+    assert any(i.startswith("host synchronizations") for i in items)
 
 
 def test_quick_run_peers(quick_run: tuple[Path, dict[str, Any]]) -> None:
@@ -264,6 +305,58 @@ def test_per_task_gradient_bytes_counts_touched_rows_of_sparse_tables() -> None:
     assert sparse.per_task_gradient_bytes() == sparse.shared_bytes() - tables + touched
 
 
+# ---------------------------------------------------------------------- host syncs
+def test_sync_counter_counts_top_level_host_syncs() -> None:
+    t = torch.tensor([1.5, 0.0, 2.0])
+    with SyncCounter() as c:
+        t[0].item()
+    assert c.total == 1 and dict(c.counts) == {"item": 1}
+    assert count_syncs(lambda: t + 1).total == 0
+    assert count_syncs(lambda: (t * 2).sum()).total == 0
+
+    def many() -> None:
+        t.tolist()
+        bool(t[0] > 0)
+        float(t[0])
+        int(t[2])
+        t.cpu()
+        t.numpy()
+        torch.nonzero(t)  # nested work inside nonzero is not re-dispatched: counted once
+        if t[1]:
+            pass
+
+    c = count_syncs(many)
+    assert dict(c.counts) == {
+        "tolist": 1,
+        "__bool__": 2,
+        "__float__": 1,
+        "__int__": 1,
+        "cpu": 1,
+        "numpy": 1,
+        "nonzero": 1,
+    }
+    assert c.total == 8
+    c.reset()
+    assert c.total == 0
+    assert count_syncs(lambda: t.sum().item(), names=("sum",)).total == 1  # custom names
+
+
+def test_count_backward_syncs_counts_inside_backward_only() -> None:
+    group = build_group("t", TINY, 2, 40, False, seed=1)
+    plain = make_mode(ModeSpec(name="plain", kind="plain"), group)
+    res = count_backward_syncs(plain)
+    assert res == {"total": 0, "by_name": {}}
+    assert plain.backward_context == [None]  # type: ignore[attr-defined]  # slot cleared
+    ours = make_mode(
+        ModeSpec(name="rep:mgda", kind="ours", method="mgda", level="representation"), group
+    )
+    res = count_backward_syncs(ours)
+    assert res is not None and res["total"] >= 0
+    assert sum(res["by_name"].values()) == res["total"]
+    assert count_backward_syncs(lambda: None) is None  # not a bench mode (e.g. a peer)
+    assert device_clock("cpu") is time.perf_counter
+
+
 def test_modes_train_with_the_combined_optimizer() -> None:
     group = build_group("t", TINY, 2, 40, True, seed=1)
     specs = [
@@ -338,6 +431,137 @@ def test_bench_runs_without_peers(
     assert torchjd_item and torchjd_item[0]["met"] is None
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "torchjd not available" in md
+
+
+def test_device_cuda_without_cuda_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "never"
+    assert bench.main(["--device", "cuda", "--quick", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --device cuda: CUDA is not available" in err
+    assert "Traceback" not in err
+    assert not out.exists()  # failed before building or writing anything
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        bench._check_device("cuda:0")
+    with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
+        bench._check_device("tpu")
+    assert bench._check_device("cpu") == "cpu"
+    # through the dispatcher too
+    from experiments.cli import main as cli_main
+
+    assert cli_main(["bench", "--device", "cuda", "--quick", "--out", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cuda_paths_with_stubbed_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-only plumbing (device check, synchronizing clock, in-process peak memory, GPU
+    budget lines, markdown) run on the CPU with torch.cuda's sync and memory functions stubbed:
+    checks the wiring, not any number."""
+    calls = {"sync": 0, "reset": 0, "peak": 0}
+
+    def sync(device: Any = None) -> None:
+        calls["sync"] += 1
+
+    def reset(device: Any = None) -> None:
+        calls["reset"] += 1
+
+    def peak(device: Any = None) -> int:
+        calls["peak"] += 1
+        return (100 + 10 * calls["peak"]) * 2**20  # plain 110 MB, the next mode 120 MB
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", peak)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    assert bench._check_device("cuda") == "cuda"
+    with pytest.raises(ValueError, match="only 1 CUDA device"):
+        bench._check_device("cuda:3")
+    clock = device_clock("cuda")
+    n = calls["sync"]
+    assert clock() > 0 and calls["sync"] == n + 1
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = "--quick --sections rep --tasks 2 --balancers mgda --no-diagnostics --no-peers "
+    argv += "--memory-modes rep/plain,rep/rep:mgda --memory-steps 1"
+    args = bench._resolve(parser.parse_args(argv.split()))
+    cfg = bench._model_config(args)  # built on the CPU: only torch.cuda's functions are stubbed
+    data = bench.run_section("rep", args, cfg, bench.peer_status(), lambda **_: bench._NullBar())
+    sections = {"rep": data}
+    bench.run_memory_cuda(sections, args, cfg, lambda **_: bench._NullBar())
+    assert calls["reset"] == 2 and calls["peak"] == 2  # once per mode, before/after its steps
+    assert data["memory"]["source"] == "torch.cuda.max_memory_allocated"
+    rows = {r["mode"]: r for r in data["results"] if r["K"] == 2}
+    assert rows["plain"]["cuda_peak_mb"] == 110 and rows["plain"]["cuda_peak_ratio"] == 1.0
+    assert rows["rep:mgda"]["cuda_peak_ratio"] == pytest.approx(120 / 110)
+    assert rows["rep:mgda"]["cuda_step_mb"] == 20 and rows["rep:mgda"]["cuda_step_ratio"] == 2.0
+    assert "rss_mb" not in rows["plain"]
+
+    args.device = "cuda"  # the report as a CUDA run would write it
+    derived = bench.derived_tables(sections, args)
+    budget = bench.budget_table(sections, derived, {"available": False, "reason": "-"}, args)
+    items = {b["item"]: b for b in budget}
+    gpu = [i for i in items if i.startswith("on Fake GPU: representation-level")]
+    assert gpu and items[gpu[0]]["met"] is (rows["rep:mgda"]["ratio"] <= 1.10)
+    assert (
+        "on Fake GPU: exact parameter-level MGDA vs TorchJD mtl_backward + MGDA, same model"
+        in items
+    )
+    assert "max_memory_allocated" in items["peak memory, representation level vs plain"]["measured"]
+    assert any(i.startswith("CUDA overhead section") for i in items)
+    results = {
+        "meta": {
+            "command": "python -m experiments bench --device cuda",
+            "device": "cuda",
+            "machine": {
+                "summary": "test",
+                "device_summary": "cuda: Fake GPU",
+                "loadavg_before": "0",
+                "loadavg_after": "0",
+            },
+            "elapsed_s": 1.0,
+            "model": cfg.to_dict(),
+        },
+        "peers": bench.peer_status(),
+        "sections": sections,
+        "derived": derived,
+        "marigold_lambda": {},
+        "mgda_agreement": {"available": False, "reason": "-"},
+        "budget": budget,
+    }
+    md = bench.render_markdown(results)
+    assert "| peak CUDA MB | CUDA mem ratio |" in md and "Device: cuda: Fake GPU" in md
+    assert "torch.cuda.synchronize()" in md
+
+
+def test_gpu_model_flags_resolve_together() -> None:
+    """The issue's GPU model is reachable by flags (not run here: 8 x 1M x 32 tables)."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = "--fields 8 --rows 1000000 --dim 32 --bottom 1024,512,256 --tower 64 "
+    argv += "--batch-size 4096 --tasks 4,16"
+    args = bench._resolve(parser.parse_args(argv.split()))
+    cfg = bench._model_config(args)
+    assert (cfg.fields, cfg.dim, cfg.bottom, cfg.tower, cfg.batch_size) == (
+        8,
+        32,
+        (1024, 512, 256),
+        (64,),
+        4096,
+    )
+    assert args.rows == 1_000_000 and args.tasks == [4, 16] and args.device == "cpu"
+    assert args.memory_tasks == 16 and args.h2h_tasks == [4]
+    assert args.sections == ["rep", "param", "h2h", "overhead"]
+    # the overhead section keeps its own small model whatever the main model's flags
+    small = bench._section_config("overhead", args, cfg)
+    assert (small.fields, small.dim, small.bottom, small.batch_size) == (4, 8, (32, 16), 64)
+    assert bench._section_config("rep", args, cfg) is cfg
 
 
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
