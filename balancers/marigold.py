@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -50,9 +51,12 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
 from mtl._combine import accumulate_head_grads, replace_grad, weighted_sum
-from mtl._gram import gram_matrix
+from mtl._gram import rescaled_gram
+from mtl._host import to_host
 
-from ._min_norm import project_simplex
+from ._host import host_array
+from ._min_norm import _project_simplex_np, project_simplex
+from .pcgrad import _rng_from_torch_state
 
 __all__ = [
     "MARIGOLD",
@@ -336,7 +340,7 @@ class MARIGOLD(BalancedOptimizer):
         self.step_control: str = step_control
         self.min_step_scale = min_step_scale
         self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = np.random.Generator(np.random.PCG64(seed))
         self._last: dict[str, Any] = {}
         if self.num_tasks is not None:
             self._init_state(self.num_tasks)
@@ -358,7 +362,7 @@ class MARIGOLD(BalancedOptimizer):
         """The current task weights ``lam`` (float64, on the simplex); a copy."""
         if "weights" not in self.balancer_state:
             raise RuntimeError("the number of tasks is not known yet (pass num_tasks=)")
-        return self.balancer_state["weights"].clone()
+        return torch.from_numpy(self._state()["weights"].copy())
 
     def _normalization(self) -> str:
         if self.normalize != "auto":
@@ -370,9 +374,9 @@ class MARIGOLD(BalancedOptimizer):
         if "weights" in st:
             return
         st["parametrization"] = self.parametrization
-        st["weights"] = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        st["weights"] = np.full(k, 1.0 / k)
         if self.parametrization == "softmax":
-            st["logits"] = torch.zeros(k, dtype=torch.float64)
+            st["logits"] = np.zeros(k)
         st["num_updates"] = 0
         st["step_scale"] = 1.0  # secant step control: multiplier of lr_weights
         st["moves"] = []  # secant step control: the last weight moves awaiting their check
@@ -381,18 +385,21 @@ class MARIGOLD(BalancedOptimizer):
     def reset_state(self) -> None:
         """Forget the learned weights (back to uniform) and the amortized history."""
         self.balancer_state = {}
-        self._generator.manual_seed(self.seed)
+        self._generator = np.random.Generator(np.random.PCG64(self.seed))
         if self.num_tasks is not None:
             self._init_state(self.num_tasks)
 
     def _balancer_state_dict(self) -> dict[str, Any]:
-        st = dict(self.balancer_state)
+        # the host arrays are saved as CPU float64 tensors (the checkpoint format is unchanged
+        # and loads with torch.load(weights_only=True)); the round trip is exact
+        st = _to_torch_tree(dict(self._state()))
         if self.estimator == "gaussian":
-            st["rng_state"] = self._generator.get_state()
+            # a plain dict of str and int (PCG64's 128-bit state and increment)
+            st["rng_state"] = self._generator.bit_generator.state
         return st
 
     def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
-        state = dict(state)
+        state = _to_numpy_tree(dict(state))
         rng = state.pop("rng_state", None)
         saved = state.get("parametrization")
         if saved is not None and saved != self.parametrization:
@@ -401,8 +408,15 @@ class MARIGOLD(BalancedOptimizer):
                 f"{self.parametrization!r}"
             )
         self.balancer_state = state
-        if rng is not None:
-            self._generator.set_state(rng)
+        if isinstance(rng, np.ndarray):  # an older checkpoint's torch.Generator state
+            self._generator = _rng_from_torch_state(torch.from_numpy(rng.astype(np.uint8)))
+        elif isinstance(rng, dict):
+            gen = np.random.Generator(np.random.PCG64())
+            try:
+                gen.bit_generator.state = rng
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ValueError(f"MARIGOLD state_dict has an invalid PCG64 state: {exc}") from None
+            self._generator = gen
 
     def _extras(self) -> dict[str, Any]:
         return dict(self._last)
@@ -451,8 +465,10 @@ class MARIGOLD(BalancedOptimizer):
             )
         k = len(task_losses)
         self._init_state(k)
+        # the losses stay on the device: they reach the host with everything else the step
+        # needs, in ONE transfer, after the gradient and the closure (a non-finite loss is
+        # decided there, before any .grad is written)
         values = torch.stack([loss.detach().to(torch.float64) for loss in task_losses])
-        bad = self._nonfinite_tasks(values)
         if representation is not None:
             level: Level = "representation"
             blocks = self._check_representation(representation)
@@ -476,8 +492,6 @@ class MARIGOLD(BalancedOptimizer):
                 "normalize='grad_norm' with estimator='amortized' needs the norm of the "
                 "parameter gradient: pass shared_parameters=, or use normalize='max_abs'"
             )
-        if bad:
-            return self._nonfinite(level, values, "loss", bad)
         reached = depends_on(task_losses, targets)
         if not all(reached):
             if level == "representation":
@@ -565,8 +579,27 @@ class MARIGOLD(BalancedOptimizer):
         return torch.stack(vals)
 
     # -- helpers
+    def _state(self) -> dict[str, Any]:
+        """The balancer state, its vectors as float64 NumPy arrays on the host.
+
+        MARIGOLD keeps ``lam`` and its history on the host (the weight update is host math on the
+        step's one transfer). A tensor put into ``balancer_state`` from outside (a user, an
+        older pickled optimizer) is copied to the host here, once.
+        """
+        st = self.balancer_state
+        for key in ("weights", "logits"):
+            if isinstance(st.get(key), Tensor):
+                st[key] = _host_vector(st[key])
+        moves = st.get("moves")
+        if moves and any(isinstance(v, Tensor) for m in moves for v in m.values()):
+            st["moves"] = [_to_numpy_tree(m) for m in moves]
+        prev = st.get("previous")
+        if prev and any(isinstance(v, Tensor) for v in prev.values()):
+            st["previous"] = _to_numpy_tree(prev)
+        return st
+
     def _coefficients(self) -> list[float]:
-        return [float(c) for c in self.balancer_state["weights"].tolist()]
+        return [float(c) for c in self._state()["weights"]]
 
     def _lr(self) -> float:
         group = self.param_groups[0]
@@ -596,6 +629,10 @@ class MARIGOLD(BalancedOptimizer):
             offset += n
         return out
 
+    def _world(self) -> int:
+        active, group = self._group()
+        return dist.get_world_size(group) if active else 1
+
     def _evaluate(
         self,
         closure: Closure,
@@ -615,22 +652,56 @@ class MARIGOLD(BalancedOptimizer):
                 out.append(self._closure_losses(res, k, device))
         return out
 
+    def _gather(
+        self, values: Tensor, raw: list[Tensor], scalars: list[Tensor], k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The step's ONE host transfer: the losses and the closure losses summed over the ranks
+        (one all-reduce on the device), and ``scalars`` (squared norms, already global).
+
+        Returns ``(loss sums (K,), closure loss sums (calls, K), scalars)``."""
+        (summed,) = self._reduce_parts([(torch.cat([values, *raw]), 0)])
+        host_sums, host_scalars = to_host(summed, torch.stack(scalars))
+        assert host_sums is not None and host_scalars is not None
+        return host_sums[:k], host_sums[k:].reshape(-1, k), host_scalars
+
+    def _fd_estimate(
+        self, value_sums: np.ndarray, raw: np.ndarray, shift_sq: float, divisor: float
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """``h`` from the host sums of the losses and the closure losses (``raw``: one row per
+        call), with ``a = fd_step / sqrt(shift_sq)``; the estimate of the sums is divided by
+        ``divisor`` (``W`` at the parameter level: the mean; ``W^2`` at the representation
+        level). A squared norm at or below 1e-30 gives ``h = 0`` (no information)."""
+        k = value_sums.shape[0]
+        extras: dict[str, Any] = {"fd_step_size": None, "closure_calls": int(raw.shape[0])}
+        if not shift_sq > _TINY:
+            return np.zeros(k), extras
+        a = self.fd_step / math.sqrt(shift_sq)
+        extras["fd_step_size"] = a
+        if self.fd_scheme == "forward":
+            h = (value_sums - raw[0]) / a
+        elif self.fd_scheme == "forward_closure":
+            h = (raw[0] - raw[1]) / a
+            world = self._world()
+            extras["baseline_gap"] = torch.from_numpy((raw[0] - value_sums) / world)
+        else:
+            h = (raw[0] - raw[1]) / (2 * a)
+        return (h / divisor if divisor != 1 else h), extras
+
     def _finish(
         self,
-        values: Tensor,
-        h: Tensor | None,
+        values: np.ndarray,
+        h: np.ndarray | None,
         grad_sq: float,
         extras: dict[str, Any],
-    ) -> Tensor:
-        """Normalise, update lam (when there is an estimate) and record the diagnostics.
-
-        Returns the weights used for this step."""
-        st = self.balancer_state
-        used = st["weights"].clone()
+    ) -> np.ndarray:
+        """Normalise, update lam (when there is an estimate) and record the diagnostics, on the
+        host. Returns the weights used for this step."""
+        st = self._state()
+        used = st["weights"].copy()
         mode = self._normalization()
         h_norm = None
         if h is not None:
-            h = h.detach().to(torch.float64).cpu()
+            h = np.array(h, dtype=np.float64)
             gsq: float | None = grad_sq
             at = used  # the weights whose M lam the estimate measures
             if self.estimator == "amortized":
@@ -640,39 +711,39 @@ class MARIGOLD(BalancedOptimizer):
                 gsq = float("nan") if gsq is None else float(gsq)
             if self.step_control == "secant":
                 self._control_step(h, at)
-            h_norm = normalize_estimate(h, mode, gsq if mode == "grad_norm" else None)
-            new, logits = marigold_step(
+            h_norm = _normalize_np(h, mode, gsq if mode == "grad_norm" else None)
+            new, logits = _step_np(
                 used,
                 h_norm,
                 self.lr_weights * float(st["step_scale"]),
-                parametrization=self.parametrization,
-                logits=st.get("logits"),
+                self.parametrization,
+                st.get("logits"),
             )
             if self.step_control == "secant":
                 move = new - used
                 q = float(h @ move)
-                if q < 0 and float(move.abs().max()) > _MIN_MOVE:
+                if q < 0 and float(np.abs(move).max()) > _MIN_MOVE:
                     # a descent move of F: remember it to measure the overshoot later
-                    pending = [m for m in st["moves"] if not torch.equal(m["to"], new)]
-                    st["moves"] = [*pending, {"to": new.clone(), "move": move, "q": q}][-2:]
+                    pending = [m for m in st["moves"] if not np.array_equal(m["to"], new)]
+                    st["moves"] = [*pending, {"to": new.copy(), "move": move, "q": q}][-2:]
             st["weights"] = new
             if logits is not None:
                 st["logits"] = logits
             st["num_updates"] = int(st.get("num_updates", 0)) + 1
         self._last = {
             "estimator": self.estimator,
-            "h_hat": h,
-            "h_normalized": h_norm,
+            "h_hat": None if h is None else torch.from_numpy(h.copy()),
+            "h_normalized": None if h_norm is None else torch.from_numpy(h_norm.copy()),
             "grad_norm_sq": grad_sq,
             "normalize": mode,
             "step_scale": float(st["step_scale"]),
             **extras,
-            "next_weights": st["weights"].clone(),
+            "next_weights": torch.from_numpy(st["weights"].copy()),
         }
         self.num_steps += 1
         return used
 
-    def _control_step(self, h: Tensor, at: Tensor) -> None:
+    def _control_step(self, h: np.ndarray, at: np.ndarray) -> None:
         """Secant step control [R]: after a move ``delta`` of lam taken with slope
         ``q = h_before . delta < 0``, the new estimate at the arrival point gives
         ``p = h_after . delta``; along the move F is quadratic, so the best multiple of that move
@@ -682,7 +753,7 @@ class MARIGOLD(BalancedOptimizer):
         grow back)."""
         st = self.balancer_state
         for i, m in enumerate(st["moves"]):
-            if torch.equal(m["to"], at):
+            if np.array_equal(m["to"], at):
                 p, q = float(h @ m["move"]), float(m["q"])
                 ratio = 2.0 if p <= q else q / (q - p)
                 ratio = min(2.0, max(0.5, ratio))
@@ -691,20 +762,33 @@ class MARIGOLD(BalancedOptimizer):
                 st["moves"] = st["moves"][i + 1 :]
                 return
 
-    def _amortized_estimate(self, values: Tensor) -> Tensor | None:
-        prev = self.balancer_state.get("previous")
+    def _amortized_estimate(self, values: np.ndarray) -> np.ndarray | None:
+        prev = self._state().get("previous")
         if not prev or float(prev["lr"]) <= 0:
             return None
-        return (prev["losses"].to(values.device) - values) / float(prev["lr"])
+        return (prev["losses"] - values) / float(prev["lr"])
 
-    def _remember(self, values: Tensor, used: Tensor, grad_sq: float | None) -> None:
+    def _remember(self, values: np.ndarray, used: np.ndarray, grad_sq: float | None) -> None:
         if self.estimator == "amortized":
             self.balancer_state["previous"] = {
-                "weights": used.clone(),
-                "losses": values.detach().to(torch.float64).cpu().clone(),
+                "weights": used.copy(),
+                "losses": np.array(values, dtype=np.float64),
                 "lr": self._lr(),
                 "grad_norm_sq": grad_sq,
             }
+
+    def _result(self, level: Level, used: np.ndarray, values: np.ndarray) -> BalanceInfo:
+        return BalanceInfo(
+            weights=torch.from_numpy(used.copy()),
+            losses=torch.from_numpy(np.array(values, dtype=np.float64)),
+            gram=None,
+            level=level,
+            extras=self._extras(),
+        )
+
+    @staticmethod
+    def _bad(values: np.ndarray) -> list[int]:
+        return [i for i in range(values.shape[0]) if not math.isfinite(float(values[i]))]
 
     # -- parameter level
     def _marigold_parameters(
@@ -717,16 +801,16 @@ class MARIGOLD(BalancedOptimizer):
         k = len(losses)
         lam = self._coefficients()
         heads = self._heads(params)
-        perturbed: list[float] = []
+        perturbed: list[Tensor] = []
         u = None
         if self.estimator == "gaussian":  # F(lam + mu u_j): needs the graph, so before step 2
             u = self._directions(k)
             for j in range(self.num_perturbations):
-                cs = [c + self.mu * float(x) for c, x in zip(lam, u[j].tolist())]
+                cs = [c + self.mu * float(x) for c, x in zip(lam, u[j])]
                 gs = torch.autograd.grad(
                     weighted_sum(losses, cs), params, retain_graph=True, allow_unused=True
                 )
-                perturbed.append(0.5 * _sq_norm([g for g in gs if g is not None]))
+                perturbed.append(0.5 * _sq_norm([g for g in gs if g is not None], values.device))
         stash = _stash_grads(params + heads)
         try:
             if self.weight_heads or not heads:
@@ -737,42 +821,45 @@ class MARIGOLD(BalancedOptimizer):
             # read after BOTH calls: under DDP the averaged (global) g_lam is final only then,
             # and it is identical on every rank (so are the checks below)
             fresh = [p.grad for p in params]
-            grad_sq = _sq_norm([g for g in fresh if g is not None])
+            grad_sq_dev = _sq_norm([g for g in fresh if g is not None], values.device)
+            raw: list[Tensor] = []
+            if self.estimator == "fd":
+                assert closure is not None
+                raw = self._fd_parameters(closure, values, params, fresh, grad_sq_dev, k)
+            # every rank shifted by the same global g: the losses' and the closure losses' sums
+            # (one all-reduce), then the step's ONE host transfer
+            value_sums, raw_sums, scalars = self._gather(values, raw, [grad_sq_dev, *perturbed], k)
         except BaseException:
             _unstash_grads(stash, keep_new=False)
             raise
-        if not math.isfinite(grad_sq) or not all(math.isfinite(f) for f in perturbed):
+        world = self._world()
+        host_values = value_sums / world
+        grad_sq = float(scalars[0])
+        bad = self._bad(host_values)
+        if bad:
             _unstash_grads(stash, keep_new=False)
-            return self._nonfinite("parameters", values, "gradient", self._support())
+            return self._nonfinite("parameters", host_values, "loss", bad)
+        if not math.isfinite(grad_sq) or not np.isfinite(scalars[1:]).all():
+            _unstash_grads(stash, keep_new=False)
+            return self._nonfinite("parameters", host_values, "gradient", self._support())
         extras: dict[str, Any] = {"fd_step_size": None, "closure_calls": 0}
-        h: Tensor | None = None
+        h: np.ndarray | None = None
         if self.estimator == "fd":
-            assert closure is not None
-            try:
-                h, extras = self._fd_parameters(closure, values, params, fresh, grad_sq, k)
-            except BaseException:
-                _unstash_grads(stash, keep_new=False)
-                raise
+            h, extras = self._fd_estimate(value_sums, raw_sums, grad_sq, world)
         elif self.estimator == "gaussian":
             assert u is not None
-            h = self._gaussian_from_values(u, perturbed, 0.5 * grad_sq, values.device)
-        # every rank shifted by the same global g, so the global estimate is the mean over ranks
-        if h is None:
-            (values,) = self._reduce_parts([(values, 1)])
-        else:
-            values, h = self._reduce_parts([(values, 1), (h, 1)])
-            if not bool(torch.isfinite(h).all()):  # NaN on any rank reaches every rank
-                _unstash_grads(stash, keep_new=False)
-                bad = [i for i in range(k) if not math.isfinite(float(h[i]))]
-                return self._nonfinite("parameters", values, "loss at the shifted parameters", bad)
+            h = self._gaussian_from_values(u, scalars[1:], 0.5 * grad_sq)
+        if h is not None and not np.isfinite(h).all():
+            _unstash_grads(stash, keep_new=False)
+            return self._nonfinite(
+                "parameters", host_values, "loss at the shifted parameters", self._bad(h)
+            )
         _unstash_grads(stash, keep_new=True)
         if self.estimator == "amortized":
-            h = self._amortized_estimate(values)
-        used = self._finish(values, h, grad_sq, extras)
-        self._remember(values, used, grad_sq)
-        return BalanceInfo(
-            weights=used, losses=values, gram=None, level="parameters", extras=self._extras()
-        )
+            h = self._amortized_estimate(host_values)
+        used = self._finish(host_values, h, grad_sq, extras)
+        self._remember(host_values, used, grad_sq)
+        return self._result("parameters", used, host_values)
 
     def _fd_parameters(
         self,
@@ -780,47 +867,37 @@ class MARIGOLD(BalancedOptimizer):
         values: Tensor,
         params: list[Tensor],
         grads: list[Tensor | None],
-        grad_sq: float,
+        grad_sq: Tensor,
         k: int,
-    ) -> tuple[Tensor | None, dict[str, Any]]:
-        if grad_sq <= _TINY:
-            return torch.zeros(k, dtype=torch.float64, device=values.device), {
-                "fd_step_size": None,
-                "closure_calls": 0,
-            }
-        a = self.fd_step / math.sqrt(grad_sq)
-        shifts = [_Shift(p, g) for p, g in zip(params, grads) if g is not None]
+    ) -> list[Tensor]:
+        """The closure losses at the shifted parameters (one row per call, on the device). The
+        shift ``a g`` with ``a = fd_step / |g|`` is computed on the device (``a = 0`` for a
+        gradient too small to carry information: the closure then sees theta itself and its
+        result is not used)."""
+        a = _shift_size(grad_sq, self.fd_step)
+        shifts = [_Shift(p, g, a) for p, g in zip(params, grads) if g is not None]
         cuda = _cuda_indices(params)
 
-        def at(scale: float) -> Callable[[], Any]:
+        def at(sign: float) -> Callable[[], Any]:
             def setup() -> Any:
                 for s in shifts:
-                    s.apply(scale)
+                    s.apply(sign)
                 return _NOARG
 
             return setup
 
-        scheme = self.fd_scheme
         try:
-            if scheme == "forward":
-                (minus,) = self._evaluate(closure, k, values.device, cuda, [at(-a)])
-                h = (values - minus) / a
-            elif scheme == "forward_closure":
-                base, minus = self._evaluate(closure, k, values.device, cuda, [at(0.0), at(-a)])
-                h = (base - minus) / a
-            else:
-                plus, minus = self._evaluate(closure, k, values.device, cuda, [at(a), at(-a)])
-                h = (plus - minus) / (2 * a)
+            return self._evaluate(closure, k, values.device, cuda, self._points(at))
         finally:
             for s in shifts:
                 s.restore()
-        extras: dict[str, Any] = {
-            "fd_step_size": a,
-            "closure_calls": 1 if scheme == "forward" else 2,
-        }
-        if scheme == "forward_closure":
-            extras["baseline_gap"] = (base - values).cpu()
-        return h, extras
+
+    def _points(self, at: Callable[[float], Callable[[], Any]]) -> list[Callable[[], Any]]:
+        if self.fd_scheme == "forward":
+            return [at(-1.0)]
+        if self.fd_scheme == "forward_closure":
+            return [at(0.0), at(-1.0)]
+        return [at(1.0), at(-1.0)]
 
     # -- representation level
     def _marigold_representation(
@@ -844,67 +921,66 @@ class MARIGOLD(BalancedOptimizer):
             head_grads: list[tuple[Tensor | None, ...]] = []
         else:
             gz, head_grads = self._gradients_with_heads(losses, blocks, heads, lam)
-        local_sq = _sq_norm(gz)
-        perturbed: list[float] = []
+        local_sq = _sq_norm(gz, values.device)
+        perturbed: list[Tensor] = []
         u = None
         if self.estimator == "gaussian":
             u = self._directions(k)
             for j in range(self.num_perturbations):
-                cs = [c + self.mu * float(x) for c, x in zip(lam, u[j].tolist())]
+                cs = [c + self.mu * float(x) for c, x in zip(lam, u[j])]
                 gj = torch.autograd.grad(
                     weighted_sum(losses, cs), blocks, retain_graph=True, allow_unused=True
                 )
-                perturbed.append(0.5 * _sq_norm([g for g in gj if g is not None]))
+                perturbed.append(0.5 * _sq_norm([g for g in gj if g is not None], values.device))
         # Under DDP the ranks hold disjoint rows of the global Z: |g_z|^2 of the global batch is
         # sum_r |g_z,r|^2 / W^2, and the single-process shift of rank r's rows is
-        # fd_step * g_z,r / sqrt(sum_r |g_z,r|^2). One all-reduce (sum) before the closure.
-        bad_f = 0.0 if all(math.isfinite(f) for f in perturbed) else 1.0
-        summed = torch.tensor([local_sq, bad_f], dtype=torch.float64, device=values.device)
-        (summed,) = self._reduce_parts([(summed, 0)])
-        shift_sq = float(summed[0])
-        active, group = self._group()
-        world = dist.get_world_size(group) if active else 1
-        grad_sq = shift_sq / world**2
-        if not math.isfinite(shift_sq) or float(summed[1]) != 0.0:
-            return self._nonfinite("representation", values, "gradient", self._support())
-        extras: dict[str, Any] = {"fd_step_size": None, "closure_calls": 0}
-        h: Tensor | None = None
+        # fd_step * g_z,r / sqrt(sum_r |g_z,r|^2). One all-reduce (sum) before the closure, on
+        # the device: the shift is computed there, nothing is read back before the closure.
+        (summed,) = self._reduce_parts([(torch.stack([local_sq, *perturbed]), 0)])
+        raw: list[Tensor] = []
         if self.estimator == "fd":
             assert closure is not None
-            h, extras = self._fd_representation(
-                closure, values, blocks, gz, shift_sq, k, representation
-            )
+            raw = self._fd_representation(closure, values, blocks, gz, summed[0], k, representation)
+        value_sums, raw_sums, scalars = self._gather(values, raw, [summed], k)
+        scalars = scalars.reshape(-1)
+        world = self._world()
+        host_values = value_sums / world
+        bad = self._bad(host_values)
+        if bad:
+            return self._nonfinite("representation", host_values, "loss", bad)
+        shift_sq = float(scalars[0])
+        grad_sq = shift_sq / world**2
+        if not np.isfinite(scalars).all():
+            return self._nonfinite("representation", host_values, "gradient", self._support())
+        extras: dict[str, Any] = {"fd_step_size": None, "closure_calls": 0}
+        h: np.ndarray | None = None
+        # representation-level Gram convention under DDP: sum_r / W^2
+        if self.estimator == "fd":
+            h, extras = self._fd_estimate(value_sums, raw_sums, shift_sq, world**2)
         elif self.estimator == "gaussian":
             assert u is not None
-            h = self._gaussian_from_values(u, perturbed, 0.5 * local_sq, values.device)
-        # representation-level Gram convention under DDP: sum_r / W^2
-        if h is None:
-            (values,) = self._reduce_parts([(values, 1)])
-        else:
-            values, h = self._reduce_parts([(values, 1), (h, 2)])
-            if not bool(torch.isfinite(h).all()):  # NaN on any rank reaches every rank
-                bad = [i for i in range(k) if not math.isfinite(float(h[i]))]
-                return self._nonfinite(
-                    "representation", values, "loss at the shifted representation", bad
-                )
+            h = self._gaussian_from_values(u, scalars[1:] / world**2, 0.5 * grad_sq)
+        if h is not None and not np.isfinite(h).all():  # NaN on any rank reaches every rank
+            return self._nonfinite(
+                "representation", host_values, "loss at the shifted representation", self._bad(h)
+            )
+        coef = lam if self.weight_heads else None
         if heads is not None:
             torch.autograd.backward(blocks, grad_tensors=gz)  # the trunk only
-            accumulate_head_grads(heads, head_grads, lam if self.weight_heads else None)
+            accumulate_head_grads(heads, head_grads, coef)
         else:
             # the model's gradient: ONE backward; z's incoming gradient is replaced by g_z
             handles = [z.register_hook(replace_grad(g)) for z, g in zip(blocks, gz)]
             try:
-                weighted_sum(losses, lam if self.weight_heads else None).backward()
+                weighted_sum(losses, coef).backward()
             finally:
                 for hd in handles:
                     hd.remove()
         if self.estimator == "amortized":
-            h = self._amortized_estimate(values)
-        used = self._finish(values, h, grad_sq, extras)
-        self._remember(values, used, None)
-        return BalanceInfo(
-            weights=used, losses=values, gram=None, level="representation", extras=self._extras()
-        )
+            h = self._amortized_estimate(host_values)
+        used = self._finish(host_values, h, grad_sq, extras)
+        self._remember(host_values, used, None)
+        return self._result("representation", used, host_values)
 
     def _gradients_with_heads(
         self,
@@ -935,63 +1011,46 @@ class MARIGOLD(BalancedOptimizer):
         values: Tensor,
         blocks: list[Tensor],
         gz: list[Tensor],
-        shift_sq: float,
+        shift_sq: Tensor,
         k: int,
         representation: Any,
-    ) -> tuple[Tensor, dict[str, Any]]:
-        """``shift_sq``: ``|g_z|^2`` summed over the ranks (the local one without DDP)."""
-        if shift_sq <= _TINY:
-            return torch.zeros(k, dtype=torch.float64, device=values.device), {
-                "fd_step_size": None,
-                "closure_calls": 0,
-            }
-        a = self.fd_step / math.sqrt(shift_sq)
+    ) -> list[Tensor]:
+        """The closure losses at the shifted representation (one row per call, on the device).
+        ``shift_sq``: ``|g_z|^2`` summed over the ranks (the local one without DDP), a 0-d
+        device tensor; the shift ``a g_z``, ``a = fd_step / sqrt(shift_sq)``, is computed on the
+        device (``a = 0`` below 1e-30: the closure then sees z itself, its result unused)."""
+        a = _shift_size(shift_sq, self.fd_step)
         base_z = [z.detach() for z in blocks]
+        scaled = [a.to(device=g.device, dtype=g.dtype) * g for g in gz]
         cuda = _cuda_indices(blocks)
 
-        def at(scale: float) -> Callable[[], Any]:
+        def at(sign: float) -> Callable[[], Any]:
             def setup() -> Any:
-                shifted = [z + scale * g if scale != 0.0 else z for z, g in zip(base_z, gz)]
+                shifted = [
+                    z.add(ag, alpha=sign) if sign != 0.0 else z for z, ag in zip(base_z, scaled)
+                ]
                 if isinstance(representation, Tensor):
                     return shifted[0]
                 return type(representation)(shifted)
 
             return setup
 
-        scheme = self.fd_scheme
-        if scheme == "forward":
-            (minus,) = self._evaluate(closure, k, values.device, cuda, [at(-a)])
-            h = (values - minus) / a
-        elif scheme == "forward_closure":
-            base, minus = self._evaluate(closure, k, values.device, cuda, [at(0.0), at(-a)])
-            h = (base - minus) / a
-        else:
-            plus, minus = self._evaluate(closure, k, values.device, cuda, [at(a), at(-a)])
-            h = (plus - minus) / (2 * a)
-        extras: dict[str, Any] = {
-            "fd_step_size": a,
-            "closure_calls": 1 if scheme == "forward" else 2,
-        }
-        if scheme == "forward_closure":
-            extras["baseline_gap"] = (base - values).cpu()
-        return h, extras
+        return self._evaluate(closure, k, values.device, cuda, self._points(at))
 
     # -- gaussian
-    def _directions(self, k: int) -> Tensor:
-        u = torch.randn(self.num_perturbations, k, generator=self._generator, dtype=torch.float64)
-        return u - u.mean(1, keepdim=True)
+    def _directions(self, k: int) -> np.ndarray:
+        u = self._generator.standard_normal((self.num_perturbations, k))
+        return u - u.mean(1, keepdims=True)
 
-    def _gaussian_from_values(
-        self, u: Tensor, perturbed: list[float], f0: float, device: torch.device
-    ) -> Tensor:
-        est = torch.zeros(u.shape[1], dtype=torch.float64)
+    def _gaussian_from_values(self, u: np.ndarray, perturbed: np.ndarray, f0: float) -> np.ndarray:
+        est = np.zeros(u.shape[1])
         for j, fj in enumerate(perturbed):
-            est += (fj - f0) / self.mu * u[j]
-        return (est / len(perturbed)).to(device)
+            est += (float(fj) - f0) / self.mu * u[j]
+        return est / len(perturbed)
 
     def _support(self) -> list[int]:
-        lam = self.balancer_state["weights"]
-        return [i for i in range(lam.numel()) if float(lam[i]) > 0]
+        lam = self._state()["weights"]
+        return [i for i in range(lam.shape[0]) if float(lam[i]) > 0]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1033,15 +1092,81 @@ def _check_modules(modules: nn.Module | Sequence[nn.Module] | None) -> list[nn.M
     )
 
 
-def _sq_norm(tensors: Sequence[Tensor]) -> float:
-    """``sum |t|^2`` accumulated in float64 (sparse tensors: their coalesced values), with
-    :func:`mtl._graph.gram_matrix` (float32 chunk products, no float64 copy of the tensor)."""
-    total = 0.0
+def _sq_norm(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """``sum |t|^2`` as a 0-d float64 tensor on ``device``, never read back (sparse tensors:
+    their coalesced values), with :func:`mtl._gram.rescaled_gram` (float32 chunk products after
+    an exact power-of-two scaling, so no float32 over- or underflow; no float64 copy)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for t in tensors:
         if t.is_sparse:
             t = t.coalesce().values()
-        total += float(gram_matrix(t.detach().reshape(1, -1))[0, 0])
+        if t.numel():
+            total = total + rescaled_gram(t.detach().reshape(1, -1))[0, 0].to(device)
     return total
+
+
+def _shift_size(sq: Tensor, fd_step: float) -> Tensor:
+    """``a = fd_step / sqrt(sq)`` on the device (0-d float64); 0 when ``sq`` is at or below
+    1e-30 or not finite (no information: the host discards that closure result)."""
+    ok = (sq > _TINY) & torch.isfinite(sq)
+    return torch.where(ok, fd_step / torch.sqrt(torch.where(ok, sq, torch.ones_like(sq))), 0.0)
+
+
+def _host_vector(t: Tensor) -> np.ndarray:
+    """A state tensor put in from outside, as a writable float64 host array (one copy)."""
+    return np.array(host_array(t, np.float64), dtype=np.float64)
+
+
+def _to_numpy_tree(obj: Any) -> Any:
+    """Tensors (the checkpoint's float64 vectors) in nested dicts/lists as host arrays."""
+    if isinstance(obj, Tensor):
+        return _host_vector(obj) if obj.is_floating_point() else host_array(obj, None).copy()
+    if isinstance(obj, dict):
+        return {key: _to_numpy_tree(v) for key, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_numpy_tree(v) for v in obj]
+    return obj
+
+
+def _to_torch_tree(obj: Any) -> Any:
+    """Host arrays in nested dicts/lists as CPU tensors (copies)."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, dict):
+        return {key: _to_torch_tree(v) for key, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_torch_tree(v) for v in obj]
+    return obj
+
+
+def _normalize_np(h: np.ndarray, mode: str, grad_norm_sq: float | None) -> np.ndarray:
+    """:func:`normalize_estimate` on the host."""
+    if mode == "none":
+        return h.copy()
+    if mode == "max_abs":
+        scale = float(np.abs(h).max()) if h.size else 0.0
+    elif mode == "grad_norm":
+        if grad_norm_sq is None:
+            raise ValueError("normalize='grad_norm' needs grad_norm_sq = |g_lam|^2")
+        scale = float(grad_norm_sq)
+    else:
+        raise ValueError(f"normalize must be one of {_NORMALIZE[1:]}, got {mode!r}")
+    if not math.isfinite(scale) or scale <= _TINY:
+        return np.zeros_like(h)
+    return h / scale
+
+
+def _step_np(
+    lam: np.ndarray, n: np.ndarray, lr: float, parametrization: str, logits: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`marigold_step` on the host."""
+    if parametrization == "simplex":
+        return _project_simplex_np(lam - lr * n), None
+    if logits is None:
+        raise ValueError("parametrization='softmax' needs the current logits")
+    xi = logits - lr * lam * (n - float(lam @ n))
+    e = np.exp(xi - xi.max())
+    return e / e.sum(), xi
 
 
 def _stash_grads(params: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
@@ -1071,9 +1196,10 @@ class _Shift:
     (``nn.Embedding(sparse=True)``): only the touched rows are saved and shifted.
     """
 
-    def __init__(self, p: Tensor, g: Tensor) -> None:
+    def __init__(self, p: Tensor, g: Tensor, a: Tensor) -> None:
         self.p = p
         self.data = p.data
+        self.a = a.to(device=p.device, dtype=p.dtype)  # the step size, a 0-d device tensor
         if g.is_sparse and g.sparse_dim() == 1:
             g = g.coalesce()
             self.index: Tensor | None = g.indices()[0]
@@ -1085,14 +1211,15 @@ class _Shift:
             self.saved = self.data.clone()
         self.shifted = False
 
-    def apply(self, scale: float) -> None:
+    def apply(self, sign: float) -> None:
+        """Move to ``theta + sign * a * g`` (``sign`` in {-1, 0, 1}; 0: theta itself)."""
         if self.shifted:
             self._copy_back()
-        if scale != 0.0:
+        if sign != 0.0:
             if self.index is None:
-                self.data.add_(self.g, alpha=scale)
+                self.data.addcmul_(self.g, self.a, value=sign)
             else:
-                self.data.index_add_(0, self.index, self.g, alpha=scale)
+                self.data.index_add_(0, self.index, self.g * self.a, alpha=sign)
             self.shifted = True
 
     def _copy_back(self) -> None:
