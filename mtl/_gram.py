@@ -135,13 +135,11 @@ def task_rows(grads: list[Tensor | None], p: Tensor, densify: bool) -> tuple[Ten
                 assert c is not None
                 out[k].index_copy_(0, torch.searchsorted(ids, c.indices()[0]), c.values())
             return out.reshape(len(grads), -1), ids
-    out = p.new_zeros(len(grads), p.numel()) if any(g is None for g in grads) else None
-    if out is None:
-        out = p.new_empty(len(grads), p.numel())
+    dense = p.new_zeros(len(grads), p.numel())
     for k, g in enumerate(grads):
         if g is not None:
-            out[k].copy_((g.to_dense() if g.is_sparse else g).reshape(-1))
-    return out, None
+            dense[k].copy_((g.to_dense() if g.is_sparse else g).reshape(-1))
+    return dense, None
 
 
 def combine_rows(flat: Tensor, ids: Tensor | None, p: Tensor) -> Tensor:

@@ -134,7 +134,7 @@ def analyse_graph(
             the model, so their ids are stable; node wrappers are never keyed by id).
     """
     block_nodes: list[object] = [z.grad_fn for z in blocks]
-    block_edges = {(z.grad_fn, z.output_nr) for z in blocks}
+    block_edges: set[tuple[object, int]] = {(z.grad_fn, z.output_nr) for z in blocks}
     below: set[object] = set()  # every node below (and including) some block's grad_fn
     trunk_blocks = []
     for root in block_nodes:
@@ -160,7 +160,9 @@ def analyse_graph(
         hit = False
         params: dict[int, Tensor] = {}
         seen = set()
-        edges = [(loss.grad_fn, loss.output_nr)] if loss.grad_fn is not None else []
+        edges: list[tuple[object, int]] = (
+            [(loss.grad_fn, loss.output_nr)] if loss.grad_fn is not None else []
+        )
         while edges:
             node, nr = edges.pop()
             if (node, nr) in block_edges:

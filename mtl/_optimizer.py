@@ -608,10 +608,12 @@ class BalancedOptimizer(Optimizer):
                 z.new_zeros(k_tasks, z.numel()) if g is None else g.reshape(k_tasks, -1)
                 for z, g in zip(blocks, per_block)
             ]
-            zeros = [set(range(k_tasks)) if g is None else set() for g in per_block]
-            return rows, [], zeros
+            unreached: list[set[int]] = [
+                set(range(k_tasks)) if g is None else set() for g in per_block
+            ]
+            return rows, [], unreached
         rows = self._row_buffers(k_tasks, [(z.numel(), z.dtype, z.device) for z in blocks])
-        head_grads = []
+        head_grads: list[tuple[Tensor | None, ...]] = []
         zeros: list[set[int]] = [set() for _ in blocks]
         n = len(blocks)
         for k, loss in enumerate(losses):
@@ -755,9 +757,7 @@ class BalancedOptimizer(Optimizer):
                 )
             grads.append(gs)
         sparse_idx = [
-            i
-            for i in range(len(params))
-            if not densify and any(g[i] is not None and g[i].is_sparse for g in grads)
+            i for i in range(len(params)) if not densify and any(_is_sparse(g[i]) for g in grads)
         ]
         groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i in range(len(params)):
@@ -798,11 +798,12 @@ class BalancedOptimizer(Optimizer):
         self._average_rows([blk.rows for blk in blocks])
         # the Gram matrices' blocks: one per parameter tensor for per-block methods (MetaBalance
         # semantics), else one per gradient matrix (their sum is the Gram of all shared params)
+        pieces: list[tuple[_ParamBlock, int | None]]
         if self.per_block:
             order = {id(p): i for i, p in enumerate(params)}  # blocks in the caller's order
             pieces = sorted(
                 ((blk, j) for blk in blocks for j in range(len(blk.params))),
-                key=lambda piece: order[id(piece[0].params[piece[1]])],
+                key=lambda piece: order[id(piece[0].params[piece[1] or 0])],
             )
         else:
             pieces = [(blk, None) for blk in blocks]
@@ -888,6 +889,10 @@ class _ParamBlock:
         if j is not None:
             return self.zeros[j]
         return set.intersection(*self.zeros) if self.zeros else set()
+
+
+def _is_sparse(g: Tensor | None) -> bool:
+    return g is not None and g.is_sparse
 
 
 def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
