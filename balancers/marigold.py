@@ -104,20 +104,8 @@ def normalize_estimate(h: Tensor, mode: str, grad_norm_sq: float | None = None) 
 
     A zero scale (zero gradient, zero estimate) gives a zero vector: no information, no step.
     """
-    h = h.detach().to(torch.float64)
-    if mode == "none":
-        return h.clone()
-    if mode == "max_abs":
-        scale = float(h.abs().max()) if h.numel() else 0.0
-    elif mode == "grad_norm":
-        if grad_norm_sq is None:
-            raise ValueError("normalize='grad_norm' needs grad_norm_sq = |g_lam|^2")
-        scale = float(grad_norm_sq)
-    else:
-        raise ValueError(f"normalize must be one of {_NORMALIZE[1:]}, got {mode!r}")
-    if not math.isfinite(scale) or scale <= _TINY:
-        return torch.zeros_like(h)
-    return h / scale
+    host = h.detach().to("cpu", torch.float64).numpy()
+    return torch.from_numpy(_normalize_np(host, mode, grad_norm_sq)).to(h.device)
 
 
 def marigold_step(

@@ -739,6 +739,22 @@ def run_memory_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return {"error": f"child failed (exit {proc.returncode}): {tail[0][:300]}"}
 
 
+def _memory_plan(
+    section: str, data: dict[str, Any], args: argparse.Namespace
+) -> tuple[dict[str, Any], int, dict[str, dict[str, Any]], list[str]]:
+    """The K, the result rows at that K and the modes (plain first) whose memory is measured."""
+    setup = _section_setup(section, args)
+    k = args.memory_tasks if section != "h2h" else max(setup["tasks"])
+    if k not in setup["tasks"]:
+        k = max(setup["tasks"])
+    rows = {r["mode"]: r for r in data["results"] if r["K"] == k}
+    names = [n for n in rows if rows[n].get("error") is None]
+    chosen = _memory_selection(section, names, args)
+    if chosen and "plain" not in chosen:
+        chosen.insert(0, "plain")
+    return setup, k, rows, chosen
+
+
 def _memory_selection(section: str, names: list[str], args: argparse.Namespace) -> list[str]:
     if args.memory_modes:
         wanted = [m.strip() for m in str(args.memory_modes).split(",") if m.strip()]
@@ -768,15 +784,7 @@ def run_memory(
     for section, data in sections.items():
         if section == "overhead":
             continue
-        setup = _section_setup(section, args)
-        k = args.memory_tasks if section != "h2h" else max(setup["tasks"])
-        if k not in setup["tasks"]:
-            k = max(setup["tasks"])
-        rows = {r["mode"]: r for r in data["results"] if r["K"] == k}
-        names = [n for n in rows if rows[n].get("error") is None]
-        chosen = _memory_selection(section, names, args)
-        if chosen and "plain" not in chosen:
-            chosen.insert(0, "plain")
+        setup, k, rows, chosen = _memory_plan(section, data, args)
         data["memory"] = {"K": k, "steps": args.memory_steps, "modes": chosen}
         if not chosen:
             continue
@@ -876,15 +884,7 @@ def run_memory_cuda(
     for section, data in sections.items():
         if section == "overhead":
             continue
-        setup = _section_setup(section, args)
-        k = args.memory_tasks if section != "h2h" else max(setup["tasks"])
-        if k not in setup["tasks"]:
-            k = max(setup["tasks"])
-        rows = {r["mode"]: r for r in data["results"] if r["K"] == k}
-        names = [n for n in rows if rows[n].get("error") is None]
-        chosen = _memory_selection(section, names, args)
-        if chosen and "plain" not in chosen:
-            chosen.insert(0, "plain")
+        setup, k, rows, chosen = _memory_plan(section, data, args)
         data["memory"] = {
             "K": k,
             "steps": args.memory_steps,
