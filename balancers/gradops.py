@@ -162,15 +162,11 @@ def gradops_projections(
     rcond = _check_positive("rcond", rcond)
     eps = _check_positive("eps", eps, allow_zero=True)
     p, info = _projections(m, bool(only_if_conflict), solver, rcond, eps)
-    return _to_torch(p, device), _info_to_torch(info, device)
+    return to_torch(p, device), _infoto_torch(info, device)
 
 
-def _to_torch(a: np.ndarray, device: torch.device) -> Tensor:
-    return to_torch(a, device)
-
-
-def _info_to_torch(info: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: _to_torch(v, device) if isinstance(v, np.ndarray) else v for k, v in info.items()}
+def _infoto_torch(info: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: to_torch(v, device) if isinstance(v, np.ndarray) else v for k, v in info.items()}
 
 
 def _projections(
@@ -307,7 +303,7 @@ def gradops_tradeoff_weights(
         raise ValueError(f"ratios must be a non-empty 1-D tensor, got shape {r.shape}")
     if not np.isfinite(r).all() or (r < 0).any():
         raise ValueError(f"ratios must be finite and non-negative, got {r.tolist()}")
-    return _to_torch(_tradeoff(r, alpha, _weight_total(weight_sum, r.size)), device)
+    return to_torch(_tradeoff(r, alpha, _weight_total(weight_sum, r.size)), device)
 
 
 def _tradeoff(r: np.ndarray, alpha: float, s: float) -> np.ndarray:
@@ -386,7 +382,7 @@ def gradops_coefficients(
         rcond=rcond,
         eps=eps,
     )
-    return _to_torch(c, device), _info_to_torch(extras, device)
+    return to_torch(c, device), _infoto_torch(extras, device)
 
 
 def _gradops_coefficients_np(

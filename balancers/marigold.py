@@ -50,11 +50,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
+from mtl._checks import check_reached, check_trunk
 from mtl._combine import accumulate_head_grads, replace_grad, weighted_sum
 from mtl._gram import rescaled_gram
+from mtl._graph import analyse_graph
 from mtl._host import to_host
 
-from ._host import host_array
+from ._host import host_array, to_torch
 from ._min_norm import _project_simplex_np, project_simplex
 from .pcgrad import _rng_from_torch_state
 
@@ -104,8 +106,7 @@ def normalize_estimate(h: Tensor, mode: str, grad_norm_sq: float | None = None) 
 
     A zero scale (zero gradient, zero estimate) gives a zero vector: no information, no step.
     """
-    host = h.detach().to("cpu", torch.float64).numpy()
-    return torch.from_numpy(_normalize_np(host, mode, grad_norm_sq)).to(h.device)
+    return to_torch(_normalize_np(host_array(h), mode, grad_norm_sq), h.device)
 
 
 def marigold_step(
@@ -460,7 +461,9 @@ class MARIGOLD(BalancedOptimizer):
         if representation is not None:
             level: Level = "representation"
             blocks = self._check_representation(representation)
-            self._check_trunk(blocks)
+            # one walk of the graph: the trunk check now, reachability and heads below
+            analysis = analyse_graph(task_losses, blocks, self._managed())
+            check_trunk(analysis)
             targets = blocks
         else:
             level = "parameters"
@@ -480,18 +483,13 @@ class MARIGOLD(BalancedOptimizer):
                 "normalize='grad_norm' with estimator='amortized' needs the norm of the "
                 "parameter gradient: pass shared_parameters=, or use normalize='max_abs'"
             )
-        reached = depends_on(task_losses, targets)
-        if not all(reached):
-            if level == "representation":
-                self._raise_unreached(task_losses, targets)
-            missing = ", ".join(self._name(i) for i, r in enumerate(reached) if not r)
-            raise ValueError(
-                f"the loss of {missing} does not depend on any of the shared_parameters"
-            )
         if level == "representation":
+            check_reached(analysis.reaches, self._name)
+            heads = self._split_heads(analysis) if self.estimator != "gaussian" else None
             return self._marigold_representation(
-                task_losses, values, targets, representation, closure
+                task_losses, values, targets, heads, representation, closure
             )
+        check_reached(depends_on(task_losses, targets), self._name, parameters=True)
         return self._marigold_parameters(task_losses, values, targets, closure)
 
     # -- checks
@@ -893,6 +891,7 @@ class MARIGOLD(BalancedOptimizer):
         losses: list[Tensor],
         values: Tensor,
         blocks: list[Tensor],
+        heads: list[list[Tensor]] | None,
         representation: Any,
         closure: Closure | None,
     ) -> BalanceInfo:
@@ -900,7 +899,6 @@ class MARIGOLD(BalancedOptimizer):
         lam = self._coefficients()
         # heads disjoint from the trunk: the heads' gradients come with g_z and the final
         # backward runs through the trunk only (the heads are traversed once, as in a plain step)
-        heads = self._heads_above(losses, blocks) if self.estimator != "gaussian" else None
         if heads is None:
             gs = torch.autograd.grad(
                 weighted_sum(losses, lam), blocks, retain_graph=True, allow_unused=True

@@ -36,7 +36,6 @@ from ._checks import (
     check_reached,
     check_representation,
     check_trunk,
-    unreached_error,
 )
 from ._combine import accumulate_head_grads, replace_grad, sum_backward
 from ._gram import combine_rows, device_gram, rescaled_gram, suspect_rows, task_rows
@@ -349,9 +348,6 @@ class BalancedOptimizer(Optimizer):
     def _check_parameters(self, shared_parameters: Iterable[Tensor]) -> list[Tensor]:
         return check_parameters(shared_parameters, self._managed())
 
-    def _check_trunk(self, blocks: list[Tensor]) -> None:
-        check_trunk(analyse_graph([], blocks, self._managed()))
-
     def _analyse(self, losses: list[Tensor], blocks: list[Tensor]) -> GraphAnalysis:
         """One walk of the graph: raises for a trunk without parameters or an unreached loss."""
         analysis = analyse_graph(losses, blocks, self._managed())
@@ -359,8 +355,9 @@ class BalancedOptimizer(Optimizer):
         check_reached(analysis.reaches, self._name)
         return analysis
 
-    def _heads_above(self, losses: list[Tensor], blocks: list[Tensor]) -> list[list[Tensor]] | None:
-        """Per task, the optimizer's parameters above the balance point, when the split is clean.
+    def _split_heads(self, analysis: GraphAnalysis) -> list[list[Tensor]] | None:
+        """Per task, the optimizer's parameters above the balance point, when the per-task
+        passes may return them (the split is clean, ``grad_mode="loop"``, no DDP).
 
         ``None`` (use the general path: one backward of the summed losses with a hook at the
         representation) when some part above the balance point also lies below it (e.g. MMoE's
@@ -369,24 +366,16 @@ class BalancedOptimizer(Optimizer):
         """
         if self.grad_mode != "loop" or self._group()[0]:
             return None
-        return analyse_graph(losses, blocks, self._managed()).heads
+        return analysis.heads
 
-    def _raise_unreached(
-        self, losses: list[Tensor], blocks: list[Tensor], only: int | None = None
-    ) -> None:
-        reached = depends_on(losses, blocks)
-        bad = [k for k, r in enumerate(reached) if not r] if only is None else [only]
-        raise unreached_error(bad, self._name)
-
-    def _nonfinite_tasks(self, values: Tensor | np.ndarray) -> list[int]:
-        host = values if isinstance(values, np.ndarray) else to_host(values)[0]
-        assert host is not None
-        return [k for k in range(host.shape[0]) if not math.isfinite(float(host[k]))]
+    def _heads_above(self, losses: list[Tensor], blocks: list[Tensor]) -> list[list[Tensor]] | None:
+        """:meth:`_split_heads` of a fresh analysis of the graph."""
+        return self._split_heads(analyse_graph(losses, blocks, self._managed()))
 
     def _nonfinite(
         self,
         level: Literal["representation", "parameters"],
-        values: Tensor | np.ndarray,
+        values: np.ndarray,
         what: str,
         bad: list[int],
     ) -> BalanceInfo:
@@ -409,11 +398,9 @@ class BalancedOptimizer(Optimizer):
                         p.grad = torch.full_like(p, float("nan"))
         self.num_skipped += 1
         self._skip_next_step = True
-        host = values if isinstance(values, np.ndarray) else to_host(values)[0]
-        assert host is not None
         return BalanceInfo(
-            weights=torch.zeros(host.shape[0], dtype=torch.float64),
-            losses=torch.from_numpy(np.array(host, dtype=np.float64)),
+            weights=torch.zeros(values.shape[0], dtype=torch.float64),
+            losses=torch.from_numpy(np.array(values, dtype=np.float64)),
             gram=None,
             level=level,
             skipped=True,
@@ -504,8 +491,11 @@ class BalancedOptimizer(Optimizer):
             fixed = torch.stack(
                 [rescaled_gram(r) if b in redo else block_grams[b] for b, r in enumerate(rows)]
             )
-            _, fixed_reduced = self._reduce(values, fixed, gram_power)
-            (host_grams,) = to_host(fixed_reduced)
+            if gram_power:  # the losses were reduced above; only the Gram matrices again
+                _, reduced_fixed = self._reduce(values.new_zeros(0), fixed, gram_power)
+                assert reduced_fixed is not None
+                fixed = reduced_fixed
+            (host_grams,) = to_host(fixed)
             assert host_grams is not None
         return host_values, host_grams
 
@@ -651,8 +641,7 @@ class BalancedOptimizer(Optimizer):
         analysis = self._analyse(losses, blocks)
         # heads disjoint from the trunk: one pass per task gives both its representation gradient
         # and its heads' gradients, and the final backward runs through the trunk only
-        clean = self.grad_mode == "loop" and not self._group()[0]
-        heads = analysis.heads if clean else None
+        heads = self._split_heads(analysis)
         rows, head_grads, zeros = self._task_representation_grads(losses, blocks, heads)
         grams = torch.stack([device_gram(r) for r in rows])
         host_values, host_grams = self._host_grams(values, grams, rows, zeros)
@@ -706,9 +695,8 @@ class BalancedOptimizer(Optimizer):
             self._analyse(losses, blocks)
         else:
             check_reached(depends_on(losses, blocks), self._name, parameters=True)
-        k = len(losses)
-        weights = self._compute_weights(None, np.ones(k), None)
-        weights = np.asarray(weights, dtype=np.float64)
+        # the weights depend on neither gradients nor losses (see _plain_backward_is_exact)
+        weights, _ = self._weights(np.ones(len(losses)), None, len(blocks))
         flags: list[Tensor] = []
         handles = []
         if level == "representation":
