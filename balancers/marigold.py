@@ -266,6 +266,8 @@ class MARIGOLD(BalancedOptimizer):
     """
 
     requires_gram = False
+    needs_closure = True
+    accepts_seed = True
 
     def __init__(
         self,

@@ -230,6 +230,8 @@ class PCGrad(BalancedOptimizer):
     Cost: the per-task gradients and their Gram matrix (base class) plus ``O(K^3)`` scalar work.
     """
 
+    accepts_seed = True
+
     def __init__(
         self,
         optimizer: Optimizer,

@@ -92,6 +92,11 @@ class BalancedOptimizer(Optimizer):
     #: whether the method computes one set of weights per block (representation tensor or
     #: shared parameter tensor) rather than one for the whole shared part.
     per_block: ClassVar[bool] = False
+    #: whether ``backward`` takes a ``closure`` that re-evaluates the losses (MARIGOLD, FAMO):
+    #: training loops pass one when this is set, instead of inspecting the signature.
+    needs_closure: ClassVar[bool] = False
+    #: whether the constructor takes a ``seed`` (methods that draw random numbers).
+    accepts_seed: ClassVar[bool] = False
 
     def __init__(
         self,
