@@ -21,8 +21,8 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from ._host import to_device, to_host
 from ._info import BalanceInfo, NonFiniteError
 
 __all__ = ["BalancedOptimizer"]
+
+#: what ``_compute_weights`` returns: ``(weights, extras)`` (or, for older subclasses, bare weights)
+WeightsResult: TypeAlias = "tuple[np.ndarray, Mapping[str, Any]] | np.ndarray"
 
 _NONFINITE_MODES = ("raise", "skip")
 _GRAD_MODES = ("loop", "batched")
@@ -146,7 +149,8 @@ class BalancedOptimizer(Optimizer):
         self.on_nonfinite = on_nonfinite
         self.grad_mode = grad_mode
         self.process_group = process_group
-        self.compute_gram = self.requires_gram if compute_gram is None else bool(compute_gram)
+        # a method that needs the Gram matrix always receives one; compute_gram only adds it
+        self.compute_gram = self.requires_gram or bool(compute_gram)
         self.parameter_update = parameter_update
         #: balancer state saved by state_dict (moving averages, weights...); subclasses fill it.
         self.balancer_state: dict[str, Any] = {}
@@ -265,27 +269,26 @@ class BalancedOptimizer(Optimizer):
     # ------------------------------------------------------------------ the method
     def _compute_weights(
         self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
-    ) -> np.ndarray:
+    ) -> WeightsResult:
         """Coefficients for the task gradients, computed on the host.
 
         Runs on the step's one host copy: every argument is a float64 NumPy array, and the
         method must not read device tensors (each read is a synchronization on a GPU).
 
         Args:
-            gram: ``(K, K)`` Gram matrix of the task gradients (summed over blocks), or ``None``
-                when ``compute_gram`` is off.
+            gram: ``(K, K)`` Gram matrix of the task gradients (summed over blocks). Never
+                ``None`` for a method with ``requires_gram``; otherwise ``None`` unless
+                ``compute_gram`` is on.
             losses: ``(K,)`` task losses (under DDP: the mean over ranks).
             block_grams: ``(blocks, K, K)`` per-block Gram matrices, or ``None``.
 
         Returns:
-            ``(K,)`` coefficients, or ``(blocks, K)`` for per-block methods. The base class
-            returns ones (the plain sum).
+            ``(weights, extras)``: ``(K,)`` coefficients, or ``(blocks, K)`` for per-block
+            methods, and the method's diagnostics of this call (``BalanceInfo.extras``; arrays
+            become host tensors). The base class returns ones (the plain sum) and no extras. A
+            bare array is accepted too (no extras), for subclasses written before.
         """
-        return np.ones_like(losses)
-
-    def _extras(self) -> dict[str, Any]:
-        """Method-specific diagnostics of the last call, reported in ``BalanceInfo.extras``."""
-        return {}
+        return np.ones_like(losses), {}
 
     # ------------------------------------------------------------------ backward
     def backward(
@@ -524,9 +527,13 @@ class BalancedOptimizer(Optimizer):
     # -- weights
     def _weights(
         self, values: np.ndarray, block_grams: np.ndarray | None, num_blocks: int
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
         gram = None if block_grams is None else block_grams.sum(0)
-        raw = self._compute_weights(gram, values, block_grams)
+        result = self._compute_weights(gram, values, block_grams)
+        if isinstance(result, tuple):
+            raw, extras = result
+        else:  # TRANSITIONAL: balancers not yet converted report extras via _extras()
+            raw, extras = result, getattr(self, "_extras", dict)()
         if isinstance(raw, Tensor):  # a subclass written against torch tensors
             raw = raw.detach().to("cpu", torch.float64).numpy()
         weights = np.asarray(raw, dtype=np.float64)
@@ -538,7 +545,7 @@ class BalancedOptimizer(Optimizer):
             )
         if not np.isfinite(weights).all():
             raise NonFiniteError(f"{type(self).__name__} produced non-finite weights {weights}")
-        return weights, gram
+        return weights, gram, _host_extras(extras)
 
     @staticmethod
     def _block_weights(weights: np.ndarray, num_blocks: int) -> np.ndarray:
@@ -561,6 +568,7 @@ class BalancedOptimizer(Optimizer):
         values: np.ndarray,
         gram: np.ndarray | None,
         block_grams: np.ndarray | None,
+        extras: dict[str, Any],
     ) -> BalanceInfo:
         self.num_steps += 1
         return BalanceInfo(
@@ -569,7 +577,7 @@ class BalancedOptimizer(Optimizer):
             gram=None if gram is None else torch.from_numpy(np.array(gram, dtype=np.float64)),
             level=level,
             block_grams=None if block_grams is None else torch.from_numpy(block_grams.copy()),
-            extras=self._extras(),
+            extras=extras,
         )
 
     # -- representation level
@@ -653,7 +661,7 @@ class BalancedOptimizer(Optimizer):
         verdict = self._decide("representation", host_values, host_grams)
         if verdict is not None:
             return verdict
-        weights, gram = self._weights(host_values, host_grams, len(blocks))
+        weights, gram, extras = self._weights(host_values, host_grams, len(blocks))
         bw = to_device(self._block_weights(weights, len(blocks)), rows[0].device)
         combined = [
             (bw[b].to(rows[b].dtype) @ rows[b]).view_as(blocks[b]) for b in range(len(blocks))
@@ -670,7 +678,12 @@ class BalancedOptimizer(Optimizer):
                 for h in handles:
                     h.remove()
         return self._info(
-            "representation", weights, host_values, gram, host_grams if len(blocks) > 1 else None
+            "representation",
+            weights,
+            host_values,
+            gram,
+            host_grams if len(blocks) > 1 else None,
+            extras,
         )
 
     def _plain_backward_is_exact(self) -> bool:
@@ -701,7 +714,7 @@ class BalancedOptimizer(Optimizer):
         else:
             check_reached(depends_on(losses, blocks), self._name, parameters=True)
         # the weights depend on neither gradients nor losses (see _plain_backward_is_exact)
-        weights, _ = self._weights(np.ones(len(losses)), None, len(blocks))
+        weights, _, extras = self._weights(np.ones(len(losses)), None, len(blocks))
         flags: list[Tensor] = []
         handles = []
         if level == "representation":
@@ -724,7 +737,7 @@ class BalancedOptimizer(Optimizer):
         verdict = self._decide(level, host_values, None, bool(host_finite.item() == 1.0))
         if verdict is not None:
             return verdict
-        return self._info(level, weights, host_values, None, None)
+        return self._info(level, weights, host_values, None, None, extras)
 
     # -- parameter level
     def _parameter_update_mode(self) -> str:
@@ -807,7 +820,7 @@ class BalancedOptimizer(Optimizer):
         verdict = self._decide("parameters", host_values, host_grams)
         if verdict is not None:
             return verdict
-        weights, gram = self._weights(host_values, host_grams, len(pieces))
+        weights, gram, extras = self._weights(host_values, host_grams, len(pieces))
         bw = to_device(self._block_weights(weights, len(pieces)), piece_rows[0].device)
         combined: list[tuple[Tensor, Tensor]] = []  # (parameter, its combined gradient)
         for (blk, j), r, w in zip(pieces, piece_rows, bw):
@@ -842,11 +855,24 @@ class BalancedOptimizer(Optimizer):
                 else:
                     p.grad = p.grad + g if p.grad.is_sparse else p.grad.add_(g)
         return self._info(
-            "parameters", weights, host_values, gram, host_grams if self.per_block else None
+            "parameters",
+            weights,
+            host_values,
+            gram,
+            host_grams if self.per_block else None,
+            extras,
         )
 
 
 # ---------------------------------------------------------------------- helpers
+def _host_extras(extras: Mapping[str, Any]) -> dict[str, Any]:
+    """A method's diagnostics as ``BalanceInfo.extras``: arrays become (copied) host tensors."""
+    return {
+        name: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray | np.generic) else v
+        for name, v in extras.items()
+    }
+
+
 class _ParamBlock:
     """One gradient matrix of the parameter level.
 
