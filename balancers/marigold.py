@@ -37,6 +37,7 @@ Weight step (fixed point = the MGDA weights, KKT: ``h_i`` equal on the support):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
+from mtl._autocast import autocast_off, forward_autocast
 from mtl._checks import check_reached, check_trunk
 from mtl._combine import accumulate_head_grads, replace_grad, weighted_sum
 from mtl._gram import rescaled_gram
@@ -332,7 +334,7 @@ class MARIGOLD(BalancedOptimizer):
         self.min_step_scale = min_step_scale
         self.seed = seed
         self._generator = np.random.Generator(np.random.PCG64(seed))
-        self._last: dict[str, Any] = {}
+        self._amp: list[tuple[str, torch.dtype]] = []  # the closure's autocast (this step)
         if self.num_tasks is not None:
             self._init_state(self.num_tasks)
 
@@ -390,6 +392,8 @@ class MARIGOLD(BalancedOptimizer):
         return st
 
     def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
+        """Checks everything first (parametrization, lam on its domain, the generator), then
+        replaces the state: a rejected state leaves the optimizer as it was."""
         state = _to_numpy_tree(dict(state))
         rng = state.pop("rng_state", None)
         saved = state.get("parametrization")
@@ -398,19 +402,21 @@ class MARIGOLD(BalancedOptimizer):
                 f"state_dict was saved with parametrization={saved!r}, this optimizer uses "
                 f"{self.parametrization!r}"
             )
-        self.balancer_state = state
+        if "weights" in state:
+            _check_lam(state, self.parametrization, self.num_tasks)
+        generator = self._generator
         if isinstance(rng, np.ndarray):  # an older checkpoint's torch.Generator state
-            self._generator = _rng_from_torch_state(torch.from_numpy(rng.astype(np.uint8)))
+            generator = _rng_from_torch_state(torch.from_numpy(rng.astype(np.uint8)))
         elif isinstance(rng, dict):
-            gen = np.random.Generator(np.random.PCG64())
+            generator = np.random.Generator(np.random.PCG64())
             try:
-                gen.bit_generator.state = rng
+                generator.bit_generator.state = rng
             except (TypeError, ValueError, KeyError) as exc:
                 raise ValueError(f"MARIGOLD state_dict has an invalid PCG64 state: {exc}") from None
-            self._generator = gen
-
-    def _extras(self) -> dict[str, Any]:
-        return dict(self._last)
+        elif rng is not None:
+            raise ValueError(f"MARIGOLD state_dict has an invalid rng_state of type {type(rng)}")
+        self.balancer_state = state
+        self._generator = generator
 
     # ------------------------------------------------------------------ backward
     def backward(  # type: ignore[override]
@@ -454,7 +460,24 @@ class MARIGOLD(BalancedOptimizer):
                 "pass exactly one of representation= and shared_parameters= "
                 f"(got {'both' if representation is not None else 'neither'})"
             )
+        # the closure runs under the caller's autocast (or, for a low-precision
+        # representation computed under an autocast that has ended, under its dtype); the
+        # step's own arithmetic runs outside autocast
+        devices = {loss.device.type for loss in task_losses}
+        blocks = [representation] if isinstance(representation, Tensor) else representation
+        self._amp = forward_autocast(devices, list(blocks or []))
+        with autocast_off(devices):
+            return self._backward_marigold(task_losses, representation, shared_parameters, closure)
+
+    def _backward_marigold(
+        self,
+        task_losses: list[Tensor],
+        representation: Tensor | Sequence[Tensor] | None,
+        shared_parameters: Iterable[Tensor] | None,
+        closure: Closure | None,
+    ) -> BalanceInfo:
         k = len(task_losses)
+        self._open_window()
         self._init_state(k)
         # the losses stay on the device: they reach the host with everything else the step
         # needs, in ONE transfer, after the gradient and the closure (a non-finite loss is
@@ -632,7 +655,9 @@ class MARIGOLD(BalancedOptimizer):
         """Closure losses at each point (``points[j]()`` sets up point j and returns the
         closure's argument, or ``_NOARG``); every call starts from the same RNG state."""
         out = []
-        with _closure_scope(self.eval_mode_closure, cuda) as reset_rng:
+        with _closure_scope(self.eval_mode_closure, cuda) as reset_rng, contextlib.ExitStack() as amp:
+            for device_type, dtype in self._amp:
+                amp.enter_context(torch.autocast(device_type=device_type, dtype=dtype))
             for setup in points:
                 arg = setup()
                 reset_rng()
@@ -681,9 +706,9 @@ class MARIGOLD(BalancedOptimizer):
         h: np.ndarray | None,
         grad_sq: float,
         extras: dict[str, Any],
-    ) -> np.ndarray:
-        """Normalise, update lam (when there is an estimate) and record the diagnostics, on the
-        host. Returns the weights used for this step."""
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Normalise and update lam (when there is an estimate), on the host. Returns the
+        weights used for this step and the step's diagnostics (``BalanceInfo.extras``)."""
         st = self._state()
         used = st["weights"].copy()
         mode = self._normalization()
@@ -718,7 +743,7 @@ class MARIGOLD(BalancedOptimizer):
             if logits is not None:
                 st["logits"] = logits
             st["num_updates"] = int(st.get("num_updates", 0)) + 1
-        self._last = {
+        diagnostics = {
             "estimator": self.estimator,
             "h_hat": None if h is None else torch.from_numpy(h.copy()),
             "h_normalized": None if h_norm is None else torch.from_numpy(h_norm.copy()),
@@ -729,7 +754,9 @@ class MARIGOLD(BalancedOptimizer):
             "next_weights": torch.from_numpy(st["weights"].copy()),
         }
         self.num_steps += 1
-        return used
+        if self.num_tasks is None:
+            self.num_tasks = int(values.shape[0])
+        return used, diagnostics
 
     def _control_step(self, h: np.ndarray, at: np.ndarray) -> None:
         """Secant step control [R]: after a move ``delta`` of lam taken with slope
@@ -765,13 +792,16 @@ class MARIGOLD(BalancedOptimizer):
                 "grad_norm_sq": grad_sq,
             }
 
-    def _result(self, level: Level, used: np.ndarray, values: np.ndarray) -> BalanceInfo:
+    def _result(
+        self, level: Level, used: np.ndarray, values: np.ndarray, extras: dict[str, Any]
+    ) -> BalanceInfo:
+        self._close_window()  # the written gradients, read by step()
         return BalanceInfo(
             weights=torch.from_numpy(used.copy()),
             losses=torch.from_numpy(np.array(values, dtype=np.float64)),
             gram=None,
             level=level,
-            extras=self._extras(),
+            extras=extras,
         )
 
     @staticmethod
@@ -845,9 +875,9 @@ class MARIGOLD(BalancedOptimizer):
         _unstash_grads(stash, keep_new=True)
         if self.estimator == "amortized":
             h = self._amortized_estimate(host_values)
-        used = self._finish(host_values, h, grad_sq, extras)
+        used, diagnostics = self._finish(host_values, h, grad_sq, extras)
         self._remember(host_values, used, grad_sq)
-        return self._result("parameters", used, host_values)
+        return self._result("parameters", used, host_values, diagnostics)
 
     def _fd_parameters(
         self,
@@ -966,9 +996,9 @@ class MARIGOLD(BalancedOptimizer):
                     hd.remove()
         if self.estimator == "amortized":
             h = self._amortized_estimate(host_values)
-        used = self._finish(host_values, h, grad_sq, extras)
+        used, diagnostics = self._finish(host_values, h, grad_sq, extras)
         self._remember(host_values, used, None)
-        return self._result("representation", used, host_values)
+        return self._result("representation", used, host_values, diagnostics)
 
     def _gradients_with_heads(
         self,
@@ -1047,6 +1077,29 @@ class _NoArg:
 
 
 _NOARG = _NoArg()
+
+
+def _check_lam(state: dict[str, Any], parametrization: str, num_tasks: int | None) -> None:
+    """A saved lam must lie on its domain: finite, on the simplex (both parametrizations), of
+    K entries, and for ``"softmax"`` equal to the softmax of finite saved logits."""
+    lam = np.asarray(state["weights"], dtype=np.float64)
+    k = num_tasks if num_tasks is not None else lam.shape[0] if lam.ndim == 1 else -1
+    if lam.ndim != 1 or lam.shape[0] != k:
+        raise ValueError(f"MARIGOLD state_dict: 'weights' must have shape ({k},), got {lam.shape}")
+    if not np.isfinite(lam).all() or (lam < 0).any() or abs(lam.sum() - 1.0) > 1e-6:
+        raise ValueError(
+            f"MARIGOLD state_dict: 'weights' must lie on the simplex (finite, >= 0, sum 1), "
+            f"got {lam.tolist()}"
+        )
+    if parametrization == "softmax":
+        logits = np.asarray(state.get("logits"), dtype=np.float64)
+        if logits.shape != lam.shape or not np.isfinite(logits).all():
+            raise ValueError(
+                f"MARIGOLD state_dict: 'logits' must be {k} finite numbers, got {logits.tolist()}"
+            )
+        soft = np.exp(logits - logits.max())
+        if np.abs(soft / soft.sum() - lam).max() > 1e-6:
+            raise ValueError("MARIGOLD state_dict: 'weights' is not the softmax of 'logits'")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

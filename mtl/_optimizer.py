@@ -22,6 +22,7 @@ import copy
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeAlias
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._autocast import autocast_off
 from ._checks import (
     check_losses,
     check_parameters,
@@ -38,6 +40,7 @@ from ._checks import (
     check_trunk,
 )
 from ._combine import accumulate_head_grads, replace_grad, sum_backward
+from ._finite import nonfinite_flags
 from ._gram import combine_rows, device_gram, rescaled_gram, suspect_rows, task_rows
 from ._graph import GraphAnalysis, analyse_graph, depends_on
 from ._host import to_device, to_host
@@ -49,6 +52,7 @@ __all__ = ["BalancedOptimizer"]
 WeightsResult: TypeAlias = "tuple[np.ndarray, Mapping[str, Any]] | np.ndarray"
 
 _NONFINITE_MODES = ("raise", "skip")
+_BALANCER_KEYS = ("method", "num_tasks", "num_steps", "num_skipped", "state")
 _GRAD_MODES = ("loop", "batched")
 _PARAM_UPDATES = ("auto", "direct", "backward")
 
@@ -157,6 +161,7 @@ class BalancedOptimizer(Optimizer):
         self.num_steps = 0  # balanced backward passes that updated the balancer
         self.num_skipped = 0  # steps skipped because of a non-finite loss or gradient
         self._skip_next_step = False
+        self._window: _Window | None = None  # what step() must check before stepping
         self._rows_cache: tuple[list[Any], list[Tensor]] | None = None
 
         # param_groups/state/defaults are forwarded to the inner optimizer (properties below)
@@ -194,14 +199,52 @@ class BalancedOptimizer(Optimizer):
         # A new accumulation window: a skip pending from a discarded window (the caller saw
         # info.skipped and moved on without step()) must not swallow the next good step.
         self._skip_next_step = False
+        self._window = None
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        """Step the inner optimizer, unless the last balanced backward was skipped."""
+        """Step the inner optimizer, unless the last balanced backward was skipped.
+
+        Gradients written after a balanced backward's host transfer (the trunk below the
+        balance point, the heads, the combined shared gradient) were reduced on the device to
+        one flag per parameter; like ``torch.amp.GradScaler.step``, this reads that vector once.
+        A non-finite one rolls the balancer state back to before the window's first backward
+        and then raises :class:`NonFiniteError` (``.grad`` that were ``None`` before are
+        ``None`` again) or, with ``on_nonfinite="skip"``, skips the step.
+        """
+        window, self._window = self._window, None
         if self._skip_next_step:
             self._skip_next_step = False
             return None
+        if window is not None and window.flags is not None:
+            bad = to_host(window.flags)[0]
+            assert bad is not None
+            if bad.any():
+                self._reject(window, [p for p, b in zip(window.params, bad) if b])
+                return None
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def _reject(self, window: _Window, params: list[Tensor]) -> None:
+        """A non-finite gradient found at step(): undo the window's balancer updates, then
+        raise or count the skip."""
+        if window.snapshot is not None:
+            self._load_balancer_state_dict(window.snapshot)
+        self.num_steps = window.num_steps
+        where = {id(p): (g, i) for g, group in enumerate(self.param_groups)
+                 for i, p in enumerate(group["params"])}
+        names = ", ".join(
+            f"parameter {where[id(p)][1]} of param group {where[id(p)][0]} "
+            f"(shape {tuple(p.shape)})"
+            for p in params[:5]
+        ) + (f" and {len(params) - 5} more" if len(params) > 5 else "")
+        if self.on_nonfinite == "raise":
+            for p in window.fresh:
+                p.grad = None
+            raise NonFiniteError(
+                f"non-finite gradient written by the balanced backward in {names}; "
+                "pass on_nonfinite='skip' to skip such steps"
+            )
+        self.num_skipped += 1
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -234,30 +277,60 @@ class BalancedOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load what :meth:`state_dict` returned (a plain inner-optimizer dict is accepted too)."""
+        """Load what :meth:`state_dict` returned (a plain inner-optimizer dict is accepted too).
+
+        All or nothing: the ``"balancer"`` entry is checked first (missing keys are named), and
+        if loading the balancer state or the inner optimizer's state fails, both are put back
+        as they were before the call.
+        """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         sd = dict(state_dict)
         bal = sd.pop("balancer", None)
         if bal is not None:
-            if bal.get("method") != type(self).__name__:
-                raise ValueError(
-                    f"state_dict was saved by {bal.get('method')}, cannot load into "
-                    f"{type(self).__name__}"
-                )
-            k = bal.get("num_tasks")
-            if k is not None and self.num_tasks is not None and k != self.num_tasks:
-                raise ValueError(
-                    f"state_dict has num_tasks={k} but this optimizer has num_tasks={self.num_tasks}"
-                )
-        self.optimizer.load_state_dict(sd)
+            self._check_balancer_entry(bal)
+        old_inner = copy.deepcopy(self.optimizer.state_dict())
+        old_state = _clone(self._balancer_state_dict())
+        try:
+            if bal is not None:
+                self._load_balancer_state_dict(_clone(bal["state"]))
+            self.optimizer.load_state_dict(sd)
+        except Exception:
+            self._load_balancer_state_dict(old_state)
+            self.optimizer.load_state_dict(old_inner)
+            raise
         if bal is not None:
-            if bal.get("num_tasks") is not None:
-                self.num_tasks = bal["num_tasks"]
+            if bal["num_tasks"] is not None:
+                self.num_tasks = int(bal["num_tasks"])
             self.num_steps = int(bal["num_steps"])
             self.num_skipped = int(bal["num_skipped"])
             self._skip_next_step = bool(bal.get("skip_next_step", False))
-            self._load_balancer_state_dict(_clone(bal["state"]))
+        self._window = None
+
+    def _check_balancer_entry(self, bal: Any) -> None:
+        if not isinstance(bal, dict):
+            raise TypeError(f"state_dict['balancer'] must be a dict, got {type(bal).__name__}")
+        missing = [key for key in _BALANCER_KEYS if key not in bal]
+        if missing:
+            raise ValueError(f"state_dict['balancer'] is missing the keys {missing}")
+        if bal["method"] != type(self).__name__:
+            raise ValueError(
+                f"state_dict was saved by {bal['method']}, cannot load into {type(self).__name__}"
+            )
+        for key in ("num_steps", "num_skipped"):
+            if isinstance(bal[key], bool) or not isinstance(bal[key], int) or bal[key] < 0:
+                raise ValueError(f"state_dict['balancer'][{key!r}] must be an int >= 0, "
+                                 f"got {bal[key]!r}")
+        k = bal["num_tasks"]
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"state_dict['balancer']['num_tasks'] must be a positive int, got {k!r}")
+        if k is not None and self.num_tasks is not None and k != self.num_tasks:
+            raise ValueError(
+                f"state_dict has num_tasks={k} but this optimizer has num_tasks={self.num_tasks}"
+            )
+        if not isinstance(bal["state"], dict):
+            raise TypeError("state_dict['balancer']['state'] must be a dict, got "
+                            f"{type(bal['state']).__name__}")
 
     def _balancer_state_dict(self) -> dict[str, Any]:
         """Balancer state to checkpoint; override when it holds more than ``balancer_state``."""
@@ -318,12 +391,23 @@ class BalancedOptimizer(Optimizer):
             accumulated into ``.grad`` (call ``zero_grad()`` before, as with ``loss.backward()``).
         """
         task_losses = self._check_losses(losses)
+        with autocast_off({loss.device.type for loss in task_losses}):
+            return self._backward(task_losses, representation, shared_parameters)
+
+    def _backward(
+        self,
+        task_losses: list[Tensor],
+        representation: Tensor | Sequence[Tensor] | None,
+        shared_parameters: Iterable[Tensor] | None,
+    ) -> BalanceInfo:
+        """The dispatcher: plain, representation-level or parameter-level step."""
         if (representation is None) == (shared_parameters is None):
             raise ValueError(
                 "pass exactly one of representation= and shared_parameters= "
                 f"(got {'both' if representation is not None else 'neither'})"
             )
         values = torch.stack([loss.detach().to(torch.float64) for loss in task_losses])
+        self._open_window()
         if representation is not None:
             blocks = check_representation(representation)
             if not self.compute_gram and self._plain_backward_is_exact():
@@ -345,10 +429,39 @@ class BalancedOptimizer(Optimizer):
         return {id(p) for g in self.param_groups for p in g["params"]}
 
     def _check_losses(self, losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
-        items = check_losses(losses, self.num_tasks, self._name)
-        if self.num_tasks is None:
-            self.num_tasks = len(items)
-        return items
+        # num_tasks is fixed by the first call that gets through (_info/_nonfinite), not here
+        return check_losses(losses, self.num_tasks, self._name)
+
+    def _params(self) -> list[Tensor]:
+        """The trainable parameters of the inner optimizer, in param-group order."""
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _open_window(self) -> _Window:
+        """The accumulation window (backward calls since the last step/zero_grad): what a
+        rejected step must restore."""
+        if self._window is None:
+            self._window = _Window(
+                fresh=[p for p in self._params() if p.grad is None],
+                snapshot=_clone(self._balancer_state_dict()),
+                num_steps=self.num_steps,
+            )
+        return self._window
+
+    def _close_window(self) -> None:
+        """After the combined gradients are written: one device flag per parameter (no read;
+        :meth:`step` reads it). Under DDP the flags are max-reduced, so every rank decides alike.
+        """
+        window = self._open_window()
+        params = self._params()
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            window.flags, window.params = None, []
+            return
+        flags = nonfinite_flags(grads)
+        active, group = self._group()
+        if active:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        window.flags, window.params = flags, params
 
     def _check_representation(self, representation: Tensor | Sequence[Tensor]) -> list[Tensor]:
         return check_representation(representation)
@@ -389,21 +502,27 @@ class BalancedOptimizer(Optimizer):
     ) -> BalanceInfo:
         """Raise, or skip the step without touching the balancer state.
 
-        When skipping, the ``.grad`` of every parameter of the inner optimizer is set to NaN (no
-        further backward pass is run): ``torch.amp.GradScaler`` then sees the overflow and
-        lowers its scale, and the next :meth:`step` is a no-op in any case. ``zero_grad()``
-        clears them.
+        No further backward pass is run. When skipping, the ``.grad`` of the smallest parameter
+        of the inner optimizer is set to NaN (a cheap marker; no dense gradient for an
+        embedding table): ``torch.amp.GradScaler`` then sees the overflow and lowers its scale,
+        and the next :meth:`step` is a no-op in any case. ``zero_grad()`` clears it. Balancer
+        updates of earlier backward calls of the same accumulation window are undone.
         """
         names = ", ".join(self._name(k) for k in bad) if bad else "the summed tasks"
+        window = self._open_window()  # the whole window is rejected: its updates are undone
+        if window.snapshot is not None:  # undo earlier backward calls and drawn numbers
+            self._load_balancer_state_dict(window.snapshot)
+        self.num_steps = window.num_steps
+        self._window = None
         if self.on_nonfinite == "raise":
+            for p in window.fresh:
+                p.grad = None
             raise NonFiniteError(
                 f"non-finite {what} for {names}; pass on_nonfinite='skip' to skip such steps"
             )
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad:
-                        p.grad = torch.full_like(p, float("nan"))
+        if self.num_tasks is None:
+            self.num_tasks = values.shape[0]
+        _mark_overflow(self._params())
         self.num_skipped += 1
         self._skip_next_step = True
         return BalanceInfo(
@@ -571,6 +690,8 @@ class BalancedOptimizer(Optimizer):
         extras: dict[str, Any],
     ) -> BalanceInfo:
         self.num_steps += 1
+        if self.num_tasks is None:
+            self.num_tasks = values.shape[0]
         return BalanceInfo(
             weights=torch.from_numpy(np.array(weights, dtype=np.float64)),
             losses=torch.from_numpy(np.array(values, dtype=np.float64)),
@@ -677,6 +798,7 @@ class BalancedOptimizer(Optimizer):
             finally:
                 for h in handles:
                     h.remove()
+        self._close_window()
         return self._info(
             "representation",
             weights,
@@ -720,7 +842,7 @@ class BalancedOptimizer(Optimizer):
         if level == "representation":
 
             def check(grad: Tensor) -> None:
-                flags.append(_finite_flag(grad))
+                flags.append(nonfinite_flags([grad]))
 
             handles = [z.register_hook(check) for z in blocks]
         try:
@@ -728,16 +850,22 @@ class BalancedOptimizer(Optimizer):
         finally:
             for h in handles:
                 h.remove()
-        if level == "parameters":
-            flags = [_finite_flag(p.grad) for p in blocks if p.grad is not None]
-        finite = torch.stack(flags).all().to(torch.float64) if flags else values.new_ones(())
-        reduced_values, _ = self._reduce(values, None)
-        host_values, host_finite = to_host(reduced_values, finite)
-        assert host_values is not None and host_finite is not None
-        verdict = self._decide(level, host_values, None, bool(host_finite.item() == 1.0))
+        # every gradient the backward wrote, and the one arriving at the balance point
+        grads = [p.grad for p in self._params()]
+        if any(g is not None for g in grads):
+            flags.append(nonfinite_flags(grads))
+        bad = torch.cat(flags).amax().reshape(1) if flags else values.new_zeros(1)
+        # one collective and one transfer: the flag travels with the losses (a mean over ranks
+        # is positive when any rank saw a non-finite gradient)
+        packed, _ = self._reduce(torch.cat([values, bad]), None)
+        host, _ = to_host(packed, None)
+        assert host is not None
+        k = values.shape[0]
+        verdict = self._decide(level, host[:k], None, bool(host[k] == 0.0))
         if verdict is not None:
             return verdict
-        return self._info(level, weights, host_values, None, None, extras)
+        self._window = None  # checked within this backward's transfer
+        return self._info(level, weights, host[:k], None, None, extras)
 
     # -- parameter level
     def _parameter_update_mode(self) -> str:
@@ -854,6 +982,7 @@ class BalancedOptimizer(Optimizer):
                     p.grad = g
                 else:
                     p.grad = p.grad + g if p.grad.is_sparse else p.grad.add_(g)
+        self._close_window()
         return self._info(
             "parameters",
             weights,
@@ -926,14 +1055,26 @@ def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
             d.copy_(s)
 
 
-def _finite_flag(t: Tensor) -> Tensor:
-    """A 0-d bool tensor on the device: no NaN/inf entry, from one reduction (NaN and inf
-    propagate through a sum; a finite tensor whose sum overflows reads as non-finite, which only
-    a diverged run produces). Never read back here: the caller packs it into the step's one
-    host transfer."""
-    if t.is_sparse:
-        t = t._values()
-    return torch.isfinite(t.sum())
+@dataclass
+class _Window:
+    """The backward calls since the last ``step``/``zero_grad``: the parameters whose ``.grad``
+    was ``None`` before the first, the balancer state and step count before it, and the device
+    flags of the gradients written (:func:`mtl._finite.nonfinite_flags`) for ``step`` to read."""
+
+    fresh: list[Tensor]
+    snapshot: dict[str, Any] | None
+    num_steps: int
+    flags: Tensor | None = None
+    params: list[Tensor] = field(default_factory=list)
+
+
+def _mark_overflow(params: Sequence[Tensor]) -> None:
+    """A skipped step's marker for ``GradScaler``: the smallest parameter's ``.grad`` is NaN."""
+    if not params:
+        return
+    p = min(params, key=lambda q: q.numel())
+    with torch.no_grad():
+        p.grad = torch.full_like(p, float("nan"))
 
 
 def init_optimizer_hooks(opt: Optimizer) -> None:
