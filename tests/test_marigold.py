@@ -693,7 +693,7 @@ def test_simulated_ddp_reduction(monkeypatch: pytest.MonkeyPatch) -> None:
         if ddp:
             monkeypatch.setattr(opt, "_group", lambda: (True, None))
             monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-            monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: t.mul_(2))
+            monkeypatch.setattr(dist, "all_reduce", lambda t, group=None, op=None: t.mul_(2))
         infos = []
         for _ in range(3):
             opt.zero_grad()
