@@ -536,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # the benchmark has its own parser (experiments.bench)
         try:
-            from .bench import main as bench_main
+            from .bench.cli import main as bench_main
         except ImportError as e:
             print(f"error: the benchmark is not available ({e})", file=sys.stderr)
             return 2

@@ -1,4 +1,4 @@
-"""The host-sync counter the tests share: the benchmark's own (``experiments/bench_syncs.py``).
+"""The host-sync counter the tests share: the benchmark's own (``experiments/bench/syncs.py``).
 
 Usage::
 
@@ -9,6 +9,6 @@ Usage::
 
 from __future__ import annotations
 
-from experiments.bench_syncs import SYNC_NAMES, SyncCounter
+from experiments.bench.syncs import SYNC_NAMES, SyncCounter
 
 __all__ = ["SYNC_NAMES", "SyncCounter"]

@@ -1,4 +1,4 @@
-"""Tests of the benchmark harness ``python -m experiments bench`` (experiments/bench*.py).
+"""Tests of the benchmark harness ``python -m experiments bench`` (the package experiments/bench/).
 
 The --quick run end to end (JSON shape, markdown, ratios, the overhead section and its sync
 counts), the interleaved timing helper on fake callables with a fake clock, the exact sparse-aware
@@ -19,20 +19,18 @@ from typing import Any
 import pytest
 import torch
 
-from experiments import bench, bench_peers
-from experiments.bench_core import (
-    BenchModelConfig,
-    ModeSpec,
-    build_group,
-    count_backward_syncs,
-    device_clock,
-    interleaved_timings,
-    make_mode,
-    ratio_summary,
-    sparse_aware_gram,
-    task_losses,
-)
-from experiments.bench_syncs import SYNC_NAMES, SyncCounter, count_syncs
+from experiments.bench import cli, options, peers
+from experiments.bench.budget import budget_table
+from experiments.bench.derived import derived_tables
+from experiments.bench.memory import run_memory_cuda
+from experiments.bench.model import OVERHEAD_MODEL, BenchModelConfig, build_group, task_losses
+from experiments.bench.modes import ModeSpec, count_backward_syncs, make_mode
+from experiments.bench.progress import NullBar
+from experiments.bench.sections import run_section
+from experiments.bench.studies import sparse_aware_gram
+from experiments.bench.syncs import SYNC_NAMES, SyncCounter, count_syncs
+from experiments.bench.tables import render_markdown
+from experiments.bench.timing import device_clock, interleaved_timings, ratio_summary
 from mtl import CombinedOptimizer
 
 
@@ -50,7 +48,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     n = torch.get_num_threads()
     out = tmp_path_factory.mktemp("bench_quick")
     try:
-        rc = bench.main(["--quick", "--out", str(out), "--quiet"])
+        rc = cli.main(["--quick", "--out", str(out), "--quiet"])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
@@ -141,9 +139,9 @@ def test_quick_run_overhead_section(quick_run: tuple[Path, dict[str, Any]]) -> N
     out, res = quick_run
     ov = res["sections"]["overhead"]
     assert ov["tasks"] == [2, 4]
-    assert ov["steps_per_block"] == bench.QUICK["overhead_steps"]
+    assert ov["steps_per_block"] == options.QUICK["overhead_steps"]
     m = ov["model"]
-    small = bench.OVERHEAD_MODEL
+    small = OVERHEAD_MODEL
     assert (m["fields"], m["dim"], m["batch_size"]) == (
         small["fields"],
         small["dim"],
@@ -389,7 +387,7 @@ def _hide_peers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_peer_status_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     _hide_peers(monkeypatch)
-    status = bench_peers.peer_status()
+    status = peers.peer_status()
     for key in ("torchjd", "rechub"):
         assert status[key]["available"] is False
         assert ".[bench]" in status[key]["reason"]
@@ -400,7 +398,7 @@ def test_bench_runs_without_peers(
 ) -> None:
     _hide_peers(monkeypatch)
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    options.add_arguments(parser)
     args = parser.parse_args(
         [
             "--quick",
@@ -419,7 +417,7 @@ def test_bench_runs_without_peers(
             "--no-plots",
         ]
     )
-    assert bench.run(args) == 0
+    assert cli.run(args) == 0
     err = capsys.readouterr().err
     assert "install" in err.lower() and ".[bench]" in err
     res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
@@ -438,16 +436,16 @@ def test_device_cuda_without_cuda_fails_at_once(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "never"
-    assert bench.main(["--device", "cuda", "--quick", "--quiet", "--out", str(out)]) == 2
+    assert cli.main(["--device", "cuda", "--quick", "--quiet", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "error: --device cuda: CUDA is not available" in err
     assert "Traceback" not in err
     assert not out.exists()  # failed before building or writing anything
     with pytest.raises(ValueError, match="CUDA is not available"):
-        bench._check_device("cuda:0")
+        options.check_device("cuda:0")
     with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
-        bench._check_device("tpu")
-    assert bench._check_device("cpu") == "cpu"
+        options.check_device("tpu")
+    assert options.check_device("cpu") == "cpu"
     # through the dispatcher too
     from experiments.cli import main as cli_main
 
@@ -479,22 +477,22 @@ def test_cuda_paths_with_stubbed_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", peak)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    assert bench._check_device("cuda") == "cuda"
+    assert options.check_device("cuda") == "cuda"
     with pytest.raises(ValueError, match="only 1 CUDA device"):
-        bench._check_device("cuda:3")
+        options.check_device("cuda:3")
     clock = device_clock("cuda")
     n = calls["sync"]
     assert clock() > 0 and calls["sync"] == n + 1
 
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    options.add_arguments(parser)
     argv = "--quick --sections rep --tasks 2 --balancers mgda --no-diagnostics --no-peers "
     argv += "--memory-modes rep/plain,rep/rep:mgda --memory-steps 1"
-    args = bench._resolve(parser.parse_args(argv.split()))
-    cfg = bench._model_config(args)  # built on the CPU: only torch.cuda's functions are stubbed
-    data = bench.run_section("rep", args, cfg, bench.peer_status(), lambda **_: bench._NullBar())
+    args = options.resolve(parser.parse_args(argv.split()))
+    cfg = options.model_config(args)  # built on the CPU: only torch.cuda's functions are stubbed
+    data = run_section("rep", args, cfg, peers.peer_status(), lambda **_: NullBar())
     sections = {"rep": data}
-    bench.run_memory_cuda(sections, args, cfg, lambda **_: bench._NullBar())
+    run_memory_cuda(sections, args, cfg, lambda **_: NullBar())
     assert calls["reset"] == 2 and calls["peak"] == 2  # once per mode, before/after its steps
     assert data["memory"]["source"] == "torch.cuda.max_memory_allocated"
     rows = {r["mode"]: r for r in data["results"] if r["K"] == 2}
@@ -504,8 +502,8 @@ def test_cuda_paths_with_stubbed_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "rss_mb" not in rows["plain"]
 
     args.device = "cuda"  # the report as a CUDA run would write it
-    derived = bench.derived_tables(sections, args)
-    budget = bench.budget_table(sections, derived, {"available": False, "reason": "-"}, args)
+    derived = derived_tables(sections, args)
+    budget = budget_table(sections, derived, {"available": False, "reason": "-"}, args)
     items = {b["item"]: b for b in budget}
     gpu = [i for i in items if i.startswith("on Fake GPU: representation-level")]
     assert gpu and items[gpu[0]]["met"] is (rows["rep:mgda"]["ratio"] <= 1.10)
@@ -528,14 +526,14 @@ def test_cuda_paths_with_stubbed_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
             "elapsed_s": 1.0,
             "model": cfg.to_dict(),
         },
-        "peers": bench.peer_status(),
+        "peers": peers.peer_status(),
         "sections": sections,
         "derived": derived,
         "marigold_lambda": {},
         "mgda_agreement": {"available": False, "reason": "-"},
         "budget": budget,
     }
-    md = bench.render_markdown(results)
+    md = render_markdown(results)
     assert "| peak CUDA MB | CUDA mem ratio |" in md and "Device: cuda: Fake GPU" in md
     assert "torch.cuda.synchronize()" in md
 
@@ -543,11 +541,11 @@ def test_cuda_paths_with_stubbed_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_gpu_model_flags_resolve_together() -> None:
     """The issue's GPU model is reachable by flags (not run here: 8 x 1M x 32 tables)."""
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    options.add_arguments(parser)
     argv = "--fields 8 --rows 1000000 --dim 32 --bottom 1024,512,256 --tower 64 "
     argv += "--batch-size 4096 --tasks 4,16"
-    args = bench._resolve(parser.parse_args(argv.split()))
-    cfg = bench._model_config(args)
+    args = options.resolve(parser.parse_args(argv.split()))
+    cfg = options.model_config(args)
     assert (cfg.fields, cfg.dim, cfg.bottom, cfg.tower, cfg.batch_size) == (
         8,
         32,
@@ -559,16 +557,53 @@ def test_gpu_model_flags_resolve_together() -> None:
     assert args.memory_tasks == 16 and args.h2h_tasks == [4]
     assert args.sections == ["rep", "param", "h2h", "overhead"]
     # the overhead section keeps its own small model whatever the main model's flags
-    small = bench._section_config("overhead", args, cfg)
+    small = options.section_config("overhead", args, cfg)
     assert (small.fields, small.dim, small.bottom, small.batch_size) == (4, 8, (32, 16), 64)
-    assert bench._section_config("rep", args, cfg) is cfg
+    assert options.section_config("rep", args, cfg) is cfg
 
 
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
-    assert bench.main(["--quick", "--out", str(tmp_path), "--balancers", "nope", "--quiet"]) == 2
-    assert bench.main(["--quick", "--out", str(tmp_path), "--sections", "x", "--quiet"]) == 2
+    assert cli.main(["--quick", "--out", str(tmp_path), "--balancers", "nope", "--quiet"]) == 2
+    assert cli.main(["--quick", "--out", str(tmp_path), "--sections", "x", "--quiet"]) == 2
 
 
 def test_module_has_dispatch_pair() -> None:
-    assert callable(bench.add_arguments) and callable(bench.run) and callable(bench.main)
+    assert callable(cli.add_arguments) and callable(cli.run) and callable(cli.main)
     assert CombinedOptimizer.__mro__[1] is torch.optim.Optimizer
+
+
+def test_package_imports_point_one_way() -> None:
+    """experiments/bench/: module-level imports only, no cycle among the package's modules, and
+    no import of another bench module hidden inside a function."""
+    import ast
+
+    root = Path(cli.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in sorted(root.glob("*.py")):
+        name = path.stem
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            inside = [m.split(".")[2] for m in mods if m.startswith("experiments.bench.")]
+            if inside and node.col_offset > 0 and name != "__main__":
+                raise AssertionError(f"{path.name}:{node.lineno}: import inside a function")
+            deps.update(m for m in inside if (root / f"{m}.py").exists())
+        graph[name] = deps - {name}
+    assert graph["__init__"] == set() and graph["model"] == set()
+    done: set[str] = set()
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        assert name not in stack, f"import cycle: {' -> '.join((*stack, name))}"
+        if name not in done:
+            for dep in graph[name]:
+                visit(dep, (*stack, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())

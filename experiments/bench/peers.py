@@ -1,7 +1,8 @@
 """Peer libraries for ``python -m experiments bench`` (the ``bench`` extra): TorchJD, torch-rechub.
 
-Both are optional and imported lazily. :func:`peer_status` says which are importable and why
-not; the step factories raise ``ImportError`` when their library is missing.
+Both are optional and imported lazily (:func:`importlib.import_module`, when a step is built).
+:func:`peer_status` says which are importable and why not; the step factories raise
+``ImportError`` when their library is missing.
 
 * TorchJD 0.18: ``torchjd.autojac.mtl_backward(losses, features=z, shared_params=...)`` fills the
   ``.jac`` field (K rows) of every shared parameter and gives each head its own task's gradient;
@@ -22,14 +23,22 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import version
+from typing import Any, cast
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from experiments.bench_core import Group
+from experiments.bench.model import Group, task_losses
 
-__all__ = ["INSTALL_HINT", "peer_status", "rechub_step", "torchjd_aggregator", "torchjd_step"]
+__all__ = [
+    "INSTALL_HINT",
+    "TORCHJD_AGGREGATORS",
+    "peer_status",
+    "rechub_step",
+    "torchjd_aggregator",
+    "torchjd_backward",
+    "torchjd_step",
+]
 
 INSTALL_HINT = 'pip install -e ".[bench]"   (torchjd[full]==0.18.0, torch-rechub)'
 
@@ -53,8 +62,6 @@ def peer_status() -> dict[str, dict[str, Any]]:
             }
             continue
         try:
-            from importlib.metadata import version
-
             ver: str | None = version(dist_name)
         except Exception:  # noqa: BLE001
             ver = None
@@ -64,8 +71,7 @@ def peer_status() -> dict[str, dict[str, Any]]:
 
 def torchjd_aggregator(name: str, **options: Any) -> Any:
     """A TorchJD aggregator by name: ``mgda``, ``upgrad`` or ``pcgrad`` (library defaults)."""
-    from torchjd import aggregation
-
+    aggregation = importlib.import_module("torchjd.aggregation")
     classes = {"mgda": "MGDA", "upgrad": "UPGrad", "pcgrad": "PCGrad"}
     if name not in classes:
         raise ValueError(f"unknown TorchJD aggregator {name!r}; choose from {sorted(classes)}")
@@ -76,18 +82,15 @@ def torchjd_backward(
     losses: Sequence[Tensor], features: Tensor, params: Sequence[Tensor], aggregator: Any
 ) -> Tensor | None:
     """``mtl_backward`` + ``jac_to_grad``; returns the aggregator's weights (or None)."""
-    from torchjd.autojac import jac_to_grad, mtl_backward
-
-    mtl_backward(list(losses), features=features, shared_params=list(params))
-    return jac_to_grad(list(params), aggregator)
+    autojac = importlib.import_module("torchjd.autojac")
+    autojac.mtl_backward(list(losses), features=features, shared_params=list(params))
+    return cast("Tensor | None", autojac.jac_to_grad(list(params), aggregator))
 
 
 def torchjd_step(
     group: Group, aggregator: str, params: Sequence[Tensor], options: dict[str, Any]
 ) -> Callable[[], Any]:
     """One training step with TorchJD on ``group``'s model (``params``: the shared set)."""
-    from experiments.bench_core import task_losses
-
     agg = torchjd_aggregator(aggregator, **options)
     model, inner = group.model, group.inner
     params = list(params)
@@ -97,7 +100,7 @@ def torchjd_step(
         out = model(x)
         losses = task_losses(out.task_outputs, ys)
         inner.zero_grad()
-        w = torchjd_backward(losses, out.representation, params, agg)  # type: ignore[arg-type]
+        w = torchjd_backward(losses, cast(Tensor, out.representation), params, agg)
         inner.step()
         return w
 
@@ -106,12 +109,9 @@ def torchjd_step(
 
 def rechub_step(group: Group, options: dict[str, Any]) -> Callable[[], Any]:
     """One training step with torch-rechub's MetaBalance over the shared parameters."""
-    from torch_rechub.basic.metaoptimizer import MetaBalance
-
-    from experiments.bench_core import task_losses
-
+    metaoptimizer = importlib.import_module("torch_rechub.basic.metaoptimizer")
     model, inner = group.model, group.inner
-    meta = MetaBalance(group.shared, **options)
+    meta = metaoptimizer.MetaBalance(group.shared, **options)
 
     def step() -> None:
         x, ys = group.next_batch()

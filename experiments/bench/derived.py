@@ -1,0 +1,118 @@
+"""Derived tables: the two cost claims (MultiBalance, MGDA-UB), MARIGOLD's K-scaling, the
+diagnostics overhead and the TorchJD head-to-head, from the sections' rows."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from experiments.bench.results import find_row, pair_ratio
+
+__all__ = ["derived_tables"]
+
+#: the columns of the MARIGOLD K-scaling table: (key, section, mode)
+_MARIGOLD_K_COLUMNS = (
+    ("plain_dense", "param", "plain"),
+    ("marigold_dense", "param", "param:marigold"),
+    ("mgda_dense", "param", "param:mgda"),
+    ("plain_sparse", "rep", "plain"),
+    ("marigold_sparse", "rep", "param:marigold"),
+    ("marigold_rep_sparse", "rep", "rep:marigold"),
+)
+
+
+def _multibalance(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
+    rep = find_row(sections, "param", "rep:multibalance", k)
+    par = find_row(sections, "param", "param:multibalance", k)
+    rep_s = find_row(sections, "rep", "rep:multibalance", k)
+    if not (rep or par or rep_s):
+        return None
+    return {
+        "K": k,
+        "rep_ratio": rep and rep["ratio"],
+        "rep_qps_change": rep and (1 / rep["ratio"] - 1),
+        "param_ratio": par and par["ratio"],
+        "param_qps_change": par and (1 / par["ratio"] - 1),
+        "rep_sparse_ratio": rep_s and rep_s["ratio"],
+        "rep_sparse_qps_change": rep_s and (1 / rep_s["ratio"] - 1),
+    }
+
+
+def _mgda_ub(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
+    pr = pair_ratio(sections, "param", "rep:mgda", "param:mgda", k)
+    rep = find_row(sections, "param", "rep:mgda", k)
+    par = find_row(sections, "param", "param:mgda", k)
+    if not pr or rep is None or par is None:
+        return None
+    return {
+        "K": k,
+        "rep_ms": rep["ms_per_step"],
+        "param_ms": par["ms_per_step"],
+        "time_ratio": pr["ratio"],
+        "time_ratio_min": pr["ratio_min"],
+        "time_ratio_max": pr["ratio_max"],
+        "time_saved": 1 - pr["ratio"],
+        "speedup": 1 / pr["ratio"],
+    }
+
+
+def _marigold_k(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
+    row: dict[str, Any] = {"K": k}
+    for key, sec, mode in _MARIGOLD_K_COLUMNS:
+        r = find_row(sections, sec, mode, k)
+        if r:
+            row[f"{key}_ms"] = r["ms_per_step"]
+            row[f"{key}_ratio"] = r["ratio"]
+            row[f"{key}_ratio_min"] = r["ratio_min"]
+            row[f"{key}_ratio_max"] = r["ratio_max"]
+    return row if len(row) > 1 else None
+
+
+def _diagnostics(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
+    d = pair_ratio(sections, "rep", "rep:mgda+tracker", "rep:mgda", k)
+    mgda = find_row(sections, "rep", "rep:mgda", k)
+    tracker = find_row(sections, "rep", "rep:mgda+tracker", k)
+    if not d or mgda is None or tracker is None:
+        return None
+    return {
+        "K": k,
+        "overhead": d["ratio"] - 1,
+        "overhead_min": d["ratio_min"] - 1,
+        "overhead_max": d["ratio_max"] - 1,
+        "mgda_ms": mgda["ms_per_step"],
+        "tracker_ms": tracker["ms_per_step"],
+    }
+
+
+def _h2h(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
+    entry: dict[str, Any] = {"K": k}
+    for label, mode in (("param", "param:mgda"), ("rep", "rep:mgda")):
+        pr = pair_ratio(sections, "h2h", "torchjd:mgda:emb", mode, k)
+        if pr:
+            entry[f"speedup_vs_{label}"] = pr["ratio"]
+            entry[f"speedup_vs_{label}_min"] = pr["ratio_min"]
+            entry[f"speedup_vs_{label}_max"] = pr["ratio_max"]
+    for mode in ("plain", "param:mgda", "rep:mgda", "torchjd:mgda:emb", "torchjd:mgda:noemb"):
+        r = find_row(sections, "h2h", mode, k)
+        if r:
+            entry[f"{mode}_ms"] = r["ms_per_step"]
+    return entry if len(entry) > 1 else None
+
+
+def derived_tables(sections: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The two cost claims, MARIGOLD's K-scaling and the diagnostics overhead (per ``--tasks``),
+    and the TorchJD head-to-head (per ``--h2h-tasks``); a K without its rows is left out."""
+    tables = {
+        "multibalance": _multibalance,
+        "mgda_ub": _mgda_ub,
+        "marigold_k": _marigold_k,
+        "diagnostics": _diagnostics,
+    }
+    out: dict[str, Any] = {name: [] for name in tables}
+    for k in args.tasks:
+        for name, make in tables.items():
+            row = make(sections, k)
+            if row is not None:
+                out[name].append(row)
+    out["h2h"] = [e for e in (_h2h(sections, k) for k in args.h2h_tasks) if e is not None]
+    return out
