@@ -673,8 +673,11 @@ class MARIGOLD(BalancedOptimizer):
 
         Returns ``(loss sums (K,), closure loss sums (calls, K), scalars)``."""
         (summed,) = self._reduce_parts([(torch.cat([values, *raw]), 0)])
-        host_sums, host_scalars = to_host(summed, torch.stack(scalars))
+        host_sums, host_scalars, pending = to_host(
+            summed, torch.stack(scalars), self._pending_flag()
+        )
         assert host_sums is not None and host_scalars is not None
+        self._settle(pending)
         return host_sums[:k], host_sums[k:].reshape(-1, k), host_scalars
 
     def _fd_estimate(

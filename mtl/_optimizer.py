@@ -162,6 +162,9 @@ class BalancedOptimizer(Optimizer):
         self.num_skipped = 0  # steps skipped because of a non-finite loss or gradient
         self._skip_next_step = False
         self._window: _Window | None = None  # what step() must check before stepping
+        # a window whose step a fused inner optimizer took with the flags on the device: its
+        # verdict reaches the host with the next transfer (or at state_dict())
+        self._unsettled: _Window | None = None
         self._rows_cache: tuple[list[Any], list[Tensor]] | None = None
 
         # param_groups/state/defaults are forwarded to the inner optimizer (properties below)
@@ -211,18 +214,66 @@ class BalancedOptimizer(Optimizer):
         A non-finite one rolls the balancer state back to before the window's first backward
         and then raises :class:`NonFiniteError` (``.grad`` that were ``None`` before are
         ``None`` again) or, with ``on_nonfinite="skip"``, skips the step.
+
+        A fused inner optimizer (``torch.optim.Adam/AdamW/SGD(..., fused=True)``) takes the
+        flag on the device instead and skips there, as under ``GradScaler``: no read here, so
+        the whole step makes ONE host synchronization. The balancer's rollback (and the raise,
+        with ``on_nonfinite="raise"``) then happens in the next ``backward``, from its
+        transfer, or in :meth:`state_dict`.
         """
         window, self._window = self._window, None
         if self._skip_next_step:
             self._skip_next_step = False
             return None
         if window is not None and window.flags is not None:
+            if getattr(self.optimizer, "_step_supports_amp_scaling", False):
+                return self._fused_step(window, closure)
             bad = to_host(window.flags)[0]
             assert bad is not None
             if bad.any():
                 self._reject(window, [p for p, b in zip(window.params, bad) if b])
                 return None
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def _fused_step(self, window: _Window, closure: Callable[[], float] | None) -> Any:
+        """The inner step with ``found_inf`` on the device (the fused kernels skip the update
+        and keep their step counts when it is non-zero); the verdict is settled later."""
+        assert window.flags is not None
+        found_inf = window.flags.amax().to(torch.float32)
+        inner: Any = self.optimizer
+        inner.found_inf, inner.grad_scale = found_inf, None
+        try:
+            out = inner.step(closure) if closure is not None else inner.step()
+        finally:
+            del inner.found_inf, inner.grad_scale
+        window.flags = found_inf.reshape(1)
+        self._unsettled = window
+        return out
+
+    def _pending_flag(self) -> Tensor | None:
+        """The device flag of a step a fused optimizer took unchecked, to ride along with this
+        backward's transfer."""
+        return None if self._unsettled is None else self._unsettled.flags
+
+    def _settle(self, host_flag: np.ndarray | None) -> None:
+        """The verdict on the step a fused optimizer took: if it skipped on the device, undo
+        that window's balancer updates here too (and raise with ``on_nonfinite="raise"``)."""
+        window, self._unsettled = self._unsettled, None
+        if window is None or host_flag is None or not host_flag.any():
+            return
+        if window.snapshot is not None:
+            self._load_balancer_state_dict(window.snapshot)
+        self.num_steps = window.num_steps
+        current = self._window
+        if current is not None:  # the current window starts from the restored state
+            current.snapshot, current.num_steps = _clone(window.snapshot), window.num_steps
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(
+                "non-finite gradient written by the previous balanced backward: the fused "
+                "optimizer skipped that step on the device; pass on_nonfinite='skip' to skip "
+                "such steps silently"
+            )
+        self.num_skipped += 1
 
     def _reject(self, window: _Window, params: list[Tensor]) -> None:
         """A non-finite gradient found at step(): undo the window's balancer updates, then
@@ -265,6 +316,8 @@ class BalancedOptimizer(Optimizer):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The inner optimizer's state dict plus a ``"balancer"`` entry with the balancer state."""
+        if self._unsettled is not None:  # a checkpoint holds settled state (one read)
+            self._settle(to_host(self._pending_flag())[0])
         sd = self.optimizer.state_dict()
         sd["balancer"] = {
             "method": type(self).__name__,
@@ -305,7 +358,7 @@ class BalancedOptimizer(Optimizer):
             self.num_steps = int(bal["num_steps"])
             self.num_skipped = int(bal["num_skipped"])
             self._skip_next_step = bool(bal.get("skip_next_step", False))
-        self._window = None
+        self._window = self._unsettled = None
 
     def _check_balancer_entry(self, bal: Any) -> None:
         if not isinstance(bal, dict):
@@ -604,8 +657,9 @@ class BalancedOptimizer(Optimizer):
         again: a second transfer, on such rare steps only.
         """
         reduced_values, reduced = self._reduce(values, block_grams, gram_power)
-        host_values, host_grams = to_host(reduced_values, reduced)
+        host_values, host_grams, pending = to_host(reduced_values, reduced, self._pending_flag())
         assert host_values is not None and host_grams is not None
+        self._settle(pending)
         if not np.isfinite(host_values).all():
             return host_values, host_grams
         redo = [
@@ -858,8 +912,9 @@ class BalancedOptimizer(Optimizer):
         # one collective and one transfer: the flag travels with the losses (a mean over ranks
         # is positive when any rank saw a non-finite gradient)
         packed, _ = self._reduce(torch.cat([values, bad]), None)
-        host, _ = to_host(packed, None)
+        host, pending = to_host(packed, self._pending_flag())
         assert host is not None
+        self._settle(pending)
         k = values.shape[0]
         verdict = self._decide(level, host[:k], None, bool(host[k] == 0.0))
         if verdict is not None:
