@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +248,9 @@ class PerturbationRegularizer:
             otherwise every rank draws the same noise.
     """
 
+    #: training loops (mtl.train.fit) recognise LSPR/SCR-style regularizers by this class flag
+    perturbs_representation: ClassVar[bool] = True
+
     def __init__(
         self,
         epsilon: float = 1e-2,
@@ -262,22 +265,19 @@ class PerturbationRegularizer:
         self.noise = _check_choice("noise", noise, NOISES)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.seed = int(seed)
+        self.seed: int = int(seed)
         try:
-            self._generator = torch.Generator(device=device)
+            self._generator: torch.Generator = torch.Generator(device=device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(
                 f"cannot create a torch.Generator on device {device!r}: {err}"
             ) from err
         self._generator.manual_seed(self.seed)
         #: number of noise draws so far (one per perturbed tensor)
-        self.num_draws = 0
+        self.num_draws: int = 0
         #: detached diagnostics of the last call (see the subclass docstrings)
         self.last: dict[str, Tensor] = {}
         self._replay_state: dict[str, Any] | None = None
-        # An inactive regularizer (epsilon = 0 or zero strength) returns the clean losses without
-        # the extra forward. Tests switch this off to check the formulas' own invariances.
-        self._short_circuit = True
 
     # -- options
     @property
@@ -489,8 +489,8 @@ class PerturbationRegularizer:
         )
         clean = [self._loss(k, fns[k], clean_out[k], targets[k]) for k in range(k_tasks)]
         if replay is None:
-            inactive = self._short_circuit and not self.active
-            noise = None if inactive else self._draw(representation)
+            # inactive (epsilon = 0 or zero strength): the clean losses, no extra forward
+            noise = self._draw(representation) if self.active else None
             frozen: dict[str, Any] | None = None
         else:
             noise, frozen = replay["noise"], replay["frozen"]
@@ -558,10 +558,11 @@ class PerturbationRegularizer:
         if kinds is not None:
             if isinstance(kinds, str) or len(kinds) != k_tasks:
                 raise ValueError(f"kinds must be a sequence of {k_tasks} kinds (or None)")
-            for k, kind in enumerate(kinds):
-                if kind is not None and kind not in KINDS:
+            for k, given_kind in enumerate(kinds):
+                if given_kind is not None and given_kind not in KINDS:
                     raise ValueError(
-                        f"unknown task kind {kind!r} for task {k}; expected one of {list(KINDS)}"
+                        f"unknown task kind {given_kind!r} for task {k}; expected one of "
+                        f"{list(KINDS)}"
                     )
         fns: list[LossFn] = []
         out_kinds: list[str | None] = []
@@ -615,7 +616,8 @@ def _add(representation: Representation, noise: list[Tensor]) -> Any:
     blocks = list(representation)
     if len(blocks) != len(noise) or any(z.shape != n.shape for z, n in zip(blocks, noise)):
         raise ValueError(_replay_mismatch(representation, noise))
-    return type(representation)(z + n for z, n in zip(blocks, noise))  # type: ignore[call-arg]
+    perturbed = [z + n for z, n in zip(blocks, noise)]
+    return tuple(perturbed) if isinstance(representation, tuple) else perturbed
 
 
 def _replay_mismatch(representation: Representation, noise: list[Tensor]) -> str:
@@ -782,7 +784,8 @@ class LSPR(PerturbationRegularizer):
     ) -> None:
         if rho is not None and weight is not None:
             raise ValueError("pass rho= or its alias weight=, not both")
-        self.rho = 0.5 if rho is None and weight is None else (rho if rho is not None else weight)  # type: ignore[assignment]
+        given = rho if rho is not None else weight
+        self.rho = 0.5 if given is None else given
         m = _check_real("max_ratio", max_ratio, low=0.0)
         if m == 0.0:
             raise ValueError("max_ratio must be > 0, got 0")

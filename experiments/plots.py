@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mtl.plotting import plot_toy_trajectories as toy_plot  # noqa: E402
+
 from . import report  # noqa: E402
 
 __all__ = [
@@ -226,39 +228,43 @@ def plot_toy_trajectories(
     pareto: np.ndarray,
     seed: int | None = None,
 ) -> Path:
-    """One panel per balancer: trajectories from every start over the contours of L1 + L2."""
+    """One panel per balancer: trajectories from every start (one colour per start) over the
+    contours of (L1 + L2) / 2, drawn by :func:`mtl.plotting.plot_toy_trajectories`.
+
+    ``grid`` is the precomputed ``(X1, X2, L)`` of :func:`tasks.toy.loss_grid`; ``pareto`` the
+    Pareto set in ``x`` space; ``seed`` selects the runs (default: the first run's seed).
+    """
     runs = [r for r in results.get("runs", []) if r.get("trajectory")]
     if seed is None and runs:
         seed = runs[0]["seed"]
     runs = [r for r in runs if r["seed"] == seed]
     bals = list(dict.fromkeys(r["balancer"] for r in runs)) or ["(none)"]
     rows, cols = _grid(len(bals))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.8 * rows), squeeze=False)
-    x1, x2, losses = grid
-    total = losses[..., 0] + losses[..., 1]
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    x1 = grid[0]
     level = results.get("config", {}).get("toy", {}).get("level", "parameters")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, b in enumerate(bals):
         ax = axes[i // cols][i % cols]
-        ax.contourf(x1, x2, total, levels=30, cmap="Greys", alpha=0.55)
-        ax.contour(x1, x2, total, levels=15, colors="k", linewidths=0.3, alpha=0.5)
-        ax.plot(pareto[:, 0], pareto[:, 1], color="gold", lw=3, label="Pareto set")
-        for j, r in enumerate(r for r in runs if r["balancer"] == b):
-            traj = np.asarray(r["trajectory"], dtype=float)
-            c = colors[j % len(colors)]
-            ax.plot(traj[:, 0], traj[:, 1], color=c, lw=1.6)
-            ax.plot(traj[0, 0], traj[0, 1], "o", color=c, ms=5)
-            ax.plot(traj[-1, 0], traj[-1, 1], "*", color=c, ms=10, mec="k", mew=0.5)
-        ax.set_title(report.display_name(b, None, level))
-        ax.set_xlim(float(x1.min()), float(x1.max()))
-        ax.set_ylim(float(x2.min()), float(x2.max()))
+        trajectories = {
+            _run_label(r, results.get("param")): np.asarray(r["trajectory"], dtype=float)
+            for r in runs
+            if r["balancer"] == b
+        }
+        toy_plot(
+            trajectories, pareto=pareto, ax=ax, loss_grid=grid, levels=30,
+            xlim=(float(x1.min()), float(x1.max())), ylim=(float(grid[1].min()), float(grid[1].max())),
+            title=report.display_name(b, None, level), legend=i == 0,
+        )  # fmt: skip
         ax.set_aspect("equal")
-        ax.set_xlabel("x1")
-        ax.set_ylabel("x2")
-    axes[0][0].legend(loc="upper left", fontsize=7)
     for j in range(len(bals), rows * cols):
         axes[j // cols][j % cols].axis("off")
     steps = results.get("config", {}).get("toy", {}).get("steps")
-    fig.suptitle(f"2-D toy: trajectories ({steps} Adam steps; o start, * end) over L1 + L2")
+    fig.suptitle(f"2-D toy: trajectories ({steps} Adam steps; o start, * end) over (L1 + L2) / 2")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _run_label(run: Mapping[str, Any], param: str | None) -> str:
+    """``start (x1, x2)``, with the swept value in a sweep."""
+    label = f"start {tuple(run['start'])}"
+    return label if "value" not in run else f"{param}={run['value']}, {label}"

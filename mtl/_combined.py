@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn, overload
 
+import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
 from ._optimizer import init_optimizer_hooks
@@ -23,6 +26,7 @@ class CombinedOptimizer(Optimizer):
 
     ``param_groups`` is the concatenation of the optimizers' groups (the same dicts, so LR
     schedulers and ``GradScaler`` reach them); ``state`` is a merged read-only view;
+    ``defaults`` is empty; the three cannot be assigned (set them on the optimizers).
     ``state_dict()`` holds one state dict per optimizer, so checkpoints round-trip.
     """
 
@@ -32,33 +36,60 @@ class CombinedOptimizer(Optimizer):
             raise TypeError("CombinedOptimizer needs a non-empty sequence of torch optimizers")
         init_optimizer_hooks(self)
 
-    @property  # type: ignore[override]
+    # Optimizer declares these three as plain attributes; here they are views of the
+    # optimizers, so the setters refuse assignment (as a property without setter would).
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for o in self.optimizers for g in o.param_groups]
 
-    @property  # type: ignore[override]
-    def state(self) -> dict[Any, Any]:
-        merged: dict[Any, Any] = {}
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> NoReturn:
+        _read_only("param_groups")
+
+    @property
+    def state(self) -> defaultdict[Tensor, Any]:
+        merged: defaultdict[Tensor, Any] = defaultdict(dict)
         for o in self.optimizers:
             merged.update(o.state)
         return merged
 
-    @property  # type: ignore[override]
+    @state.setter
+    def state(self, value: defaultdict[Tensor, Any]) -> NoReturn:
+        _read_only("state")
+
+    @property
     def defaults(self) -> dict[str, Any]:
         return {}
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> NoReturn:
+        _read_only("defaults")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Step every optimizer; a ``closure`` is evaluated once first (with grad enabled) and
+        its loss returned, as ``torch.optim`` optimizers do."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for o in self.optimizers:
             o.step()
+        return loss
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if len(state_dict["optimizers"]) != len(self.optimizers):
             raise ValueError(
                 f"state_dict holds {len(state_dict['optimizers'])} optimizers, "
@@ -69,3 +100,9 @@ class CombinedOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return "CombinedOptimizer(" + ", ".join(type(o).__name__ for o in self.optimizers) + ")"
+
+
+def _read_only(name: str) -> NoReturn:
+    raise AttributeError(
+        f"CombinedOptimizer.{name} is a read-only view of its optimizers; set it on them"
+    )

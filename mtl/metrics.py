@@ -12,7 +12,7 @@ from typing import TypeAlias
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
+from numpy.typing import NDArray
 
 __all__ = [
     "auc",
@@ -25,9 +25,10 @@ __all__ = [
 ]
 
 ArrayLike: TypeAlias = torch.Tensor | np.ndarray | Sequence[float]
+Float64Array: TypeAlias = NDArray[np.float64]
 
 
-def _as_array(x: ArrayLike, name: str) -> np.ndarray:
+def _as_array(x: ArrayLike, name: str) -> Float64Array:
     """Convert to a 1-D float64 numpy array, raising ``ValueError`` on bad shape or NaN."""
     if isinstance(x, torch.Tensor):
         if x.is_complex():
@@ -47,7 +48,9 @@ def _as_array(x: ArrayLike, name: str) -> np.ndarray:
     return arr
 
 
-def _pair(y_true: ArrayLike, other: ArrayLike, other_name: str) -> tuple[np.ndarray, np.ndarray]:
+def _pair(
+    y_true: ArrayLike, other: ArrayLike, other_name: str
+) -> tuple[Float64Array, Float64Array]:
     y = _as_array(y_true, "y_true")
     o = _as_array(other, other_name)
     if y.shape != o.shape:
@@ -55,7 +58,7 @@ def _pair(y_true: ArrayLike, other: ArrayLike, other_name: str) -> tuple[np.ndar
     return y, o
 
 
-def _check_labels(y: np.ndarray, *, binary: bool) -> None:
+def _check_labels(y: Float64Array, *, binary: bool) -> None:
     if binary:
         if not np.isin(y, (0.0, 1.0)).all():
             raise ValueError("y_true must contain only 0/1 labels")
@@ -81,12 +84,27 @@ def auc(y_true: ArrayLike, scores: ArrayLike) -> float:
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUC is undefined when y_true contains only one class")
-    ranks = rankdata(s, method="average")
+    ranks = _average_ranks(s)
     u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
 
-def _log_loss_array(y: np.ndarray, p: np.ndarray, from_logits: bool, eps: float) -> np.ndarray:
+def _average_ranks(s: Float64Array) -> Float64Array:
+    """1-based ranks of ``s`` (ascending), tied values sharing the mean of their ranks."""
+    order = np.argsort(s, kind="mergesort")
+    ordered = s[order]
+    starts_group = np.concatenate(([True], ordered[1:] != ordered[:-1]))
+    first = np.flatnonzero(starts_group)  # 0-based start of each group of ties
+    end = np.append(first[1:], s.size)  # exclusive end
+    group_rank = (first + end + 1) / 2.0  # mean of the ranks first + 1 .. end
+    ranks = np.empty(s.size, dtype=np.float64)
+    ranks[order] = group_rank[np.cumsum(starts_group) - 1]
+    return ranks
+
+
+def _log_loss_array(
+    y: Float64Array, p: Float64Array, from_logits: bool, eps: float
+) -> Float64Array:
     if from_logits:
         # -[y log σ(x) + (1-y) log(1-σ(x))] = softplus(x) - y x = logaddexp(0, x) - y x
         return np.logaddexp(0.0, p) - y * p

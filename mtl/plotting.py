@@ -39,8 +39,7 @@ SourceChoice = Literal["balance", "probe", "all"]
 # ---------------------------------------------------------------------- helpers
 def _axes(ax: Axes | None, figsize: tuple[float, float] = (6.4, 4.0)) -> tuple[Figure, Axes]:
     if ax is not None:
-        fig = ax.figure
-        return getattr(fig, "figure", fig), ax  # the root figure, also for subfigures
+        return ax.figure.figure, ax  # the root figure, also for subfigures
     import matplotlib.pyplot as plt
 
     fig, new_ax = plt.subplots(figsize=figsize)
@@ -267,25 +266,83 @@ def plot_gradient_norms(
 
 
 # ---------------------------------------------------------------------- toy problem
-def _grid_losses(
-    loss_fn: Callable[[Any], Any], x1: np.ndarray, x2: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    pts = torch.from_numpy(np.stack([x1, x2], axis=-1))
-    with torch.no_grad():
-        out = loss_fn(pts)
+LossGrid = tuple[Any, Any, Any]
+ContourData = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _split_losses(out: Any, shape: tuple[int, ...], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(L1, L2)`` of ``shape`` from a pair of arrays or one ``(*shape, 2)`` array; ``what``
+    names the losses in errors (``"loss_fn must return"``)."""
     if isinstance(out, (tuple, list)) and len(out) == 2:
         l1, l2 = _to_numpy(out[0]), _to_numpy(out[1])
     else:
         arr = _to_numpy(out)
-        if arr.shape != (*x1.shape, 2):
+        if arr.shape != (*shape, 2):
             raise ValueError(
-                f"loss_fn must return shape {(*x1.shape, 2)} (or a pair of {x1.shape} arrays) "
-                f"for inputs of shape {tuple(pts.shape)}, got {arr.shape}"
+                f"{what} shape {(*shape, 2)} (or a pair of {shape} arrays) on a grid of shape "
+                f"{shape}, got {arr.shape}"
             )
         l1, l2 = arr[..., 0], arr[..., 1]
-    if l1.shape != x1.shape or l2.shape != x1.shape:
-        raise ValueError(f"loss_fn returned losses of shapes {l1.shape}, {l2.shape}")
+    if l1.shape != shape or l2.shape != shape:
+        raise ValueError(f"{what} losses of shape {shape}, got shapes {l1.shape}, {l2.shape}")
     return l1, l2
+
+
+def _contour_data(
+    loss_fn: Callable[[Any], Any] | None,
+    loss_grid: LossGrid | None,
+    xlim: tuple[float, float],
+    ylim: tuple[float, float],
+    grid: int,
+) -> ContourData | None:
+    """``(X1, X2, L1, L2)`` on the contour grid: ``loss_fn`` evaluated on an ``xlim`` x ``ylim``
+    grid, or the precomputed ``loss_grid``; ``None`` without either."""
+    if loss_fn is not None and loss_grid is not None:
+        raise ValueError("pass loss_fn or loss_grid, not both")
+    if loss_grid is not None:
+        x1, x2 = _to_numpy(loss_grid[0]), _to_numpy(loss_grid[1])
+        if x1.ndim != 2 or x2.shape != x1.shape:
+            raise ValueError(
+                f"loss_grid needs X1 and X2 of one 2-D shape, got {x1.shape} and {x2.shape}"
+            )
+        return (x1, x2, *_split_losses(loss_grid[2], x1.shape, "loss_grid needs"))
+    if loss_fn is None:
+        return None
+    x1, x2 = np.meshgrid(
+        np.linspace(xlim[0], xlim[1], int(grid)), np.linspace(ylim[0], ylim[1], int(grid))
+    )
+    with torch.no_grad():
+        out = loss_fn(torch.from_numpy(np.stack([x1, x2], axis=-1)))
+    return (x1, x2, *_split_losses(out, x1.shape, "loss_fn must return"))
+
+
+def _draw_contours(
+    ax: Axes, data: ContourData, contour: Literal["mean", "both"], levels: int
+) -> None:
+    x1, x2, l1, l2 = data
+    if contour == "mean":
+        cs = ax.contourf(x1, x2, 0.5 * (l1 + l2), levels=levels, cmap="viridis", alpha=0.75)
+        ax.figure.colorbar(cs, ax=ax, label="(L1 + L2) / 2")
+        return
+    ax.contour(x1, x2, l1, levels=levels, colors="tab:blue", linewidths=0.6, alpha=0.7)
+    ax.contour(
+        x1, x2, l2, levels=levels, colors="tab:red", linewidths=0.6, linestyles="dashed", alpha=0.7
+    )
+
+
+def _draw_trajectories(ax: Axes, trajectories: Mapping[str, Sequence[Any] | Any]) -> None:
+    for m, (method, trajs) in enumerate(trajectories.items()):
+        items = [trajs] if isinstance(trajs, (np.ndarray, Tensor)) else list(trajs)
+        color = f"C{m % 10}"
+        for t, traj in enumerate(items):
+            a = _to_numpy(traj)
+            if a.ndim != 2 or a.shape[1] != 2 or a.shape[0] == 0:
+                raise ValueError(
+                    f"trajectory {t} of {method!r} must have shape (T, 2), got {a.shape}"
+                )
+            ax.plot(a[:, 0], a[:, 1], "-", color=color, lw=1.5, label=method if t == 0 else None)
+            ax.plot(a[0, 0], a[0, 1], "o", color=color, ms=5)
+            ax.plot(a[-1, 0], a[-1, 1], "*", color=color, ms=11, markeredgecolor="black")
 
 
 def plot_toy_trajectories(
@@ -300,6 +357,8 @@ def plot_toy_trajectories(
     contour: Literal["mean", "both"] = "mean",
     levels: int = 20,
     title: str | None = None,
+    loss_grid: LossGrid | None = None,
+    legend: bool = True,
 ) -> Figure:
     """Optimisation trajectories on a 2-D two-objective problem, over its loss contours.
 
@@ -313,59 +372,35 @@ def plot_toy_trajectories(
         pareto: optional ``(P, 2)`` points of the Pareto set in ``x`` space (e.g.
             ``tasks.toy.pareto_front()``), drawn as a thick grey line.
         ax: axes to draw on.
-        xlim, ylim: the plotted region (also the contour grid).
-        grid: contour grid resolution per axis.
+        xlim, ylim: the plotted region (also the contour grid of ``loss_fn``).
+        grid: contour grid resolution per axis (for ``loss_fn``).
         contour: ``"mean"`` (default): filled contours of ``(L1 + L2) / 2``; ``"both"``: line
             contours of ``L1`` (solid) and ``L2`` (dashed).
         levels: number of contour levels.
         title: axes title.
+        loss_grid: instead of ``loss_fn``, precomputed contour data ``(X1, X2, L)`` with
+            ``X1, X2`` of shape ``(n, m)`` and ``L`` of shape ``(n, m, 2)`` (or a pair of
+            ``(n, m)``), e.g. ``tasks.toy.loss_grid(...)``.
+        legend: draw the legend (default True; e.g. only on one panel of a figure).
     """
     if contour not in ("mean", "both"):
         raise ValueError(f"contour must be 'mean' or 'both', got {contour!r}")
     fig, ax = _axes(ax, figsize=(6.0, 5.0))
-    if loss_fn is not None:
-        g1 = np.linspace(xlim[0], xlim[1], int(grid))
-        g2 = np.linspace(ylim[0], ylim[1], int(grid))
-        x1, x2 = np.meshgrid(g1, g2)
-        l1, l2 = _grid_losses(loss_fn, x1, x2)
-        if contour == "mean":
-            cs = ax.contourf(x1, x2, 0.5 * (l1 + l2), levels=levels, cmap="viridis", alpha=0.75)
-            ax.figure.colorbar(cs, ax=ax, label="(L1 + L2) / 2")
-        else:
-            ax.contour(x1, x2, l1, levels=levels, colors="tab:blue", linewidths=0.6, alpha=0.7)
-            ax.contour(
-                x1,
-                x2,
-                l2,
-                levels=levels,
-                colors="tab:red",
-                linewidths=0.6,
-                linestyles="dashed",
-                alpha=0.7,
-            )
+    data = _contour_data(loss_fn, loss_grid, xlim, ylim, grid)
+    if data is not None:
+        _draw_contours(ax, data, contour, levels)
     if pareto is not None:
         p = _to_numpy(pareto)
         if p.ndim != 2 or p.shape[1] != 2:
             raise ValueError(f"pareto must have shape (P, 2), got {p.shape}")
         ax.plot(p[:, 0], p[:, 1], "-", color="0.4", lw=5, alpha=0.6, label="Pareto set")
-    for m, (method, trajs) in enumerate(trajectories.items()):
-        items = [trajs] if isinstance(trajs, (np.ndarray, Tensor)) else list(trajs)
-        color = f"C{m % 10}"
-        for t, traj in enumerate(items):
-            a = _to_numpy(traj)
-            if a.ndim != 2 or a.shape[1] != 2 or a.shape[0] == 0:
-                raise ValueError(
-                    f"trajectory {t} of {method!r} must have shape (T, 2), got {a.shape}"
-                )
-            ax.plot(a[:, 0], a[:, 1], "-", color=color, lw=1.5, label=method if t == 0 else None)
-            ax.plot(a[0, 0], a[0, 1], "o", color=color, ms=5)
-            ax.plot(a[-1, 0], a[-1, 1], "*", color=color, ms=11, markeredgecolor="black")
+    _draw_trajectories(ax, trajectories)
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     ax.set_xlabel("x1")
     ax.set_ylabel("x2")
     if title:
         ax.set_title(title)
-    if trajectories or pareto is not None:
+    if legend and (trajectories or pareto is not None):
         ax.legend(fontsize="small", loc="best")
     return fig

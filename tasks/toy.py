@@ -198,7 +198,3 @@ class ToyModel(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         """``[self.x]``: the parameter every task depends on."""
         return [self.x]
-
-    def task_specific_parameters(self) -> list[nn.Parameter]:
-        """No task-specific parameters."""
-        return []

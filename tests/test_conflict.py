@@ -481,6 +481,54 @@ def test_parameter_level_probe_matches_explicit_gradients() -> None:
     assert "parameter_level" in tr.summary()
 
 
+def test_parameter_level_probe_with_sparse_embedding_and_unused_parameter() -> None:
+    """Sparse embedding gradients (only the touched rows enter the Gram) and a parameter that
+    some task does not reach give the Gram of the explicit dense gradients."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 4, sparse=True)
+    lin = nn.Linear(4, 2)
+    unused = nn.Parameter(torch.randn(3))
+    ids = torch.tensor([1, 7, 7, 30])
+    h = lin(emb(ids))
+    losses = [h[:, 0].pow(2).mean(), (h[:, 1] - 1.0).pow(2).mean() + 0.5 * unused.sum()]
+    shared = [emb.weight, lin.weight, lin.bias, unused]
+    explicit = []
+    for loss in losses:
+        gs = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+        dense = [
+            torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g)
+            for g, p in zip(gs, shared)
+        ]
+        explicit.append(torch.cat([g.reshape(-1) for g in dense]).to(D64))
+    g = torch.stack(explicit)
+    tr = ConflictTracker(every=1)
+    rec = tr.update_parameter_level(0, losses, shared)
+    expected = summarize(g @ g.T)
+    assert rec is not None and rec["status"] == "ok"
+    assert rec["norm[task0]"] == pytest.approx(expected["norms"][0], rel=1e-6)
+    assert rec["norm[task1]"] == pytest.approx(expected["norms"][1], rel=1e-6)
+    assert rec["cos[task0,task1]"] == pytest.approx(expected["cosine"][0][1], rel=1e-5)
+
+
+def test_parameter_level_probe_rejects_bad_losses() -> None:
+    model = TinyModel()
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    shared = list(model.trunk.parameters())
+    _, losses = _losses(model, x, y)
+    tr = ConflictTracker(every=1, task_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="empty"):
+        tr.update_parameter_level(0, [], shared)
+    with pytest.raises(ValueError, match=r"task 1 \('b'\) must be a scalar"):
+        tr.update_parameter_level(0, [losses[0], torch.stack(losses[1:]), losses[2]], shared)
+    with pytest.raises(ValueError, match="does not require grad"):
+        tr.update_parameter_level(0, [losses[0], losses[1], losses[2].detach()], shared)
+    with pytest.raises(TypeError, match="not a Tensor"):
+        tr.update_parameter_level(0, [losses[0], 1.0, losses[2]], shared)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="requires grad"):
+        tr.update_parameter_level(0, losses, [torch.zeros(2)])
+    assert tr.history == [] and tr.num_probes == 0
+
+
 def test_tracker_with_balanced_optimizer_and_probe() -> None:
     """End to end: representation-level MGDA; the probe's update cosines are the cosines of
     the shared parameters' actual .grad with each task's parameter gradient."""

@@ -166,3 +166,18 @@ def test_toy_trajectories_with_toy_module(tmp_path: Path) -> None:
     trajs = {"start": [np.array([[-8.5, 7.5], [-6.0, 2.0], [-2.0, -8.0]])]}
     fig = plot_toy_trajectories(trajs, toy.toy_losses, toy.pareto_front(30), grid=50)
     _saved(fig, tmp_path / "toy_real.png")
+
+
+def test_toy_trajectories_on_a_precomputed_loss_grid(tmp_path: Path) -> None:
+    toy = pytest.importorskip("tasks.toy")
+    trajs = {"start": [np.array([[-8.5, 7.5], [-6.0, 2.0], [-2.0, -8.0]])]}
+    grid = toy.loss_grid((-10.0, 10.0), 40, toy.TOY_SCALES)
+    fig = plot_toy_trajectories(trajs, pareto=toy.pareto_front(30), loss_grid=grid, legend=False)
+    assert fig.axes[0].get_legend() is None
+    _saved(fig, tmp_path / "toy_grid.png")
+    pair = (grid[0], grid[1], (grid[2][..., 0], grid[2][..., 1]))
+    _saved(plot_toy_trajectories(trajs, loss_grid=pair, contour="both"), tmp_path / "toy_pair.png")
+    with pytest.raises(ValueError, match="not both"):
+        plot_toy_trajectories(trajs, toy.toy_losses, loss_grid=grid)
+    with pytest.raises(ValueError, match="loss_grid needs"):
+        plot_toy_trajectories(trajs, loss_grid=(grid[0], grid[1], grid[2][..., 0]))

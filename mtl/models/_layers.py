@@ -15,10 +15,14 @@ from ._types import Features, ModelOutput
 
 __all__ = [
     "FeatureEmbedding",
+    "Heads",
     "MultiTaskModel",
     "Tower",
     "make_mlp",
 ]
+
+#: the part of a model above the balance point: representation -> K task outputs
+Heads = Callable[[Tensor], list[Tensor]]
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -92,7 +96,8 @@ class Tower(nn.Module):
         self.out = nn.Linear(tower_dims[-1] if len(tower_dims) else in_dim, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.out(self.mlp(h)).squeeze(-1)
+        logit: Tensor = self.out(self.mlp(h))
+        return logit.squeeze(-1)
 
 
 class FeatureEmbedding(nn.Module):
@@ -260,7 +265,7 @@ class MultiTaskModel(nn.Module):
         )
         self.input_dim = self.embedding.output_dim
 
-    def _output(self, rep: Tensor, heads: Callable[[Tensor], list[Tensor]]) -> ModelOutput:
+    def _output(self, rep: Tensor, heads: Heads) -> ModelOutput:
         """Run the heads on the balance point and package the output.
 
         In training mode with dropout, ``heads`` is made replayable: every later call
@@ -306,9 +311,7 @@ class MultiTaskModel(nn.Module):
         )
 
 
-def _replayable(
-    heads: Callable[[Tensor], list[Tensor]], device: torch.device
-) -> Callable[[Tensor], list[Tensor]]:
+def _replayable(heads: Heads, device: torch.device) -> Heads:
     """``heads`` with the random state of now (call it just before the forward's own call)."""
     devices = [device.index or 0] if device.type == "cuda" else []
     cpu_state = torch.get_rng_state()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._layers import MultiTaskModel, check_dims, check_int, make_mlp
+from ._layers import Heads, MultiTaskModel, check_dims, check_int, make_mlp
 from ._types import Features, ModelOutput
 
 __all__ = ["MMoE"]
@@ -95,17 +95,18 @@ class MMoE(MultiTaskModel):
         e = self.embedding(x)
         if self.balance_point == "input":
             return self._output(e, self._from_input)
+        return self._output(*self._experts_and_heads(e))
+
+    def _experts_and_heads(self, e: Tensor) -> tuple[Tensor, Heads]:
+        """The stacked expert outputs ``(B, E, H)`` and the gated towers above them."""
         experts = torch.stack([expert(e) for expert in self.experts], dim=1)  # (B, E, H)
         gates = [torch.softmax(gate(e), dim=-1).unsqueeze(1) for gate in self.gates]  # (B, 1, E)
 
         def heads(stack: Tensor) -> list[Tensor]:
             return [tower(torch.bmm(w, stack).squeeze(1)) for w, tower in zip(gates, self.towers)]
 
-        return self._output(experts, heads)
+        return experts, heads
 
     def _from_input(self, e: Tensor) -> list[Tensor]:
-        experts = torch.stack([expert(e) for expert in self.experts], dim=1)
-        return [
-            tower(torch.bmm(torch.softmax(gate(e), dim=-1).unsqueeze(1), experts).squeeze(1))
-            for gate, tower in zip(self.gates, self.towers)
-        ]
+        experts, heads = self._experts_and_heads(e)
+        return heads(experts)

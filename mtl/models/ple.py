@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from ._layers import MultiTaskModel, check_dims, check_int, make_mlp
+from ._layers import Heads, MultiTaskModel, check_dims, check_int, make_mlp
 from ._types import Features, ModelOutput
 
 __all__ = ["PLE"]
 
 
-def _mix(gate: nn.Linear, gate_input: Tensor, experts: Tensor) -> Tensor:
+def _mix(gate: nn.Module, gate_input: Tensor, experts: Tensor) -> Tensor:
     """Softmax-gated mixture: ``Σ_e softmax(gate(x))[:, e] · experts[:, e, :]`` → ``(B, H)``."""
-    weights = torch.softmax(gate(gate_input), dim=-1)  # (B, E)
-    return torch.bmm(weights.unsqueeze(1), experts).squeeze(1)
+    return torch.bmm(_gate_weights(gate, gate_input), experts).squeeze(1)
+
+
+def _gate_weights(gate: nn.Module, gate_input: Tensor) -> Tensor:
+    """``softmax(gate(x))`` as ``(B, 1, E)``, ready for a batched product with ``(B, E, H)``."""
+    return torch.softmax(gate(gate_input), dim=-1).unsqueeze(1)
+
+
+def _stack(experts: nn.Module, x: Tensor) -> Tensor:
+    """The outputs of a ``ModuleList`` of experts on ``x``, stacked as ``(B, E, H)``."""
+    return torch.stack([f(x) for f in cast(nn.ModuleList, experts)], dim=1)
 
 
 class _ExtractionLevel(nn.Module):
@@ -56,23 +66,36 @@ class _ExtractionLevel(nn.Module):
 
     def forward(
         self, task_inputs: Sequence[Tensor], shared_input: Tensor
-    ) -> tuple[list[Tensor], Tensor | None, Tensor]:
-        """Return (per-task outputs ``(B, H)``, next shared input or None, shared stack)."""
-        shared = torch.stack([f(shared_input) for f in self.shared_experts], dim=1)  # (B, Es, H)
-        task_stacks: list[Tensor] = []
-        task_outputs: list[Tensor] = []
-        for x_k, experts_k, gate_k in zip(task_inputs, self.task_experts, self.task_gates):
-            if len(experts_k) > 0:
-                own = torch.stack([f(x_k) for f in experts_k], dim=1)  # (B, Et, H)
-                task_stacks.append(own)
-                candidates = torch.cat([own, shared], dim=1)
-            else:
-                candidates = shared
-            task_outputs.append(_mix(gate_k, x_k, candidates))
-        shared_out = None
-        if self.shared_gate is not None:
-            shared_out = _mix(self.shared_gate, shared_input, torch.cat([*task_stacks, shared], 1))
-        return task_outputs, shared_out, shared
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Return (per-task outputs ``(B, H)``, next shared input or None)."""
+        shared, owns, gates = self.parts(task_inputs, shared_input)
+        task_outputs = self.mix(owns, gates, shared)
+        if self.shared_gate is None:
+            return task_outputs, None
+        every = torch.cat([*(own for own in owns if own is not None), shared], 1)
+        return task_outputs, _mix(self.shared_gate, shared_input, every)
+
+    def parts(
+        self, task_inputs: Sequence[Tensor], shared_input: Tensor
+    ) -> tuple[Tensor, list[Tensor | None], list[Tensor]]:
+        """The shared expert stack ``(B, Es, H)``, each task's own expert stack ``(B, Et, H)``
+        (``None`` without task experts) and each task's gate weights ``(B, 1, Et + Es)``."""
+        shared = _stack(self.shared_experts, shared_input)
+        owns = [
+            _stack(experts_k, x_k) if len(cast(nn.ModuleList, experts_k)) > 0 else None
+            for x_k, experts_k in zip(task_inputs, self.task_experts)
+        ]
+        gates = [_gate_weights(g, x_k) for g, x_k in zip(self.task_gates, task_inputs)]
+        return shared, owns, gates
+
+    @staticmethod
+    def mix(owns: Sequence[Tensor | None], gates: Sequence[Tensor], shared: Tensor) -> list[Tensor]:
+        """Each task's gated mixture ``(B, H)`` of its own experts and the shared stack."""
+        mixtures = []
+        for own, w in zip(owns, gates):
+            candidates = shared if own is None else torch.cat([own, shared], dim=1)
+            mixtures.append(torch.bmm(w, candidates).squeeze(1))
+        return mixtures
 
 
 class PLE(MultiTaskModel):
@@ -169,12 +192,14 @@ class PLE(MultiTaskModel):
         )
         self.towers = self._make_towers(self.representation_dim)
 
+    def _level_list(self) -> list[_ExtractionLevel]:
+        return cast(list[_ExtractionLevel], list(self.levels))
+
     def _shared_modules(self) -> list[nn.Module]:
         modules: list[nn.Module] = [self.embedding]
         if self.balance_point == "input":
             return modules
-        for level in self.levels:
-            assert isinstance(level, _ExtractionLevel)
+        for level in self._level_list():
             modules.append(level.shared_experts)
             if level.shared_gate is not None:
                 modules.append(level.shared_gate)
@@ -185,37 +210,27 @@ class PLE(MultiTaskModel):
         e = self.embedding(x)
         if self.balance_point == "input":
             return self._output(e, self._from_input)
-        levels = list(self.levels)
+        return self._output(*self._shared_and_heads(e))
+
+    def _shared_and_heads(self, e: Tensor) -> tuple[Tensor, Heads]:
+        """The last level's shared expert stack and everything above it (task experts and
+        gates of the last level, towers), from the input vector ``e``."""
+        levels = self._level_list()
         task_inputs: list[Tensor] = [e] * self.num_tasks
-        shared_input: Tensor | None = e
+        shared_input = e
         for level in levels[:-1]:
-            assert shared_input is not None
-            task_inputs, shared_input, _ = level(task_inputs, shared_input)
-        assert shared_input is not None
+            task_inputs, next_shared = level(task_inputs, shared_input)
+            assert next_shared is not None  # every level but the last has a shared gate
+            shared_input = next_shared
         last = levels[-1]
-        shared = torch.stack([f(shared_input) for f in last.shared_experts], dim=1)
-        owns = [
-            torch.stack([f(x_k) for f in experts_k], dim=1) if len(experts_k) > 0 else None
-            for x_k, experts_k in zip(task_inputs, last.task_experts)
-        ]
-        gates = [
-            torch.softmax(g(x_k), dim=-1).unsqueeze(1)
-            for g, x_k in zip(last.task_gates, task_inputs)
-        ]
+        shared, owns, gates = last.parts(task_inputs, shared_input)
 
         def heads(stack: Tensor) -> list[Tensor]:
-            outs = []
-            for own, w, tower in zip(owns, gates, self.towers):
-                candidates = stack if own is None else torch.cat([own, stack], dim=1)
-                outs.append(tower(torch.bmm(w, candidates).squeeze(1)))
-            return outs
+            mixtures = last.mix(owns, gates, stack)
+            return [tower(m) for tower, m in zip(self.towers, mixtures)]
 
-        return self._output(shared, heads)
+        return shared, heads
 
     def _from_input(self, e: Tensor) -> list[Tensor]:
-        task_inputs: list[Tensor] = [e] * self.num_tasks
-        shared_input: Tensor | None = e
-        for level in self.levels:
-            assert shared_input is not None
-            task_inputs, shared_input, _ = level(task_inputs, shared_input)
-        return [tower(h) for tower, h in zip(self.towers, task_inputs)]
+        shared, heads = self._shared_and_heads(e)
+        return heads(shared)

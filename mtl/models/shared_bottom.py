@@ -78,10 +78,8 @@ class SharedBottom(MultiTaskModel):
         """Return the K task outputs (each ``(B,)``) and the balance-point tensor."""
         e = self.embedding(x)
         if self.balance_point == "input":
-            rep, heads = e, self._from_input
-        else:
-            rep, heads = self.bottom(e), self._from_bottom
-        return self._output(rep, heads)
+            return self._output(e, self._from_input)
+        return self._output(self.bottom(e), self._from_bottom)
 
     def _from_bottom(self, z: Tensor) -> list[Tensor]:
         return [tower(z) for tower in self.towers]

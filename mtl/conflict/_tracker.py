@@ -1,0 +1,465 @@
+"""``ConflictTracker``: task-conflict metrics recorded during training from each step's
+:class:`~mtl.BalanceInfo`, with an optional parameter-level probe; JSON and CSV persistence."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from os import PathLike
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._checks import check_losses
+from .._gram import gram_matrix, task_rows
+from .._info import BalanceInfo
+from ._metrics import as_gram, summarize, update_cosines, update_norm
+from ._records import (
+    GRAM_KEYS,
+    csv_cell,
+    decode_record,
+    encode,
+    pair_key,
+    record_columns,
+    record_from_csv,
+    summarize_records,
+)
+
+__all__ = ["ConflictTracker"]
+
+_FORMAT = "mtl.ConflictTracker"
+_VERSION = 1
+
+Source = Literal["balance", "probe"]
+
+
+class ConflictTracker:
+    """Record task-conflict metrics during training, from the Gram matrix the balancer computed.
+
+    Call :meth:`update` after every balanced backward pass; on sampled steps
+    (``step % every == 0``) it reads ``info.gram`` and ``info.weights`` and appends one flat
+    record to :attr:`history` (no extra backward pass: the overhead is a K x K eigenvalue
+    problem). Methods that do not need the Gram matrix (``EqualWeight``, ``MARIGOLD``) leave
+    ``info.gram`` at ``None``: build them with ``compute_gram=True`` to get diagnostics. A sampled
+    step without a Gram matrix is recorded with ``status="no_gram"`` and NaN metrics, counted in
+    :attr:`num_no_gram`, and warned about once; a step the optimizer skipped because of a
+    non-finite loss or gradient (``info.skipped``) is recorded with ``status="skipped"``.
+
+    Optionally, :meth:`update_parameter_level` computes the Gram matrix of the task gradients
+    at the shared *parameters* (K extra ``autograd.grad`` calls: as expensive as parameter-level
+    balancing) to compare representation-level with parameter-level conflict; its records have
+    ``source="probe"`` and ``level="parameters"``.
+
+    Record keys (see :func:`record_columns`): ``step``, ``source`` (``"balance"`` or
+    ``"probe"``), ``level`` (``"representation"``/``"parameters"``), ``status`` (``"ok"``,
+    ``"no_gram"``, ``"skipped"``), ``conflict_rate``, ``min_cosine``, ``mean_cosine``,
+    ``magnitude_similarity_min``, ``magnitude_similarity_mean``, ``condition_number``,
+    ``condition_number_aligned``, ``update_norm``, ``min_update_cosine``, and per task
+    ``loss[name]``, ``norm[name]``, ``weight[name]``, ``update_cos[name]`` and per pair
+    ``cos[a,b]``. Missing values are NaN. For per-block weights (``(blocks, K)``),
+    ``weight[name]`` is the mean over blocks and the update cosines use ``info.block_grams``.
+
+    Args:
+        every: sample every ``every`` steps (``step % every == 0``); default 10.
+        param_level_every: schedule of :meth:`update_parameter_level` (``step %
+            param_level_every == 0``); ``None`` (default) = the same schedule as ``every``.
+        task_names: names used in the record keys (default ``task0``, ``task1``, ...; K is then
+            taken from the first update).
+        conflict_tol: a pair counts in ``conflict_rate`` when ``cos_ij < -conflict_tol``
+            (default 0). Nearly orthogonal tasks (``|cos| ~ 0.01``) flip sign from batch to
+            batch; a tolerance such as 0.05 keeps that noise out of the rate (the cosines
+            themselves are recorded unchanged).
+    """
+
+    def __init__(
+        self,
+        every: int = 10,
+        param_level_every: int | None = None,
+        task_names: Sequence[str] | None = None,
+        conflict_tol: float = 0.0,
+    ) -> None:
+        self.every = _check_every(every, "every")
+        if isinstance(conflict_tol, bool) or not isinstance(conflict_tol, (int, float)):
+            raise TypeError(f"conflict_tol must be a number, got {conflict_tol!r}")
+        if not 0.0 <= float(conflict_tol) < 1.0:
+            raise ValueError(f"conflict_tol must be in [0, 1), got {conflict_tol!r}")
+        self.conflict_tol = float(conflict_tol)
+        self.param_level_every = (
+            None
+            if param_level_every is None
+            else _check_every(param_level_every, "param_level_every")
+        )
+        self.task_names: list[str] | None = None
+        if task_names is not None:
+            self.task_names = _check_names(task_names)
+        self.history: list[dict[str, Any]] = []
+        self.num_sampled = 0  # sampled balance steps (records with source "balance")
+        self.num_no_gram = 0  # ... of which had no Gram matrix
+        self.num_skipped = 0  # ... of which the optimizer skipped (non-finite)
+        self.num_probes = 0  # parameter-level probes
+        self._warned_no_gram = False
+        self._pending: tuple[int, Tensor, dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ schedule
+    def is_sampled(self, step: int) -> bool:
+        """Whether :meth:`update` records ``step``."""
+        return int(step) % self.every == 0
+
+    def is_probe_step(self, step: int) -> bool:
+        """Whether :meth:`update_parameter_level` computes anything at ``step``."""
+        every = self.every if self.param_level_every is None else self.param_level_every
+        return int(step) % every == 0
+
+    # ------------------------------------------------------------------ recording
+    def _names(self, k: int) -> list[str]:
+        if self.task_names is None:
+            self.task_names = [f"task{i}" for i in range(k)]
+        if len(self.task_names) != k:
+            raise ValueError(
+                f"got {k} tasks but the tracker has {len(self.task_names)} task names "
+                f"{self.task_names}"
+            )
+        return self.task_names
+
+    def _blank(self, step: int, source: Source, level: str, status: str, k: int) -> dict[str, Any]:
+        rec: dict[str, Any] = dict.fromkeys(record_columns(self._names(k)), math.nan)
+        rec.update(step=int(step), source=source, level=str(level), status=status)
+        return rec
+
+    def _fill(self, rec: dict[str, Any], m: Tensor) -> None:
+        names = self.task_names
+        assert names is not None
+        s = summarize(m, conflict_tol=self.conflict_tol)
+        for key in GRAM_KEYS:
+            rec[key] = s[key]
+        for i, n in enumerate(names):
+            rec[f"norm[{n}]"] = s["norms"][i]
+        cos = s["cosine"]
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                rec[pair_key(names[i], names[j])] = cos[i][j]
+
+    def _fill_update(self, rec: dict[str, Any], grams: Tensor, weights: Tensor) -> None:
+        names = self.task_names
+        assert names is not None
+        uc = update_cosines(grams, weights)
+        for i, n in enumerate(names):
+            rec[f"update_cos[{n}]"] = float(uc[i])
+        rec["min_update_cosine"] = float(uc.min())
+        rec["update_norm"] = update_norm(grams, weights)
+
+    @staticmethod
+    def _set_vector(rec: dict[str, Any], prefix: str, names: list[str], values: Tensor) -> None:
+        v = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1).tolist()
+        for n, x in zip(names, v):
+            rec[f"{prefix}[{n}]"] = x
+
+    def update(self, step: int, info: BalanceInfo) -> dict[str, Any] | None:
+        """Record the metrics of ``info`` if ``step`` is sampled; return the record or ``None``.
+
+        Reads ``info.gram`` (``(K, K)``), ``info.weights`` (``(K,)`` or ``(blocks, K)``),
+        ``info.block_grams``, ``info.losses``, ``info.level`` and ``info.skipped``; never runs a
+        backward pass. If a parameter-level probe of the same step is waiting for the weights
+        (see :meth:`update_parameter_level`), its update cosines are completed with
+        ``info.weights`` (``(K,)`` weights only).
+        """
+        step = int(step)
+        k = int(info.losses.shape[0])
+        names = self._names(k)
+        weights = info.weights.detach().to(device="cpu", dtype=torch.float64)
+        if self._pending is not None:
+            p_step, p_gram, p_rec = self._pending
+            if p_step == step and not info.skipped and weights.dim() == 1:
+                self._set_vector(p_rec, "weight", names, weights)
+                self._fill_update(p_rec, p_gram, weights)
+            if p_step <= step:
+                self._pending = None
+        if not self.is_sampled(step):
+            return None
+        self.num_sampled += 1
+        gram = info.gram
+        if info.skipped:
+            status = "skipped"
+            self.num_skipped += 1
+        elif gram is None:
+            status = "no_gram"
+            self.num_no_gram += 1
+            if not self._warned_no_gram:
+                self._warned_no_gram = True
+                warnings.warn(
+                    f"ConflictTracker: BalanceInfo.gram is None at step {step}; the metrics of "
+                    "sampled steps are recorded as NaN. Methods that do not need the Gram matrix "
+                    "(EqualWeight, MARIGOLD) compute it for diagnostics when built with "
+                    "compute_gram=True.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        else:
+            status = "ok"
+        rec = self._blank(step, "balance", info.level, status, k)
+        self._set_vector(rec, "loss", names, info.losses)
+        if not info.skipped:
+            w_mean = weights if weights.dim() == 1 else weights.mean(0)
+            self._set_vector(rec, "weight", names, w_mean)
+        if status == "ok":
+            assert gram is not None
+            m = as_gram(gram)
+            self._fill(rec, m)
+            if weights.dim() == 1 or weights.shape[0] == 1:
+                self._fill_update(rec, m, weights)
+            elif info.block_grams is not None and info.block_grams.shape[0] == weights.shape[0]:
+                self._fill_update(rec, as_gram(info.block_grams, allow_blocks=True), weights)
+        self.history.append(rec)
+        return rec
+
+    def update_parameter_level(
+        self,
+        step: int,
+        losses: Sequence[Tensor] | Tensor,
+        shared_parameters: Iterable[Tensor],
+        weights: Tensor | Sequence[float] | None = None,
+    ) -> dict[str, Any] | None:
+        """Probe conflict at the shared parameters on sampled steps (expensive).
+
+        Computes ``g_k = dL_k / d theta_shared`` with K ``torch.autograd.grad(L_k, params,
+        retain_graph=True)`` calls (``.grad`` is not touched), accumulates the float64 Gram
+        matrix parameter by parameter, and records it with ``source="probe"``. The cost is that
+        of parameter-level balancing (K backward passes through the trunk), so sample sparsely
+        (``param_level_every``). Call it after the forward pass and *before*
+        ``opt.backward(...)``, which frees the graph.
+
+        The coefficients of the step are not known yet at that point: pass ``weights`` to
+        compute the update cosines now, or leave it ``None`` and the following :meth:`update`
+        of the same step fills them in from ``info.weights``. With representation-level weights
+        ``c`` the shared parameters receive ``grad sum_k c_k L_k = sum_k c_k g_k``, so these are
+        the cosines between the actual parameter update (before the inner optimizer) and each
+        task's parameter gradient.
+
+        Returns:
+            the record, or ``None`` when ``step`` is not a probe step.
+        """
+        step = int(step)
+        if not self.is_probe_step(step):
+            return None
+        items = check_losses(losses, None, self._label)
+        params = _probe_parameters(shared_parameters)
+        k = len(items)
+        names = self._names(k)
+        m = parameter_gram(items, params)
+        self.num_probes += 1
+        finite = bool(torch.isfinite(m).all())
+        rec = self._blank(step, "probe", "parameters", "ok" if finite else "skipped", k)
+        self._set_vector(rec, "loss", names, torch.stack([t.detach() for t in items]))
+        if finite:
+            m = as_gram(m)
+            self._fill(rec, m)
+            if weights is None:
+                self._pending = (step, m, rec)  # completed by update() of the same step
+            else:
+                w = torch.as_tensor(
+                    weights.detach().cpu() if isinstance(weights, Tensor) else weights,
+                    dtype=torch.float64,
+                )
+                self._set_vector(rec, "weight", names, w if w.dim() == 1 else w.mean(0))
+                self._fill_update(rec, m, w)
+        self.history.append(rec)
+        return rec
+
+    def _label(self, k: int) -> str:
+        """``task k`` (with its name when known), for error messages."""
+        if self.task_names is not None and k < len(self.task_names):
+            return f"task {k} ({self.task_names[k]!r})"
+        return f"task {k}"
+
+    # ------------------------------------------------------------------ reading
+    def records(self, source: Source | None = "balance") -> list[dict[str, Any]]:
+        """The records of one source (``"balance"``, ``"probe"``), or all with ``None``."""
+        if source is None:
+            return list(self.history)
+        return [r for r in self.history if r["source"] == source]
+
+    def series(self, key: str, source: Source = "balance") -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` arrays of one record key (e.g. ``"conflict_rate"``)."""
+        recs = self.records(source)
+        steps = np.array([r["step"] for r in recs], dtype=np.int64)
+        vals = np.array([r.get(key, math.nan) for r in recs], dtype=np.float64)
+        return steps, vals
+
+    def summary(self) -> dict[str, Any]:
+        """Aggregates over the history (NaN-aware means; ``nan`` where nothing was recorded).
+
+        Keys: ``num_sampled``, ``num_ok``, ``num_no_gram``, ``num_skipped``,
+        ``mean_conflict_rate``, ``frac_steps_with_conflict`` (share of recorded steps with at
+        least one conflicting pair), ``mean_min_cosine``, ``mean_cosine``,
+        ``mean_magnitude_similarity_min``, ``mean_magnitude_similarity_mean``,
+        ``median_condition_number``, ``frac_rank_deficient`` (condition number inf),
+        ``median_condition_number_aligned``, ``mean_min_update_cosine``,
+        ``frac_steps_with_negative_update_cosine`` (the update increased some task's loss to
+        first order), and per task ``mean_norm[name]``, ``mean_weight[name]``,
+        ``mean_update_cos[name]``, per pair ``mean_cos[a,b]`` and ``frac_conflict[a,b]``.
+        When parameter-level probes exist, the same statistics of the probes are under
+        ``"parameter_level"`` (with ``num_probes``).
+        """
+        out = summarize_records(self.records("balance"), self.task_names or [])
+        out["num_no_gram"] = self.num_no_gram
+        out["num_skipped"] = self.num_skipped
+        probes = self.records("probe")
+        if probes:
+            p = summarize_records(probes, self.task_names or [])
+            p["num_probes"] = p.pop("num_sampled")
+            out["parameter_level"] = p
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: settings, task names, counters and the history."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "every": self.every,
+            "param_level_every": self.param_level_every,
+            "conflict_tol": self.conflict_tol,
+            "task_names": None if self.task_names is None else list(self.task_names),
+            "num_sampled": self.num_sampled,
+            "num_no_gram": self.num_no_gram,
+            "num_skipped": self.num_skipped,
+            "num_probes": self.num_probes,
+            "warned_no_gram": self._warned_no_gram,
+            "history": [dict(r) for r in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (history, counters, task names).
+
+        The schedule (``every``, ``param_level_every``) stays the one this tracker was built
+        with. Raises ``ValueError`` when the saved task names differ from this tracker's.
+        """
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"not a ConflictTracker state (format={state.get('format')!r})")
+        saved = state.get("task_names")
+        if saved is not None:
+            saved = _check_names(saved)
+            if self.task_names is not None and self.task_names != saved:
+                raise ValueError(
+                    f"saved task names {saved} differ from this tracker's {self.task_names}"
+                )
+            self.task_names = saved
+        self.history = [dict(r) for r in state.get("history", [])]
+        self.num_sampled = int(state.get("num_sampled", 0))
+        self.num_no_gram = int(state.get("num_no_gram", 0))
+        self.num_skipped = int(state.get("num_skipped", 0))
+        self.num_probes = int(state.get("num_probes", 0))
+        self._warned_no_gram = bool(state.get("warned_no_gram", False))
+        self._pending = None
+
+    def to_json(self, path: str | PathLike[str]) -> None:
+        """Write :meth:`state_dict` as strict JSON (NaN as ``null``, infinities as strings)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(encode(self.state_dict()), f, indent=1, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, path: str | PathLike[str]) -> ConflictTracker:
+        """A tracker restored from :meth:`to_json` output (same schedule, names and history)."""
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a ConflictTracker JSON file")
+        state["history"] = [decode_record(r) for r in state.get("history", [])]
+        tracker = cls(
+            every=state["every"],
+            param_level_every=state.get("param_level_every"),
+            task_names=state.get("task_names"),
+        )
+        tracker.load_state_dict(state)
+        return tracker
+
+    def to_csv(self, path: str | PathLike[str]) -> None:
+        """Write the history as a CSV table, one row per record (:func:`record_columns`)."""
+        cols = record_columns(self.task_names or [])
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(cols)
+            for r in self.history:
+                writer.writerow([csv_cell(r.get(c, math.nan)) for c in cols])
+
+    @classmethod
+    def from_csv(
+        cls, path: str | PathLike[str], every: int = 10, param_level_every: int | None = None
+    ) -> ConflictTracker:
+        """A tracker whose history is read from :meth:`to_csv` output.
+
+        Task names are recovered from the ``norm[...]`` columns; the counters are recomputed
+        from the records; the schedule is not stored in the CSV (pass it).
+        """
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            rows = list(reader)
+        names = [c[5:-1] for c in header if c.startswith("norm[") and c.endswith("]")]
+        tracker = cls(every=every, param_level_every=param_level_every, task_names=names or None)
+        tracker.history = [record_from_csv(header, row) for row in rows]
+        balance = tracker.records("balance")
+        tracker.num_sampled = len(balance)
+        tracker.num_no_gram = sum(r["status"] == "no_gram" for r in balance)
+        tracker.num_skipped = sum(r["status"] == "skipped" for r in balance)
+        tracker.num_probes = len(tracker.records("probe"))
+        return tracker
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+    def __repr__(self) -> str:
+        return (
+            f"ConflictTracker(every={self.every}, param_level_every={self.param_level_every}, "
+            f"task_names={self.task_names}, records={len(self.history)})"
+        )
+
+
+# ---------------------------------------------------------------------- tracker helpers
+def _check_every(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_names(names: Sequence[str]) -> list[str]:
+    if isinstance(names, str):
+        raise TypeError("task_names must be a sequence of strings, not a single string")
+    out = [str(n) for n in names]
+    if not out:
+        raise ValueError("task_names is empty")
+    if len(set(out)) != len(out):
+        raise ValueError(f"task_names must be unique, got {out}")
+    return out
+
+
+def _probe_parameters(shared_parameters: Iterable[Tensor]) -> list[Tensor]:
+    if isinstance(shared_parameters, Tensor):
+        raise TypeError("shared_parameters must be an iterable of tensors (wrap it in a list)")
+    params = [p for p in shared_parameters if p.requires_grad]
+    if not params:
+        raise ValueError("shared_parameters has no tensor that requires grad")
+    return params
+
+
+def parameter_gram(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """The float64 Gram matrix (on the CPU) of the task gradients ``dL_k / d params``.
+
+    K ``torch.autograd.grad(L_k, params, retain_graph=True)`` calls (``.grad`` untouched), then
+    :func:`mtl._gram.gram_matrix` of each parameter's ``(K, n)`` rows (:func:`mtl._gram.task_rows`:
+    sparse gradients keep only the touched rows), summed over the parameters.
+    """
+    grads = [
+        torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses
+    ]
+    m = torch.zeros(len(losses), len(losses), dtype=torch.float64)
+    for j, p in enumerate(params):
+        column: list[Tensor | None] = [g[j] for g in grads]
+        rows, _ = task_rows(column, p, densify=False)
+        m += gram_matrix(rows).cpu()
+    return m
