@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from balancers.registry import BALANCERS, balancer_class, make_balancer
+from mtl import BalancedOptimizer
 from mtl.models import build_model
 from mtl.train import fit
 
@@ -102,21 +103,13 @@ def resolve_balancers(spec: str | Sequence[str]) -> tuple[list[str], dict[str, s
 
 
 def _takes_seed(balancer: str) -> bool:
-    import inspect
-
-    try:
-        return "seed" in inspect.signature(balancer_class(balancer).__init__).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether the balancer's constructor takes a ``seed`` (class flag ``accepts_seed``)."""
+    return bool(balancer_class(balancer).accepts_seed)
 
 
 def accepts_closure(optimizer: Any) -> bool:
-    import inspect
-
-    try:
-        return "closure" in inspect.signature(optimizer.backward).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether ``optimizer.backward`` wants a ``closure`` (class flag ``needs_closure``)."""
+    return isinstance(optimizer, BalancedOptimizer) and bool(type(optimizer).needs_closure)
 
 
 # ---------------------------------------------------------------------------- data and models

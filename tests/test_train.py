@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+import pickletools
+import zipfile
+from pathlib import Path
+from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 
 from balancers.registry import make_balancer
 from mtl.models import build_model
-from mtl.train import TrainResult, _make_closure, evaluate, fit, selection_score, task_loss_fns
+from mtl.train import (
+    CheckpointError,
+    CheckpointOptions,
+    EvalOptions,
+    FitKeywords,
+    LogOptions,
+    TrainOptions,
+    TrainResult,
+    _make_closure,
+    evaluate,
+    fit,
+    selection_score,
+    task_loss_fns,
+)
 from tasks import DataSplits, FeatureSchema, TabularDataset, TaskSpec, make_synthetic
 
 TINY_MODEL = {"num_experts": 2, "expert_dims": (8,), "tower_dims": (4,)}
@@ -357,3 +374,225 @@ def test_resume_with_a_perturbation_regularizer(
     fit(second, synth, _opt(second, balancer), epochs=3, checkpoint_path=ckpt, resume=True,
         regularizer=LSPR(epsilon=0.1, seed=123), **kw)  # fmt: skip
     assert _same(_params(second), _params(full_model))
+
+
+# ----------------------------------------------------------------------------- safe resume
+def _write_marker(path: str) -> str:
+    """What a crafted checkpoint would run on load (stands in for ``os.system``)."""
+    Path(path).write_text("code from the checkpoint ran")
+    return path
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_write_marker, (self.marker,))
+
+
+def _checkpoint(synth: DataSplits, path: Path, **kw: Any) -> None:
+    m = _model(synth)
+    fit(m, synth, _opt(m), epochs=1, batch_size=64, checkpoint_path=path, progress=False, **kw)
+
+
+def _resume(synth: DataSplits, path: Path) -> TrainResult:
+    m = _model(synth)
+    return fit(m, synth, _opt(m), epochs=2, batch_size=64, checkpoint_path=path, resume=True,
+               progress=False)  # fmt: skip
+
+
+def test_resume_never_runs_code_from_the_checkpoint(synth: DataSplits, tmp_path: Path) -> None:
+    """A checkpoint whose pickle calls a function on load (``__reduce__``) is refused, and the
+    function never runs."""
+    ckpt = tmp_path / "evil.pt"
+    _checkpoint(synth, ckpt)
+    payload = torch.load(ckpt, weights_only=True)
+    marker = tmp_path / "marker"
+    payload["history"].append({"note": _Exploit(marker)})
+    torch.save(payload, ckpt)
+    with pytest.raises(CheckpointError, match="refusing") as err:
+        _resume(synth, ckpt)
+    assert str(ckpt) in str(err.value)
+    assert not marker.exists()
+    # the crafted file is live: an unrestricted load runs its code
+    torch.load(ckpt, weights_only=False)
+    assert marker.exists()
+
+
+def test_truncated_checkpoint_names_the_file(synth: DataSplits, tmp_path: Path) -> None:
+    ckpt = tmp_path / "trunc.pt"
+    _checkpoint(synth, ckpt)
+    data = ckpt.read_bytes()
+    for size in (len(data) // 2, 10, 0):
+        ckpt.write_bytes(data[:size])
+        with pytest.raises(CheckpointError) as err:
+            _resume(synth, ckpt)
+        assert str(ckpt) in str(err.value)
+
+
+def test_old_format_checkpoint_gives_a_clear_error(synth: DataSplits, tmp_path: Path) -> None:
+    """Format 1 pickled NumPy's RNG state (an ndarray): a weights-only load refuses it."""
+    ckpt = tmp_path / "v1.pt"
+    _checkpoint(synth, ckpt)
+    payload = torch.load(ckpt, weights_only=True)
+    payload["version"] = 1
+    payload["rng"]["numpy"] = np.random.get_state()  # noqa: NPY002 - what format 1 stored
+    torch.save(payload, ckpt)
+    with pytest.raises(CheckpointError, match="format 2") as err:
+        _resume(synth, ckpt)
+    assert str(ckpt) in str(err.value)
+    payload["rng"]["numpy"] = None
+    torch.save(payload, ckpt)
+    with pytest.raises(CheckpointError, match="version 1") as err:
+        _resume(synth, ckpt)
+    assert str(ckpt) in str(err.value)
+
+
+#: what torch 2.4's weights-only unpickler (the oldest torch supported) understands
+_TORCH24_OPCODES = {
+    "GLOBAL", "NEWOBJ", "REDUCE", "BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "MARK",
+    "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE",
+    "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "BININT", "BININT1", "BININT2", "BINFLOAT",
+    "BINUNICODE", "SHORT_BINSTRING", "BINPERSID", "BINGET", "LONG_BINGET", "BINPUT",
+    "LONG_BINPUT", "LONG1", "PROTO", "STOP",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("balancer", ["marigold", "pcgrad"])
+def test_checkpoint_holds_only_plain_values(
+    synth: DataSplits, tmp_path: Path, balancer: str
+) -> None:
+    """Only tensors, numbers, strings and containers: no NumPy or builtins globals, and only
+    opcodes that torch 2.4's weights-only loader reads (balancers with NumPy generators and an
+    LSPR regularizer included)."""
+    from balancers import LSPR
+
+    ckpt = tmp_path / "plain.pt"
+    m = _model(synth)
+    fit(m, synth, _opt(m, balancer), epochs=1, batch_size=64, max_steps=3, checkpoint_path=ckpt,
+        regularizer=LSPR(epsilon=0.1), progress=False)  # fmt: skip
+    with zipfile.ZipFile(ckpt) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    ops = list(pickletools.genops(data))
+    assert {op.name for op, _, _ in ops} <= _TORCH24_OPCODES
+    names = {str(arg) for op, arg, _ in ops if op.name == "GLOBAL"}
+    assert all(n.startswith("torch") or n == "collections OrderedDict" for n in names), names
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_crash_while_writing_keeps_the_previous_checkpoint(
+    synth: DataSplits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mtl.train import _checkpoint as ck
+
+    ckpt = tmp_path / "keep.pt"
+    _checkpoint(synth, ckpt)
+    before = ckpt.read_bytes()
+
+    def crash(_payload: Any, f: Any) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _resume(synth, ckpt)
+    monkeypatch.undo()
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.pt"]  # no temporary left
+    assert _resume(synth, ckpt).epochs == 2
+
+
+def test_to_plain_converts_numpy_and_refuses_objects() -> None:
+    from mtl.train._checkpoint import to_plain
+
+    state = {"a": np.float64(1.5), "b": np.arange(3), "c": [np.int64(2), "x"], "d": (None,)}
+    plain = to_plain(state, "optimizer")
+    assert type(plain["a"]) is float and plain["c"] == [2, "x"] and plain["d"] == (None,)
+    assert isinstance(plain["b"], torch.Tensor) and plain["b"].tolist() == [0, 1, 2]
+    unchanged = {"t": torch.zeros(2), "n": [1, 2.0, "s", None, True]}
+    assert to_plain(unchanged, "x") is unchanged
+    with pytest.raises(TypeError, match=r"optimizer\['e'\]\[0\]"):
+        to_plain({"e": [object()]}, "optimizer")
+
+
+# ----------------------------------------------------------------------------- options
+def test_option_dataclasses_match_the_keywords(synth: DataSplits, tmp_path: Path) -> None:
+    """The dataclasses and the historical keywords are two spellings of the same run."""
+    from mtl.train._options import KEYWORDS
+
+    assert set(KEYWORDS) == set(FitKeywords.__annotations__) and len(KEYWORDS) == 23
+    kw = {"epochs": 2, "batch_size": 48, "seed": 2, "eval_every": 2, "progress": False}
+    m1 = _model(synth)
+    r1 = fit(m1, synth, _opt(m1, "mgda"), checkpoint_path=tmp_path / "a.pt", **kw)
+    m2 = _model(synth)
+    r2 = fit(m2, synth, _opt(m2, "mgda"), train=TrainOptions(epochs=2, batch_size=48, seed=2),
+             evaluation=EvalOptions(eval_every=2), log=LogOptions(progress=False),
+             checkpoint=CheckpointOptions(path=tmp_path / "b.pt"))  # fmt: skip
+    assert _same(_params(m1), _params(m2)) and r1.steps == r2.steps
+    assert (tmp_path / "b.pt").exists()
+    # a keyword overrides the field of a dataclass given alongside
+    m3 = _model(synth)
+    r3 = fit(m3, synth, _opt(m3), train=TrainOptions(epochs=5, batch_size=64), epochs=1,
+             progress=False)  # fmt: skip
+    assert r3.epochs == 1 and r3.steps == 4
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        fit(m3, synth, _opt(m3), epoch=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="TrainOptions"):
+        fit(m3, synth, _opt(m3), train=EvalOptions())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        CheckpointOptions(path="x.pt", every=0)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainOptions(epochs=-1)
+
+
+def test_closure_follows_the_class_flag(synth: DataSplits) -> None:
+    """``needs_closure`` on the optimizer's class, not its signature, makes fit pass closure=."""
+    from balancers import EqualWeight
+
+    class WithClosure(EqualWeight):
+        needs_closure: ClassVar[bool] = True
+        seen: ClassVar[list[bool]] = []
+
+        def backward(self, losses: Any, *, closure: Any = None, **kw: Any) -> Any:
+            type(self).seen.append(callable(closure))
+            return super().backward(losses, **kw)
+
+    m = _model(synth)
+    fit(m, synth, WithClosure(torch.optim.Adam(m.parameters()), 2), epochs=1, batch_size=64,
+        progress=False)  # fmt: skip
+    assert WithClosure.seen == [True] * 4
+    WithClosure.seen.clear()
+    fit(m, synth, WithClosure(torch.optim.Adam(m.parameters()), 2), epochs=1, batch_size=64,
+        use_closure=False, progress=False)  # fmt: skip
+    assert WithClosure.seen == [False] * 4
+
+
+def test_user_perturbation_regularizer_is_recognised_by_its_class_flag(
+    synth: DataSplits,
+) -> None:
+    class Scaled:
+        """A user-written perturbation regularizer: losses at 1.5 z."""
+
+        perturbs_representation: ClassVar[bool] = True
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, z: Any, heads: Any, targets: Any, loss_fns: Any, **_: Any) -> Any:
+            self.calls += 1
+            return [fn(o, y) for fn, o, y in zip(loss_fns, heads(1.5 * z), targets)]
+
+        def closure(self, heads: Any, targets: Any, loss_fns: Any, **_: Any) -> Any:
+            return lambda z: self(z, heads, targets, loss_fns)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"calls": self.calls}
+
+        def load_state_dict(self, sd: dict[str, Any]) -> None:
+            self.calls = int(sd["calls"])
+
+    reg = Scaled()
+    m = _model(synth)
+    res = fit(m, synth, _opt(m), epochs=1, batch_size=64, regularizer=reg, progress=False)
+    assert reg.calls == 4 and res.steps == 4
