@@ -18,13 +18,19 @@ weights over training), ``curves.png`` (validation score per epoch); for the toy
 ``trajectories.png``. ``sweep`` writes ``results.json``, ``results.md``, ``sweep_metrics.png``
 and ``sweep_front.png``.
 
+The output directory is checked before any training (:mod:`experiments._output`): a file, a
+path under a file, or a directory that already holds results (without ``--overwrite``) is a
+usage error. While a run writes there it holds a lock file (a second run into the same
+directory is refused), and every file is written to a temporary name and renamed into place.
+
 Exit status: 0 success; 1 some runs failed (they are listed in the table); 2 bad arguments,
-configuration or balancer name.
+configuration, balancer name or option, data file or output directory (one ``error:`` line).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -35,12 +41,48 @@ from typing import Any
 
 import torch
 
+from tasks.registry import DataError
+
 from . import config as cfgmod
 from . import report
+from ._output import OutputDir, OutputError, atomic_write, locked
 
 __all__ = ["main", "build_parser"]
 
-TASK_HELP = "synthetic | census | toy (or any tasks.load_task name, e.g. census1, csv)"
+TASK_HELP = (
+    "synthetic | census | toy | csv (or any tasks.load_task name, e.g. census1); csv: see "
+    "'CSV task' below"
+)
+
+CSV_HELP = """\
+CSV task (--task csv): any delimited text file with a header row, plain or gzipped.
+It has no default configuration; the file and three data options are required:
+  --data-path FILE                the file (data.path)
+  --set 'data.numeric=[...]'      JSON list of numeric feature columns (standardized)
+  --set 'data.categorical=[...]'  JSON list of categorical feature columns ([] for none)
+  --set 'data.tasks.NAME=EXPR'    one per task: "col == 'x'", "col != 'x'", "col > 0"
+                                  (== != > >= < <=), "col in ('a', 'b')", "col not in
+                                  (...)", or a bare numeric column (regression; a 0/1
+                                  column is binary)
+Optional: data.delimiter (","), data.encoding ("utf-8"; a byte-order mark is skipped;
+  e.g. latin-1), data.missing_values (["?", ""]), data.invalid_numbers ("error", or
+  "missing": a numeric feature cell that is inf/nan or beyond the float32 range is imputed
+  like a missing value), data.task_kinds ({"NAME": "regression"}), data.fractions
+  ([0.6, 0.2, 0.2]), data.name.
+Example:
+  python -m experiments compare --task csv --data-path clicks.csv --balancers equal,mgda \\
+    --set 'data.numeric=["age", "watch_time"]' --set 'data.categorical=["city"]' \\
+    --set "data.tasks.clicked=clicks > 0" --set "data.tasks.rich=income == '>50K'" \\
+    --epochs 10 --seeds 3 --out runs/clicks
+Bad input is an error naming the file, line and column: a non-numeric, infinite or
+out-of-range number in a numeric column, a label that is missing or not a number under a
+comparison, bytes that do not decode, a ragged row. More: docs/experiments.md.
+"""
+
+OUT_HELP = (
+    "output directory; refused before training if it is a file or already holds results "
+    "(see --overwrite) or another run is writing there"
+)
 
 
 class UsageError(Exception):
@@ -89,7 +131,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         "Step times are measured per process: compare them only between runs with the same "
         "--jobs on an otherwise idle machine",
     )
-    p.add_argument("--out", help="output directory")
+    p.add_argument("--out", help=OUT_HELP)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (its other outputs are removed)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
@@ -97,11 +144,18 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
-        description="Multi-task gradient-balancing experiments (synthetic, Census-Income, toy).",
+        description="Multi-task gradient-balancing experiments (synthetic, Census-Income, toy, "
+        "CSV files).",
+        epilog=CSV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    task_cmd: dict[str, Any] = {
+        "epilog": CSV_HELP,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
-    p = sub.add_parser("run", help="one model, one balancer, one task, one seed")
+    p = sub.add_parser("run", help="one model, one balancer, one task, one seed", **task_cmd)
     _common(p)
     p.add_argument("--balancer", default="equal", help="balancer name (default equal)")
     p.add_argument(
@@ -113,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--single-task", action="store_true", help="also train single-task baselines (Δm)"
     )
 
-    p = sub.add_parser("compare", help="every balancer side by side over seeds")
+    p = sub.add_parser("compare", help="every balancer side by side over seeds", **task_cmd)
     _common(p)
     p.add_argument(
         "--balancers", default="all",
@@ -128,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     st.add_argument("--no-single-task", dest="single_task", action="store_false")
 
-    p = sub.add_parser("sweep", help="one balancer over values of one option")
+    p = sub.add_parser("sweep", help="one balancer over values of one option", **task_cmd)
     _common(p)
     p.add_argument("--balancer", required=True)
     p.add_argument(
@@ -167,70 +221,85 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         # the group's own configuration, so its description and notes match the data
         config = f"census_group{str(args.group).strip()}"
     try:
-        cfg = cfgmod.load_config(config, task=task, overrides=args.set)
+        cfg = cfgmod.load_config(config, task=task, overrides=args.set, validate=False)
     except cfgmod.ConfigError as e:
         raise UsageError(str(e)) from e
     is_toy = task == "toy"
     if getattr(args, "jobs", 1) < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    for flag in ("first_seed", "seed"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    origins: dict[str, str] = {}  # dotted key -> the flag that set it (for error messages)
+
+    def put(section: str | None, key: str, value: Any, flag: str) -> None:
+        node = cfg if section is None else cfg.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"{flag}: configuration key {section!r} is not a section")
+        node[key] = value
+        origins[key if section is None else f"{section}.{key}"] = f"{flag} {value}"
+
     if args.model:
-        cfg["model"]["name"] = args.model
+        put("model", "name", args.model, "--model")
     if args.epochs is not None:
         if is_toy:
             raise UsageError("the toy task counts steps, not epochs: use --steps")
-        cfg["train"]["epochs"] = args.epochs
+        put("train", "epochs", args.epochs, "--epochs")
     if args.steps is not None:
-        if is_toy:
-            cfg.setdefault("toy", {})["steps"] = args.steps
-        else:
-            cfg["train"]["max_steps"] = args.steps
+        put("toy" if is_toy else "train", "steps" if is_toy else "max_steps", args.steps, "--steps")
     if args.batch_size is not None:
-        cfg["train"]["batch_size"] = args.batch_size
+        put("train", "batch_size", args.batch_size, "--batch-size")
     if args.lr is not None:
-        if is_toy:
-            cfg.setdefault("toy", {})["lr"] = args.lr
-        else:
-            cfg["optimizer"]["lr"] = args.lr
+        put("toy" if is_toy else "optimizer", "lr", args.lr, "--lr")
     if args.level is not None:
-        if is_toy:
-            cfg.setdefault("toy", {})["level"] = args.level
-        else:
-            cfg["train"]["level"] = args.level
+        put("toy" if is_toy else "train", "level", args.level, "--level")
     if args.device is not None:
         if is_toy:
             raise UsageError("the toy task runs on the CPU only")
-        cfg["train"]["device"] = args.device
+        put("train", "device", args.device, "--device")
     if args.group is not None:
-        cfg["data"]["group"] = cfgmod.parse_value(args.group)
+        put("data", "group", cfgmod.parse_value(args.group), "--group")
     if args.data_path is not None:
-        cfg["data"]["path"] = args.data_path
+        put("data", "path", args.data_path, "--data-path")
     if args.threads is not None:
-        cfg["threads"] = args.threads
+        put(None, "threads", args.threads, "--threads")
     if getattr(args, "regularizer", None) is not None:
         if is_toy:
             raise UsageError("the toy task has no representation to perturb")
         cfg["regularizer"] = {**dict(cfg.get("regularizer") or {}), "name": args.regularizer}
+        origins["regularizer.name"] = f"--regularizer {args.regularizer}"
+    try:
+        cfgmod.validate_config(cfg, args.set, origins)
+    except cfgmod.ConfigError as e:
+        raise UsageError(str(e)) from e
     return cfg
 
 
-def _options(items: Sequence[str]) -> dict[str, Any]:
+def _options(items: Sequence[str], balancer: str) -> dict[str, Any]:
+    """The ``--option KEY=VALUE`` items, checked against the options ``balancer`` takes."""
     out: dict[str, Any] = {}
     for item in items:
         try:
             k, v = cfgmod.parse_assignment(item)
+            cfgmod.check_balancer_options(balancer, {k: v}, f"--option {item}")
         except cfgmod.ConfigError as e:
             raise UsageError(str(e)) from e
         out[k] = v
     return out
 
 
-def _param(text: str) -> tuple[str, list[Any]]:
+def _param(text: str, balancer: str) -> tuple[str, list[Any]]:
     if "=" not in text:
         raise UsageError(f"--param must look like NAME=V1,V2,..., got {text!r}")
     name, _, values = text.partition("=")
     vals = [cfgmod.parse_value(v.strip()) for v in values.split(",") if v.strip()]
     if not name.strip() or not vals:
         raise UsageError(f"--param must look like NAME=V1,V2,..., got {text!r}")
+    try:
+        cfgmod.check_balancer_options(balancer, {name.strip(): None}, f"--param {text}")
+    except cfgmod.ConfigError as e:
+        raise UsageError(str(e)) from e
     return name.strip(), vals
 
 
@@ -250,17 +319,25 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _json_text(data: Any) -> str:
+    return json.dumps(_jsonable(data), indent=1, allow_nan=False) + "\n"
+
+
 def _write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as strict JSON, atomically (a temporary file renamed over ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(data), f, indent=1, allow_nan=False)
-        f.write("\n")
+    atomic_write(path, _json_text(data))
 
 
 def _out_dir(args: argparse.Namespace, default: str | None) -> Path | None:
     if args.out:
         return Path(args.out)
     return None if default is None else Path("runs") / default
+
+
+def _output(out: Path | None, overwrite: bool) -> contextlib.AbstractContextManager[Any]:
+    """The checked and locked output directory (``None``: nothing is written)."""
+    return contextlib.nullcontext(None) if out is None else OutputDir(out, overwrite=overwrite)
 
 
 class _Console:
@@ -277,7 +354,7 @@ class _Console:
 
 
 def _finish_compare(
-    results: dict[str, Any], out: Path | None, plots: bool, console: _Console
+    results: dict[str, Any], out: OutputDir | None, plots: bool, console: _Console
 ) -> int:
     from . import plots as plotmod
 
@@ -291,33 +368,35 @@ def _finish_compare(
         table = report.compare_table(results, summary)
     print(table, flush=True)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "results.json", results)
-        (out / "results.md").write_text(table, encoding="utf-8")
+        out.write("results.json", _json_text(results))
+        out.write("results.md", table)
         written = ["results.json", "results.md"]
         if plots:
             if task == "toy":
                 written += _toy_plots(results, out)
             else:
-                plotmod.plot_compare_metrics(results, summary, out / "metrics.png")
-                plotmod.plot_weights(results, out / "weights.png")
-                plotmod.plot_curves(results, out / "curves.png")
+                out.save("metrics.png", lambda p: plotmod.plot_compare_metrics(results, summary, p))
+                out.save("weights.png", lambda p: plotmod.plot_weights(results, p))
+                out.save("curves.png", lambda p: plotmod.plot_curves(results, p))
                 written += ["metrics.png", "weights.png", "curves.png"]
-        console.log(f"wrote {', '.join(str(out / w) for w in written)}")
+        out.finish(written)
+        console.log(f"wrote {', '.join(str(out.file(w)) for w in written)}")
     return 1 if any(r.get("error") for r in results.get("runs", [])) else 0
 
 
-def _toy_plots(results: dict[str, Any], out: Path) -> list[str]:
+def _toy_plots(results: dict[str, Any], out: OutputDir) -> list[str]:
     from tasks.toy import loss_grid
 
     from . import plots as plotmod
     from . import toy
 
     scales = results["config"]["toy"]["scales"]
-    plotmod.plot_toy_trajectories(
-        results, out / "trajectories.png", grid=loss_grid((-10.0, 10.0), 160, scales),
-        pareto=toy._pareto(200),
-    )  # fmt: skip
+    out.save(
+        "trajectories.png",
+        lambda p: plotmod.plot_toy_trajectories(
+            results, p, grid=loss_grid((-10.0, 10.0), 160, scales), pareto=toy._pareto(200)
+        ),
+    )
     return ["trajectories.png"]
 
 
@@ -352,20 +431,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = _seeds(args, cfg)
     single = cfg.get("single_task", False) if args.single_task is None else args.single_task
     progress = False if args.quiet else None
-    if cfg["task"] == "toy":
-        from . import toy
+    with _output(_out_dir(args, f"compare-{cfg['task']}"), args.overwrite) as out:
+        if cfg["task"] == "toy":
+            from . import toy
 
-        results = toy.run_toy(
-            cfg, names, seeds, unavailable=unavailable, progress=progress, log=console.log,
-            jobs=args.jobs,
-        )  # fmt: skip
-    else:
-        results = runner.run_compare(
-            cfg, names, seeds, single_task=bool(single), unavailable=unavailable,
-            progress=progress, log=console.log, jobs=args.jobs,
-        )  # fmt: skip
-    out = _out_dir(args, f"compare-{cfg['task']}")
-    return _finish_compare(results, out, not args.no_plots, console)
+            results = toy.run_toy(
+                cfg, names, seeds, unavailable=unavailable, progress=progress, log=console.log,
+                jobs=args.jobs,
+            )  # fmt: skip
+        else:
+            results = runner.run_compare(
+                cfg, names, seeds, single_task=bool(single), unavailable=unavailable,
+                progress=progress, log=console.log, jobs=args.jobs,
+            )  # fmt: skip
+        return _finish_compare(results, out, not args.no_plots, console)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -376,45 +455,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = _Console(args.quiet)
     names, _ = _resolve(args.balancer)
     name = names[0]
-    options = {**dict((cfg.get("balancers") or {}).get(name) or {}), **_options(args.option)}
+    options = {
+        **dict((cfg.get("balancers") or {}).get(name) or {}),
+        **_options(args.option, name),
+    }
     cfg.setdefault("balancers", {})[name] = options
     progress = False if args.quiet else None
-    if cfg["task"] == "toy":
-        from . import toy
+    with _output(_out_dir(args, None), args.overwrite) as out:
+        if cfg["task"] == "toy":
+            from . import toy
 
-        results = toy.run_toy(cfg, [name], [args.seed], progress=progress, log=console.log)
-    else:
-        t0 = time.perf_counter()
-        splits = runner.load_splits(cfg, args.seed)
-        baselines: list[dict[str, Any]] = []
-        if args.single_task:
-            baselines = runner.single_task_baselines(
-                cfg, splits, args.seed, progress=progress, log=console.log
+            results = toy.run_toy(cfg, [name], [args.seed], progress=progress, log=console.log)
+        else:
+            t0 = time.perf_counter()
+            splits = runner.load_splits(cfg, args.seed)
+            baselines: list[dict[str, Any]] = []
+            if args.single_task:
+                baselines = runner.single_task_baselines(
+                    cfg, splits, args.seed, progress=progress, log=console.log
+                )
+            rec = runner.train_one(
+                cfg,
+                splits,
+                name,
+                options,
+                args.seed,
+                progress=progress,
+                desc=f"{name} seed {args.seed}",
             )
-        rec = runner.train_one(
-            cfg,
-            splits,
-            name,
-            options,
-            args.seed,
-            progress=progress,
-            desc=f"{name} seed {args.seed}",
-        )
-        runner._attach_delta_m(rec, baselines, splits.tasks, cfg)
-        results = {
-            "task": cfg["task"],
-            "tasks": [{"name": t.name, "kind": t.kind} for t in splits.tasks],
-            "data": runner._json_info(splits),
-            "config": cfg,
-            "balancers": [name],
-            "seeds": [args.seed],
-            "runs": [rec],
-            "single_task": baselines,
-            "unavailable": {},
-            "environment": runner.environment(),
-            "wall_time_s": time.perf_counter() - t0,
-        }
-    return _finish_compare(results, _out_dir(args, None), not args.no_plots, console)
+            runner._attach_delta_m(rec, baselines, splits.tasks, cfg)
+            results = {
+                "task": cfg["task"],
+                "tasks": [{"name": t.name, "kind": t.kind} for t in splits.tasks],
+                "data": runner._json_info(splits),
+                "config": cfg,
+                "balancers": [name],
+                "seeds": [args.seed],
+                "runs": [rec],
+                "single_task": baselines,
+                "unavailable": {},
+                "environment": runner.environment(),
+                "wall_time_s": time.perf_counter() - t0,
+            }
+        return _finish_compare(results, out, not args.no_plots, console)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -426,8 +509,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     console = _Console(args.quiet)
     names, _ = _resolve(args.balancer)
     name = names[0]
-    param, values = _param(args.param)
-    fixed = _options(args.option)
+    param, values = _param(args.param, name)
+    fixed = _options(args.option, name)
     if fixed:
         cfg.setdefault("balancers", {})[name] = {
             **dict((cfg.get("balancers") or {}).get(name) or {}),
@@ -435,33 +518,37 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         }
     seeds = _seeds(args, cfg)
     progress = False if args.quiet else None
-    if cfg["task"] == "toy":
-        from . import toy
-
-        results = toy.run_toy(
-            cfg, [name], seeds, progress=progress, log=console.log, param=param, values=values,
-            jobs=args.jobs,
-        )  # fmt: skip
-        table = toy.toy_sweep_table(results)
-    else:
-        results = runner.run_sweep(
-            cfg, name, param, values, seeds, single_task=args.single_task,
-            progress=progress, log=console.log, jobs=args.jobs,
-        )  # fmt: skip
-        table = report.sweep_table(results)
-    print(table, flush=True)
-    out = _out_dir(args, f"sweep-{cfg['task']}-{name}-{param}")
-    assert out is not None
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "results.json", results)
-    (out / "results.md").write_text(table, encoding="utf-8")
-    written = ["results.json", "results.md"]
-    if not args.no_plots:
-        plotmod.plot_sweep(results, out / "sweep_metrics.png", out / "sweep_front.png")
-        written += ["sweep_metrics.png", "sweep_front.png"]
+    out_path = _out_dir(args, f"sweep-{cfg['task']}-{name}-{param}")
+    assert out_path is not None
+    with OutputDir(out_path, overwrite=args.overwrite) as out:
         if cfg["task"] == "toy":
-            written += _toy_plots(results, out)
-    console.log(f"wrote {', '.join(str(out / w) for w in written)}")
+            from . import toy
+
+            results = toy.run_toy(
+                cfg, [name], seeds, progress=progress, log=console.log, param=param,
+                values=values, jobs=args.jobs,
+            )  # fmt: skip
+            table = toy.toy_sweep_table(results)
+        else:
+            results = runner.run_sweep(
+                cfg, name, param, values, seeds, single_task=args.single_task,
+                progress=progress, log=console.log, jobs=args.jobs,
+            )  # fmt: skip
+            table = report.sweep_table(results)
+        print(table, flush=True)
+        out.write("results.json", _json_text(results))
+        out.write("results.md", table)
+        written = ["results.json", "results.md"]
+        if not args.no_plots:
+            out.save_many(
+                ["sweep_metrics.png", "sweep_front.png"],
+                lambda paths: plotmod.plot_sweep(results, paths[0], paths[1]),
+            )
+            written += ["sweep_metrics.png", "sweep_front.png"]
+            if cfg["task"] == "toy":
+                written += _toy_plots(results, out)
+        out.finish(written)
+        console.log(f"wrote {', '.join(str(out.file(w)) for w in written)}")
     return 1 if any(r.get("error") for r in results.get("runs", [])) else 0
 
 
@@ -510,11 +597,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise UsageError(f"{path} not found (give the --out directory of a compare/sweep run)")
-        results = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(results, dict) or "runs" not in results:
-            raise UsageError(f"{path} is not the results.json of a compare or sweep run")
-        table = render_report(results)
-        (Path(d) / "results.md").write_text(table, encoding="utf-8")
+        with locked(Path(d)):  # not while a run writes there
+            try:
+                results = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UsageError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(results, dict) or "runs" not in results:
+                raise UsageError(f"{path} is not the results.json of a compare or sweep run")
+            table = render_report(results)
+            atomic_write(Path(d) / "results.md", table)
         print(table, flush=True)
     return 0
 
@@ -545,9 +636,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, OutputError, cfgmod.ConfigError, DataError) as e:
+        # DataError: a data file or data option (tasks.load_task), possibly from a worker
+        return _usage_error(e)
     except FileNotFoundError as e:  # e.g. the census file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _usage_error(e)
+
+
+def _usage_error(e: BaseException) -> int:
+    msg = " ".join(str(e).split("\n"))
+    print(f"error: {msg}", file=sys.stderr)
+    return 2

@@ -13,6 +13,7 @@ The toy problem (:mod:`tasks.toy`) is a 2-D two-objective function plus a :class
 """
 
 from ._data import (
+    DataError,
     DataSplits,
     FeatureSchema,
     TabularDataset,
@@ -28,6 +29,7 @@ from .tabular_csv import load_csv
 from .toy import TOY_SCALES, TOY_STARTS, ToyModel, pareto_front, toy_losses
 
 __all__ = [
+    "DataError",
     "DataSplits",
     "FeatureSchema",
     "TabularDataset",

@@ -19,6 +19,7 @@ from torch import Tensor
 from mtl.models import Features
 
 __all__ = [
+    "DataError",
     "TaskKind",
     "TaskSpec",
     "FeatureSchema",
@@ -27,6 +28,13 @@ __all__ = [
     "stratified_split",
     "label_correlation",
 ]
+
+
+class DataError(ValueError):
+    """Bad input data or loader options: a file that cannot be read or parsed, a bad cell, an
+    unknown or missing option. The message names the file (and the line, data row and column
+    where there is one). A :class:`ValueError`, so ``except ValueError`` still catches it."""
+
 
 TaskKind = Literal["binary", "regression"]
 _KINDS: tuple[str, ...] = ("binary", "regression")
@@ -255,10 +263,12 @@ class TabularDataset:
                 return None
             return t[idx] if isinstance(idx, slice) else t.index_select(0, idx % len(self))
 
+        y = take(self.y)
+        assert y is not None
         return TabularDataset(
             take(self.x_num),
             take(self.x_cat),
-            take(self.y),
+            y,
             self.schema,
             self.tasks,
             _validate=False,
@@ -351,7 +361,8 @@ def label_correlation(y: Tensor | np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(sd, sd)
     corr[np.arange(k), np.arange(k)] = 1.0
-    return corr
+    out: np.ndarray = np.asarray(corr, dtype=np.float64)
+    return out
 
 
 @dataclass
@@ -460,7 +471,7 @@ def stratified_split(
         lab = lab[:, None]
     if lab.ndim != 2:
         raise ValueError(f"labels must have shape (N,) or (N, K), got {lab.shape}")
-    n = lab.shape[0]
+    n = int(lab.shape[0])
     rng = np.random.default_rng(seed)
     if lab.shape[1] == 0 or n == 0:
         strata = np.zeros(n, dtype=np.int64)

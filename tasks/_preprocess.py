@@ -10,19 +10,31 @@ Conventions (used by the Census-Income and generic CSV loaders):
 - Numeric columns: parsed as float (missing tokens become NaN), optionally ``log1p``-transformed,
   then standardized with the TRAIN split's mean and standard deviation (a constant column gets
   std 1); missing values are imputed with the train mean, i.e. become 0 after standardization.
+  A cell that parses as a number but is not finite (``inf``, ``nan``, ``1e999``) or lies beyond
+  the float32 range (``|x| > 3.4e38``, e.g. ``1e200``: features are float32 tensors) is an error
+  naming its row and column, unless ``invalid="missing"`` asks to treat such cells as missing.
+
+Errors are :class:`tasks._data.DataError` (a ``ValueError``); the callers pass a ``locate``
+function so that messages name the file and line of the offending row.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
+from ._data import DataError
+
 __all__ = [
     "DEFAULT_MISSING",
+    "FLOAT32_MAX",
+    "InvalidNumbers",
+    "Locate",
     "RawColumn",
     "ColumnEncoder",
     "encode_strings",
@@ -33,6 +45,19 @@ __all__ = [
 ]
 
 DEFAULT_MISSING: tuple[str, ...] = ("?", "")
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""Largest magnitude a numeric cell may have (features are float32 tensors)."""
+
+InvalidNumbers = Literal["error", "missing"]
+"""What to do with a numeric cell that is not finite or beyond :data:`FLOAT32_MAX`."""
+
+Locate = Callable[[int], str]
+"""Row index (0-based, in the loaded table) -> where it comes from, e.g. ``"f.csv: line 7"``."""
+
+
+def _default_locate(row: int) -> str:
+    return f"data row {row + 1}"
 
 
 @dataclass(frozen=True)
@@ -51,7 +76,16 @@ class RawColumn:
 
     def values(self) -> np.ndarray:
         """The column as an object array of strings (for user callables)."""
-        return np.asarray(self.vocab, dtype=object)[self.codes]
+        out: np.ndarray = np.asarray(self.vocab, dtype=object)[self.codes]
+        return out
+
+    def first_row(self, flagged: np.ndarray) -> int:
+        """The first row whose value is flagged in ``flagged`` (a bool per vocabulary entry);
+        -1 when there is none."""
+        if not len(self.vocab):
+            return -1
+        rows = np.flatnonzero(flagged[self.codes])
+        return int(rows[0]) if len(rows) else -1
 
     def mask(self, accepted: Iterable[str]) -> np.ndarray:
         """Boolean ``(N,)``: the row's value is one of ``accepted``."""
@@ -136,37 +170,92 @@ def category_ids(
 
 
 def numeric_values(
-    col: RawColumn, name: str, missing: Iterable[str] = DEFAULT_MISSING
+    col: RawColumn,
+    name: str,
+    missing: Iterable[str] = DEFAULT_MISSING,
+    *,
+    invalid: InvalidNumbers = "error",
+    locate: Locate | None = None,
+    invalid_hint: str = "",
 ) -> np.ndarray:
     """Parse a raw column as float64 ``(N,)``; missing tokens become NaN.
 
+    Args:
+        col: the column.
+        name: its name (for messages).
+        missing: tokens meaning "missing".
+        invalid: a cell that parses but is not finite (``inf``, ``nan``, ``1e999``) or lies
+            beyond :data:`FLOAT32_MAX` (``1e200``): ``"error"`` (default) or ``"missing"``
+            (NaN, then imputed like a missing value).
+        locate: row index -> location text for messages (default ``"data row R"``).
+        invalid_hint: appended to the message of an out-of-range cell (how the caller's
+            user can ask for ``invalid="missing"``).
+
     Raises:
-        ValueError: a value is neither a number nor a missing token (names the column).
+        DataError: a value is neither a number nor a missing token, or (``invalid="error"``)
+            is out of range; the message names the row and the column.
     """
+    if invalid not in ("error", "missing"):
+        raise ValueError(f"invalid must be 'error' or 'missing', got {invalid!r}")
+    where = locate or _default_locate
     miss = set(missing)
     out = np.empty(len(col.vocab), dtype=np.float64)
+    non_numeric = np.zeros(len(col.vocab), dtype=bool)
+    out_of_range = np.zeros(len(col.vocab), dtype=bool)
     for i, s in enumerate(col.vocab):
         if s in miss:
             out[i] = np.nan
             continue
         try:
-            out[i] = float(s)
+            v = float(s)
         except ValueError:
-            raise ValueError(
-                f"numeric column {name!r} has the non-numeric value {s!r}; declare the column "
-                f"categorical or add the token to the missing values"
-            ) from None
+            non_numeric[i] = True
+            out[i] = np.nan
+            continue
+        if not abs(v) <= FLOAT32_MAX:  # also true for nan
+            out_of_range[i] = True
+            v = np.nan
+        out[i] = v
+    if non_numeric.any():
+        r = col.first_row(non_numeric)
+        raise DataError(
+            f"{where(r)}, column {name!r}: non-numeric value {col.vocab[col.codes[r]]!r} in a "
+            f"numeric column; declare the column categorical or add the token to the missing "
+            f"values"
+        )
+    if invalid == "error" and out_of_range.any():
+        r = col.first_row(out_of_range)
+        raise DataError(
+            f"{where(r)}, column {name!r}: the value {col.vocab[col.codes[r]]!r} is not a finite "
+            f"number within the float32 range (|x| <= {FLOAT32_MAX:.3g}); fix the cell or add "
+            f"the token to the missing values{invalid_hint}"
+        )
     return out[col.codes] if len(col.vocab) else np.zeros(len(col), dtype=np.float64)
 
 
-def standardize(x: np.ndarray, train_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def standardize(
+    x: np.ndarray,
+    train_rows: np.ndarray,
+    names: Sequence[str] | None = None,
+    locate: Locate | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Standardize the columns of ``x`` (N, d) with the train rows' mean/std.
 
     NaNs are imputed with the train mean (0 after standardization); a column that is constant
     (or all-NaN) on the train rows gets std 1 (and mean 0 when all-NaN).
 
+    Args:
+        x: the raw values (finite or NaN).
+        train_rows: the rows whose statistics are used.
+        names: the column names (for messages).
+        locate: row index -> location text (for messages).
+
     Returns:
         ``(z, mean, std)`` with ``z`` float32 ``(N, d)``.
+
+    Raises:
+        DataError: a standardized value does not fit in float32 (a value far outside the train
+            range of a nearly constant column), or ``x`` holds an infinity.
     """
     x = np.asarray(x, dtype=np.float64)
     tr = x[train_rows]
@@ -180,6 +269,17 @@ def standardize(x: np.ndarray, train_rows: np.ndarray) -> tuple[np.ndarray, np.n
             mean[j] = ok.mean()
             s = ok.std()
             std[j] = s if s > 1e-12 else 1.0
-    z = (x - mean) / std
-    z[np.isnan(z)] = 0.0
-    return z.astype(np.float32), mean, std
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (x - mean) / std
+        z[np.isnan(x)] = 0.0
+        z32 = z.astype(np.float32)
+    bad = ~np.isfinite(z32)
+    if bad.any():
+        r, j = (int(v) for v in np.argwhere(bad)[0])
+        col = names[j] if names is not None else f"#{j}"
+        where = (locate or _default_locate)(r)
+        raise DataError(
+            f"{where}, column {col!r}: the value {x[r, j]!r} cannot be standardized within the "
+            f"float32 range (train mean {mean[j]:.6g}, std {std[j]:.6g})"
+        )
+    return z32, mean, std

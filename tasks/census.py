@@ -49,6 +49,7 @@ import functools
 import gzip
 import io
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +57,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ._data import DataSplits, FeatureSchema, TabularDataset, TaskSpec, stratified_split
+from ._data import (
+    DataError,
+    DataSplits,
+    FeatureSchema,
+    TabularDataset,
+    TaskSpec,
+    stratified_split,
+)
 from ._preprocess import (
     ColumnEncoder,
     RawColumn,
@@ -282,12 +290,12 @@ def _parse_block(
         for r in block.decode("utf-8", errors="replace").replace("\r", "").split("\n"):
             nf = r.count(",") + 1
             if r.strip() and nf != _NUM_FIELDS:
-                raise ValueError(
+                raise DataError(
                     f"{path}: line {line} has {nf} comma-separated fields, expected "
                     f"{_NUM_FIELDS} (is this a UCI Census-Income (KDD) file?)"
                 )
             line += 1
-        raise ValueError(f"{path}: malformed lines from line {first_line}")  # pragma: no cover
+        raise DataError(f"{path}: malformed lines from line {first_line}")  # pragma: no cover
     return [flat[j::_NUM_FIELDS] for j in range(_NUM_FIELDS)], num_lines
 
 
@@ -300,23 +308,29 @@ def _read_table_cached(
     encoders = [ColumnEncoder() for _ in range(_NUM_FIELDS)]
     n = 0
     line_no = 1
-    with gc_paused(), _open_binary(p) as f:
-        for block in _iter_blocks(f):
-            limit = None if max_rows is None else max_rows - n
-            cols, num_lines = _parse_block(block, line_no, p, limit)
-            line_no += num_lines
-            if cols is not None:
-                for enc, col in zip(encoders, cols):
-                    enc.add(col)
-                n += len(cols[0])
-            if max_rows is not None and n >= max_rows:
-                break
+    try:
+        with gc_paused(), _open_binary(p) as f:
+            for block in _iter_blocks(f):
+                limit = None if max_rows is None else max_rows - n
+                cols, num_lines = _parse_block(block, line_no, p, limit)
+                line_no += num_lines
+                if cols is not None:
+                    for enc, col in zip(encoders, cols):
+                        enc.add(col)
+                    n += len(cols[0])
+                if max_rows is not None and n >= max_rows:
+                    break
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(
+            f"{p}: cannot decompress the gzip data ({type(e).__name__}: {e}); the file is "
+            f"truncated or corrupted: download it again"
+        ) from None
     if n == 0:
-        raise ValueError(f"{p}: no data rows")
+        raise DataError(f"{p}: no data rows")
     table = {name: enc.finish() for name, enc in zip(CENSUS_COLUMNS, encoders)}
     bad = set(table["income_50k"].vocab) - {INCOME_POSITIVE, INCOME_NEGATIVE}
     if bad:
-        raise ValueError(
+        raise DataError(
             f"{p}: unexpected income_50k labels {sorted(bad)[:5]} (expected "
             f"{INCOME_NEGATIVE!r} / {INCOME_POSITIVE!r}); is this a UCI Census-Income (KDD) file?"
         )
@@ -445,7 +459,9 @@ def load_census(
 
     Raises:
         FileNotFoundError: the data files are missing (the message says what to download).
-        ValueError: bad options or a file that is not in the UCI format.
+        ValueError: bad options.
+        DataError: (a ``ValueError``) a file that is not in the UCI format, a truncated or
+            corrupted gzip file, a bad numeric cell; the message names the file.
     """
     task_names, group_label = _resolve_group(group)
     if protocol not in ("auto", "resplit", "canonical"):
@@ -481,6 +497,12 @@ def load_census(
         tr, va = stratified_split(y[:n_tr], (1.0 - vf, vf), seed)
         te = np.arange(n_tr, n_tr + n_te)
         files = {"train": str(train_file), "test": str(main_file)}
+
+        def locate(r: int) -> str:
+            if r < n_tr:
+                return f"{train_file}: data row {int(rows_tr[r]) + 1}"
+            return f"{main_file}: data row {int(rows_te[r - n_tr]) + 1}"
+
     else:
         tab, n_all = _read_table(main_file, max_rows)
         rows = _subsample_rows(n_all, subsample, rng)
@@ -488,6 +510,9 @@ def load_census(
         y = _labels(table, task_names)
         tr, va, te = stratified_split(y, fractions, seed)
         files = {"data": str(main_file)}
+
+        def locate(r: int) -> str:
+            return f"{main_file}: data row {int(rows[r]) + 1}"
 
     dropped = list(_ALWAYS_DROPPED)
     for t in task_names:
@@ -500,12 +525,12 @@ def load_census(
     x_num_t = None
     mean = std = np.zeros(0)
     if num_cols:
-        raw_num = np.stack([numeric_values(table[c], c) for c in num_cols], axis=1)
+        raw_num = np.stack([numeric_values(table[c], c, locate=locate) for c in num_cols], axis=1)
         if log_money:
             for j, c in enumerate(num_cols):
                 if c in LOG_COLUMNS:
                     raw_num[:, j] = np.sign(raw_num[:, j]) * np.log1p(np.abs(raw_num[:, j]))
-        x_num, mean, std = standardize(raw_num, tr)
+        x_num, mean, std = standardize(raw_num, tr, num_cols, locate)
         x_num_t = torch.from_numpy(x_num)
     categories: dict[str, list[str]] = {}
     x_cat_t = None

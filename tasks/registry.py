@@ -3,23 +3,38 @@
 Built-in names: ``"synthetic"`` (:func:`tasks.synthetic.make_synthetic`), ``"census"``
 (:func:`tasks.census.load_census`; aliases ``"census-income"``, ``"census1"``, ``"census2"``,
 ``"census3"`` with the group preset) and ``"csv"`` (:func:`tasks.tabular_csv.load_csv`; the file
-is the ``path`` option). The 2-D toy (:mod:`tasks.toy`) is not a dataset and is not listed.
-:func:`register_task` adds a loader.
+is the ``path`` option, and ``numeric``, ``categorical`` and ``tasks`` are required too). The 2-D
+toy (:mod:`tasks.toy`) is not a dataset and is not listed. :func:`register_task` adds a loader.
+
+The options a task takes are read from its loader's signature (:func:`task_options`):
+:func:`load_task` rejects an unknown option (with a "did you mean") and names every missing
+required one before loading anything, and reports every loader failure as a
+:class:`~tasks._data.DataError` (a ``ValueError``).
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._data import DataSplits
+from ._data import DataError, DataSplits
 from .census import load_census
 from .synthetic import make_synthetic
 from .tabular_csv import load_csv
 
-__all__ = ["load_task", "available_tasks", "register_task"]
+__all__ = [
+    "DataError",
+    "TaskOptions",
+    "available_tasks",
+    "check_task_options",
+    "load_task",
+    "register_task",
+    "task_options",
+]
 
 
 @dataclass(frozen=True)
@@ -47,14 +62,6 @@ def register_task(
     _REGISTRY[key] = _Entry(loader, description)
 
 
-def _csv_loader(path: Any = None, **options: Any) -> DataSplits:
-    if path is None:
-        raise ValueError(
-            "load_task('csv', ...) needs path=<file> (and numeric, categorical, tasks)"
-        )
-    return load_csv(path, **options)
-
-
 register_task(
     "synthetic",
     make_synthetic,
@@ -75,8 +82,10 @@ for _g in (1, 2, 3):
     )
 register_task(
     "csv",
-    _csv_loader,
-    "any delimited file with a header (options: path, numeric, categorical, tasks, seed, ...)",
+    load_csv,
+    "any delimited file with a header (required options: path, numeric, categorical, tasks; "
+    "optional: task_kinds, delimiter, seed, fractions, missing_values, encoding, "
+    "invalid_numbers, name)",
 )
 
 
@@ -85,13 +94,102 @@ def available_tasks() -> dict[str, str]:
     return {k: v.description for k, v in sorted(_REGISTRY.items())}
 
 
+@dataclass(frozen=True)
+class TaskOptions:
+    """The keyword options of a task's loader.
+
+    Attributes:
+        required: options without a default.
+        optional: options with a default.
+        open: the loader also takes ``**options`` (any other key is passed on).
+    """
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    open: bool
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every named option, required first."""
+        return self.required + self.optional
+
+
+def _entry(name: str) -> _Entry:
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise DataError(
+            f"unknown task {name!r}{_did_you_mean(key, _REGISTRY)}; available: {sorted(_REGISTRY)}"
+        )
+    return _REGISTRY[key]
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def task_options(name: str) -> TaskOptions:
+    """The options the loader of task ``name`` takes, read from its signature.
+
+    Raises:
+        DataError: unknown task name.
+    """
+    loader = _entry(name).loader
+    try:
+        params = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a loader without a signature
+        return TaskOptions((), (), True)
+    required: list[str] = []
+    optional: list[str] = []
+    open_ = False
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            open_ = True
+        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            (required if p.default is p.empty else optional).append(p.name)
+    return TaskOptions(tuple(required), tuple(optional), open_)
+
+
+def check_task_options(name: str, options: Mapping[str, Any] | Iterable[str]) -> None:
+    """Check option names against the loader of task ``name`` without loading anything.
+
+    Raises:
+        DataError: unknown task, an option the loader does not take (with the closest valid
+            names), or required options missing (all of them named).
+    """
+    spec = task_options(name)
+    given = list(options)
+    if not spec.open:
+        unknown = [k for k in given if k not in spec.names]
+        if unknown:
+            k = unknown[0]
+            raise DataError(
+                f"task {name!r} has no option {k!r}{_did_you_mean(k, spec.names)}; its options "
+                f"are {', '.join(spec.names)}"
+            )
+    missing = [k for k in spec.required if k not in given]
+    if missing:
+        raise DataError(
+            f"task {name!r} needs the option{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} (required: {', '.join(spec.required)})"
+        )
+
+
 def load_task(name: str, **options: Any) -> DataSplits:
     """Build the named task family's :class:`DataSplits` with ``options`` passed to its loader.
 
     Raises:
-        ValueError: unknown name (the message lists the available ones).
+        DataError: (a ``ValueError``) unknown name (the message lists the available ones), an
+            unknown or missing option (checked before loading), or any ``ValueError`` /
+            ``TypeError`` the loader raises (bad option values, bad data; the original is
+            chained).
+        FileNotFoundError: the loader's data file does not exist.
     """
-    key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; available: {sorted(_REGISTRY)}")
-    return _REGISTRY[key].loader(**options)
+    entry = _entry(name)
+    check_task_options(name, options)
+    try:
+        return entry.loader(**options)
+    except DataError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise DataError(f"task {name!r}: {e}") from e

@@ -17,22 +17,33 @@ task definition                        meaning                                  
 
 Column names that are not identifiers are written in backticks: ``"`click rate` > 0.1"``.
 "Inferred" means binary when every value is 0 or 1, regression otherwise; ``task_kinds``
-overrides. A binary task with a single class is an error.
+overrides. A binary task with a single class is an error. A label cell for which the expression
+has no truth value is an error naming its line and column: a missing, non-numeric or ``nan``
+cell under ``> >= < <=``, a ``nan`` cell compared with a number, a missing or non-finite cell
+of a bare column (labels are never imputed).
 
 Preprocessing is the Census-Income one (:mod:`tasks._preprocess`): numeric features are
 standardized with the train split's mean/std (missing values, ``""`` or ``"?"`` by default, are
 imputed with the train mean, i.e. 0); categorical features get ids ``1..n`` for the categories
 seen in the train split and id 0 for missing or unseen values. The split is stratified on the
 joint labels of the binary tasks (:func:`tasks.stratified_split`).
+
+Bad input is a :class:`~tasks._data.DataError` (a ``ValueError``) naming the file, and for a
+cell its line, data row and column: a numeric feature cell that is not finite or beyond the
+float32 range (unless ``invalid_numbers="missing"``), bytes the encoding cannot decode (a UTF-8
+byte-order mark is skipped), a field over the csv module's limit, a corrupted gzip file.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import os
 import re
+import zlib
+from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +52,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._data import DataSplits, FeatureSchema, TabularDataset, TaskSpec, stratified_split
+from ._data import DataError, DataSplits, FeatureSchema, TabularDataset, TaskSpec, stratified_split
 from ._preprocess import (
     DEFAULT_MISSING,
+    FLOAT32_MAX,
+    InvalidNumbers,
+    Locate,
     RawColumn,
     category_ids,
     encode_strings,
@@ -175,33 +189,70 @@ def _as_float(s: str) -> float | None:
     return v
 
 
+def _describe(ex: TaskExpression) -> str:
+    """The operator and literal(s) of ``ex`` as written, e.g. ``"> 0"``, ``"in (1, 'a')"``."""
+    lits = [f"{v:g}" if isinstance(v, float) else repr(v) for v in ex.values]
+    if ex.op in ("in", "not in"):
+        return f"{ex.op} ({', '.join(lits)})"
+    return f"{ex.op} {lits[0]}"
+
+
 def _evaluate(
-    task: str, ex: TaskExpression, col: RawColumn, missing: Sequence[str]
+    task: str, ex: TaskExpression, col: RawColumn, missing: Sequence[str], locate: Locate
 ) -> tuple[np.ndarray, bool]:
-    """Targets ``(N,)`` float64 and whether the expression is a 0/1 condition."""
+    """Targets ``(N,)`` float64 and whether the expression is a 0/1 condition.
+
+    Raises:
+        DataError: a bare label column with a missing, non-numeric or non-finite cell, an
+            ordering comparison (``> >= < <=``) on a cell that is not a number (``nan``, a
+            missing token, text), or a ``nan`` cell compared with a number by ``== != in``;
+            the message names the line and the column.
+    """
     if ex.op is None:
-        vals = numeric_values(col, ex.column, missing)
-        if np.isnan(vals).any():
-            raise ValueError(f"task {task!r}: column {ex.column!r} has missing values")
+        # a label cannot be imputed: out-of-range cells are always an error
+        vals = numeric_values(col, ex.column, missing, invalid="error", locate=locate)
+        nan = np.isnan(vals)
+        if nan.any():
+            r = int(np.flatnonzero(nan)[0])
+            raise DataError(
+                f"{locate(r)}, column {ex.column!r}: task {task!r} has a missing label "
+                f"({col.vocab[col.codes[r]]!r}); drop the row or fill in the value"
+            )
         return vals, False
     hit = np.zeros(len(col.vocab), dtype=bool)
+    not_number = np.zeros(len(col.vocab), dtype=bool)
+    numeric_literal = any(isinstance(v, float) for v in ex.values)
     for i, s in enumerate(col.vocab):
         f = _as_float(s)
         if ex.op in ("in", "not in", "==", "!="):
+            if numeric_literal and f is not None and np.isnan(f) and s not in ex.values:
+                not_number[i] = True  # a NaN label is neither equal nor unequal to a number
+                continue
             found = any(
                 (isinstance(v, str) and s == v)
                 or (isinstance(v, float) and f is not None and f == v)
                 for v in ex.values
             )
             hit[i] = found != (ex.op in ("not in", "!="))
+        elif f is None or np.isnan(f):
+            not_number[i] = True
         else:
-            if f is None:
-                raise ValueError(
-                    f"task {task!r}: column {ex.column!r} has the non-numeric value {s!r}, "
-                    f"which cannot be compared with {ex.op} {ex.values[0]}"
-                )
             v = float(ex.values[0])
             hit[i] = {">": f > v, ">=": f >= v, "<": f < v, "<=": f <= v}[ex.op]
+    if not_number.any():
+        r = col.first_row(not_number)
+        s = col.vocab[col.codes[r]]
+        if s in missing:
+            what = f"the missing-value token {s!r}"
+        elif _as_float(s) is None:
+            what = f"the non-numeric value {s!r}"
+        else:
+            what = f"the value {s!r} (not a number)"
+        raise DataError(
+            f"{locate(r)}, column {ex.column!r}: task {task!r} has {what}, for which "
+            f"`{ex.column} {_describe(ex)}` is neither true nor false; drop the row or fill in "
+            f"the label"
+        )
     return (hit[col.codes] if len(col.vocab) else np.zeros(len(col), bool)).astype(np.float64), True
 
 
@@ -226,34 +277,129 @@ class _LazyColumns(Mapping[str, np.ndarray]):
         return len(self._raw)
 
 
-def _read_rows(path: Path, delimiter: str, encoding: str) -> tuple[list[str], list[list[str]]]:
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+_INVALID_HINT = (
+    ", or pass invalid_numbers='missing' (--set data.invalid_numbers=missing on the command "
+    "line) to treat such cells as missing"
+)
+
+
+def _text_encoding(encoding: str) -> str:
+    """``utf-8`` reads a leading byte-order mark as such (``utf-8-sig``), not as part of the
+    first column name."""
+    norm = encoding.strip().lower().replace("_", "-")
+    return "utf-8-sig" if norm in ("utf-8", "utf8") else encoding
+
+
+def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    raw = gzip.open(path, "rb") if gz else open(path, "rb")
-    with raw, io.TextIOWrapper(raw, encoding=encoding, newline="") as text:
-        reader = csv.reader(text, delimiter=delimiter, skipinitialspace=True)
-        header: list[str] | None = None
-        rows: list[list[str]] = []
-        for row in reader:
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if header is None:
-                header = [h.strip() for h in row]
-                continue
-            if len(row) != len(header):
-                raise ValueError(
-                    f"{path}: line {reader.line_num} has {len(row)} fields, the header has "
-                    f"{len(header)} (delimiter {delimiter!r})"
-                )
-            rows.append(row)
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _open_binary(path: Path) -> gzip.GzipFile | io.BufferedReader:
+    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
+
+
+def _undecodable_line(path: Path, encoding: str) -> tuple[int, int, str] | None:
+    """``(line, column, reason)`` of the first line that ``encoding`` cannot decode."""
+    codec = codecs.lookup(encoding)
+    with _open_binary(path) as raw:
+        for line_no, line in enumerate(raw, start=1):
+            try:
+                codec.decode(line)
+            except UnicodeDecodeError as e:
+                return line_no, int(e.start) + 1, str(e.reason)
+    return None
+
+
+def _decode_error(
+    path: Path, encoding: str, text_encoding: str, err: UnicodeDecodeError
+) -> DataError:
+    try:
+        where = _undecodable_line(path, text_encoding)
+    except (OSError, *_GZIP_ERRORS):  # pragma: no cover - the file changed under us
+        where = None
+    bad = err.object[err.start : err.start + 1]
+    if where is None:  # pragma: no cover - an error that only shows across lines
+        loc = f"{path}"
+    else:
+        loc = f"{path}: line {where[0]}, byte {where[1]} of the line"
+    return DataError(
+        f"{loc}: the file is not valid {encoding} (byte {bad!r}: {err.reason}); pass the file's "
+        f"encoding, e.g. encoding='latin-1' (data.encoding=latin-1 on the command line)"
+    )
+
+
+def _read_rows(
+    path: Path, delimiter: str, encoding: str
+) -> tuple[list[str], list[list[str]], np.ndarray]:
+    """Header, data rows and the file line of each data row (where the row ends)."""
+    text_encoding = _text_encoding(encoding)
+    try:
+        codecs.lookup(text_encoding)
+    except LookupError:
+        raise DataError(f"{path}: unknown encoding {encoding!r}") from None
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    lines = array("q")
+    line_num = 0
+    reader: Any = None
+    try:
+        with (
+            _open_binary(path) as raw,
+            io.TextIOWrapper(raw, encoding=text_encoding, newline="") as text,
+        ):
+            reader = csv.reader(text, delimiter=delimiter, skipinitialspace=True)
+            for row in reader:
+                line_num = reader.line_num
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if header is None:
+                    header = [h.strip() for h in row]
+                    continue
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}: line {reader.line_num} has {len(row)} fields, the header has "
+                        f"{len(header)} (delimiter {delimiter!r})"
+                    )
+                rows.append(row)
+                lines.append(reader.line_num)
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, encoding, text_encoding, e) from None
+    except csv.Error as e:
+        line = reader.line_num if reader is not None else line_num + 1
+        hint = (
+            "a field longer than the csv module's limit: check the delimiter and the quoting (an "
+            "unclosed quote swallows the rest of the file)"
+            if "field limit" in str(e)
+            else f"check the delimiter {delimiter!r} and the quoting"
+        )
+        raise DataError(f"{path}: line {line}: {e}; {hint}") from None
+    except _GZIP_ERRORS as e:
+        raise DataError(
+            f"{path}: cannot decompress the gzip data ({type(e).__name__}: {e}); the file is "
+            f"truncated or corrupted"
+        ) from None
     if header is None:
-        raise ValueError(f"{path}: empty file (a header row is required)")
+        raise DataError(f"{path}: empty file (a header row is required)")
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup or any(not h for h in header):
-        raise ValueError(f"{path}: header has duplicate or empty column names: {dup or header}")
+        raise DataError(f"{path}: header has duplicate or empty column names: {dup or header}")
     if not rows:
-        raise ValueError(f"{path}: no data rows after the header")
-    return header, rows
+        raise DataError(f"{path}: no data rows after the header")
+    return header, rows, np.frombuffer(lines, dtype=np.int64)
+
+
+def _column_list(value: object, what: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise DataError(
+            f"{what} must be a list of column names, got {value!r}"
+            + (f' (write ["{value}"])' if isinstance(value, str) else "")
+        )
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise DataError(f"{what}: column names must be strings, got {bad}")
+    return list(value)
 
 
 def load_csv(
@@ -268,6 +414,7 @@ def load_csv(
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
     missing_values: Sequence[str] = DEFAULT_MISSING,
     encoding: str = "utf-8",
+    invalid_numbers: InvalidNumbers = "error",
     name: str | None = None,
 ) -> DataSplits:
     """Load a delimited file (plain or gzipped, header row required) as a multi-task dataset.
@@ -283,7 +430,14 @@ def load_csv(
         seed: seed of the stratified split.
         fractions: train/valid/test fractions.
         missing_values: tokens meaning "missing" (after stripping whitespace).
-        encoding: text encoding.
+        encoding: text encoding. With ``"utf-8"`` (the default) a leading byte-order mark is
+            skipped; bytes that do not decode are an error naming the line (pass e.g.
+            ``"latin-1"``).
+        invalid_numbers: a numeric FEATURE cell that parses as a number but is not finite
+            (``inf``, ``nan``, ``1e999``) or lies beyond the float32 range (``|x| > 3.4e38``,
+            e.g. ``1e200``): ``"error"`` (default; the message names the line and the column)
+            or ``"missing"`` (imputed like a missing value). Label cells are never imputed:
+            such a label is always an error.
         name: dataset name (default: the file stem).
 
     Returns:
@@ -292,42 +446,60 @@ def load_csv(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a missing column, an unparsable expression, a label column used as a
-            feature, a binary task with a single class, non-numeric values in a numeric column.
+        DataError: (a ``ValueError``) a file that cannot be decoded, decompressed or parsed, a
+            missing column, an unparsable expression, a label column used as a feature, a
+            binary task with a single class, a non-numeric or out-of-range value in a numeric
+            column, a missing or non-numeric label under a comparison. Messages name the file,
+            and the line and column of a bad cell.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"CSV file not found: {str(path)!r}")
+    numeric = _column_list(numeric, "numeric")
+    categorical = _column_list(categorical, "categorical")
+    if not isinstance(tasks, Mapping):
+        raise DataError(f"tasks must map task names to definitions, got {tasks!r}")
     if not tasks:
-        raise ValueError("tasks must define at least one task")
+        raise DataError("tasks must define at least one task")
+    if invalid_numbers not in ("error", "missing"):
+        raise DataError(f"invalid_numbers must be 'error' or 'missing', got {invalid_numbers!r}")
     kinds = dict(task_kinds or {})
     unknown = sorted(set(kinds) - set(tasks))
     if unknown:
-        raise ValueError(f"task_kinds names unknown tasks {unknown}; tasks are {list(tasks)}")
+        raise DataError(f"task_kinds names unknown tasks {unknown}; tasks are {list(tasks)}")
     bad_kinds = {k: v for k, v in kinds.items() if v not in ("binary", "regression")}
     if bad_kinds:
-        raise ValueError(f"task_kinds values must be 'binary' or 'regression', got {bad_kinds}")
+        raise DataError(f"task_kinds values must be 'binary' or 'regression', got {bad_kinds}")
+    if len(list(fractions)) != 3:
+        raise DataError(f"fractions must be (train, valid, test), got {list(fractions)}")
 
     with gc_paused():  # one list per row: the cyclic GC would rescan them repeatedly
-        header, rows = _read_rows(p, delimiter, encoding)
-    features = list(numeric) + list(categorical)
+        header, rows, line_of = _read_rows(p, delimiter, encoding)
+
+    def locate(row: int) -> str:
+        return f"{p}: line {int(line_of[row])} (data row {row + 1})"
+
+    features = numeric + categorical
     missing_cols = [c for c in features if c not in header]
     if missing_cols:
-        raise ValueError(f"{p}: feature columns {missing_cols} not in the header {header}")
+        raise DataError(f"{p}: feature columns {missing_cols} not in the header {header}")
     exprs: dict[str, TaskExpression | None] = {}
     for tname, definition in tasks.items():
         if callable(definition):
             exprs[tname] = None
             continue
-        ex = parse_task_expression(definition, header)
+        try:
+            ex = parse_task_expression(definition, header)
+        except ValueError as e:
+            raise DataError(f"{p}: task {tname!r}: {e}") from None
         if ex.column not in header:
-            raise ValueError(
-                f"task {tname!r}: column {ex.column!r} (from {definition!r}) is not in the "
+            raise DataError(
+                f"{p}: task {tname!r}: column {ex.column!r} (from {definition!r}) is not in the "
                 f"header {header}"
             )
         if ex.column in features:
-            raise ValueError(
-                f"task {tname!r}: its label column {ex.column!r} is also an input feature "
+            raise DataError(
+                f"{p}: task {tname!r}: its label column {ex.column!r} is also an input feature "
                 f"(label leakage); remove it from numeric/categorical"
             )
         exprs[tname] = ex
@@ -343,47 +515,67 @@ def load_csv(
     ys, specs = [], []
     columns_view = _LazyColumns(raw)
     for tname, definition in tasks.items():
-        ex = exprs[tname]
-        if ex is None:
+        expr = exprs[tname]
+        if expr is None:
             assert callable(definition)
             try:
                 vals = np.asarray(definition(columns_view), dtype=np.float64)
             except (KeyError, ValueError, TypeError) as err:
-                raise ValueError(f"task {tname!r}: the callable failed: {err}") from err
+                raise DataError(f"{p}: task {tname!r}: the callable failed: {err}") from err
             if vals.shape != (n,):
-                raise ValueError(
-                    f"task {tname!r}: the callable returned shape {vals.shape}, expected ({n},)"
+                raise DataError(
+                    f"{p}: task {tname!r}: the callable returned shape {vals.shape}, "
+                    f"expected ({n},)"
+                )
+            bad = ~(np.abs(vals) <= FLOAT32_MAX)
+            if bad.any():
+                r = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"{locate(r)}: task {tname!r}: the callable returned {vals[r]!r}, not a "
+                    f"finite number within the float32 range"
                 )
             is_condition = False
         else:
-            vals, is_condition = _evaluate(tname, ex, raw[ex.column], missing_values)
-        if not np.isfinite(vals).all():
-            raise ValueError(f"task {tname!r}: non-finite target values")
+            vals, is_condition = _evaluate(tname, expr, raw[expr.column], missing_values, locate)
         is01 = bool(np.isin(vals, (0.0, 1.0)).all())
         kind = kinds.get(tname, "binary" if (is_condition or is01) else "regression")
         if kind == "binary":
             if not is01:
-                raise ValueError(f"task {tname!r} is binary but has values other than 0 and 1")
+                raise DataError(f"{p}: task {tname!r} is binary but has values other than 0 and 1")
             pos = int(vals.sum())
             if pos == 0 or pos == n:
-                raise ValueError(
-                    f"task {tname!r} has a single class ({'all 1' if pos else 'all 0'} in {n} "
-                    f"rows); check the expression {tasks[tname]!r}"
+                raise DataError(
+                    f"{p}: task {tname!r} has a single class ({'all 1' if pos else 'all 0'} in "
+                    f"{n} rows); check the expression {tasks[tname]!r}"
                 )
         ys.append(vals)
-        specs.append(TaskSpec(str(tname), kind))  # type: ignore[arg-type]
+        specs.append(TaskSpec(str(tname), "binary" if kind == "binary" else "regression"))
     y = np.stack(ys, axis=1).astype(np.float32)
 
     binary_cols = [j for j, s in enumerate(specs) if s.kind == "binary"]
-    if len(list(fractions)) != 3:
-        raise ValueError(f"fractions must be (train, valid, test), got {list(fractions)}")
-    tr, va, te = stratified_split(y[:, binary_cols], fractions, seed)
+    try:
+        tr, va, te = stratified_split(y[:, binary_cols], fractions, seed)
+    except ValueError as e:
+        raise DataError(f"{p}: {e}") from None
 
     x_num_t = None
     mean = std = np.zeros(0)
     if numeric:
-        raw_num = np.stack([numeric_values(raw[c], c, missing_values) for c in numeric], axis=1)
-        x_num, mean, std = standardize(raw_num, tr)
+        raw_num = np.stack(
+            [
+                numeric_values(
+                    raw[c],
+                    c,
+                    missing_values,
+                    invalid=invalid_numbers,
+                    locate=locate,
+                    invalid_hint=_INVALID_HINT,
+                )  # fmt: skip
+                for c in numeric
+            ],
+            axis=1,
+        )
+        x_num, mean, std = standardize(raw_num, tr, numeric, locate)
         x_num_t = torch.from_numpy(x_num)
     categories: dict[str, list[str]] = {}
     x_cat_t = None
@@ -408,6 +600,7 @@ def load_csv(
         "seed": seed,
         "fractions": [float(f) for f in fractions],
         "num_rows": n,
+        "invalid_numbers": invalid_numbers,
         "numeric_mean": mean.tolist(),
         "numeric_std": std.tolist(),
         "categories": categories,
