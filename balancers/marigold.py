@@ -53,7 +53,12 @@ from torch.optim import Optimizer
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
 from mtl._autocast import autocast_off, forward_autocast
 from mtl._checks import check_reached, check_trunk
-from mtl._combine import accumulate_head_grads, replace_grad, weighted_sum
+from mtl._combine import (
+    accumulate_head_grads,
+    register_grad_hook,
+    replace_grad,
+    weighted_sum,
+)
 from mtl._gram import rescaled_gram
 from mtl._graph import analyse_graph
 from mtl._host import to_host
@@ -385,7 +390,7 @@ class MARIGOLD(BalancedOptimizer):
     def _balancer_state_dict(self) -> dict[str, Any]:
         # the host arrays are saved as CPU float64 tensors (the checkpoint format is unchanged
         # and loads with torch.load(weights_only=True)); the round trip is exact
-        st = _to_torch_tree(dict(self._state()))
+        st: dict[str, Any] = _to_torch_tree(dict(self._state()))
         if self.estimator == "gaussian":
             # a plain dict of str and int (PCG64's 128-bit state and increment)
             st["rng_state"] = self._generator.bit_generator.state
@@ -419,7 +424,7 @@ class MARIGOLD(BalancedOptimizer):
         self._generator = generator
 
     # ------------------------------------------------------------------ backward
-    def backward(  # type: ignore[override]
+    def backward(
         self,
         losses: Sequence[Tensor] | Tensor,
         *,
@@ -655,7 +660,10 @@ class MARIGOLD(BalancedOptimizer):
         """Closure losses at each point (``points[j]()`` sets up point j and returns the
         closure's argument, or ``_NOARG``); every call starts from the same RNG state."""
         out = []
-        with _closure_scope(self.eval_mode_closure, cuda) as reset_rng, contextlib.ExitStack() as amp:
+        with (
+            _closure_scope(self.eval_mode_closure, cuda) as reset_rng,
+            contextlib.ExitStack() as amp,
+        ):
             for device_type, dtype in self._amp:
                 amp.enter_context(torch.autocast(device_type=device_type, dtype=dtype))
             for setup in points:
@@ -784,7 +792,8 @@ class MARIGOLD(BalancedOptimizer):
         prev = self._state().get("previous")
         if not prev or float(prev["lr"]) <= 0:
             return None
-        return (prev["losses"] - values) / float(prev["lr"])
+        estimate: np.ndarray = (prev["losses"] - values) / float(prev["lr"])
+        return estimate
 
     def _remember(self, values: np.ndarray, used: np.ndarray, grad_sq: float | None) -> None:
         if self.estimator == "amortized":
@@ -835,10 +844,10 @@ class MARIGOLD(BalancedOptimizer):
         stash = _stash_grads(params + heads)
         try:
             if self.weight_heads or not heads:
-                weighted_sum(losses, lam).backward(inputs=params + heads)
+                torch.autograd.backward(weighted_sum(losses, lam), inputs=params + heads)
             else:
-                weighted_sum(losses, lam).backward(inputs=params, retain_graph=True)
-                weighted_sum(losses, None).backward(inputs=heads)
+                torch.autograd.backward(weighted_sum(losses, lam), inputs=params, retain_graph=True)
+                torch.autograd.backward(weighted_sum(losses, None), inputs=heads)
             # read after BOTH calls: under DDP the averaged (global) g_lam is final only then,
             # and it is identical on every rank (so are the checks below)
             fresh = [p.grad for p in params]
@@ -991,9 +1000,9 @@ class MARIGOLD(BalancedOptimizer):
             accumulate_head_grads(heads, head_grads, coef)
         else:
             # the model's gradient: ONE backward; z's incoming gradient is replaced by g_z
-            handles = [z.register_hook(replace_grad(g)) for z, g in zip(blocks, gz)]
+            handles = [register_grad_hook(z, replace_grad(g)) for z, g in zip(blocks, gz)]
             try:
-                weighted_sum(losses, coef).backward()
+                torch.autograd.backward(weighted_sum(losses, coef))
             finally:
                 for hd in handles:
                     hd.remove()
@@ -1017,7 +1026,7 @@ class MARIGOLD(BalancedOptimizer):
         whose row matrix MARIGOLD does not need: its memory stays that of one gradient)."""
         n = len(blocks)
         gz = [torch.zeros_like(z) for z in blocks]
-        head_grads = []
+        head_grads: list[tuple[Tensor | None, ...]] = []
         for loss, c, params in zip(losses, lam, heads):
             gs = torch.autograd.grad(loss, [*blocks, *params], retain_graph=True, allow_unused=True)
             for acc, g in zip(gz, gs[:n]):
@@ -1060,8 +1069,9 @@ class MARIGOLD(BalancedOptimizer):
 
     # -- gaussian
     def _directions(self, k: int) -> np.ndarray:
-        u = self._generator.standard_normal((self.num_perturbations, k))
-        return u - u.mean(1, keepdims=True)
+        u: np.ndarray = self._generator.standard_normal((self.num_perturbations, k))
+        centred: np.ndarray = u - u.mean(1, keepdims=True)
+        return centred
 
     def _gaussian_from_values(self, u: np.ndarray, perturbed: np.ndarray, f0: float) -> np.ndarray:
         est = np.zeros(u.shape[1])
@@ -1113,12 +1123,12 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_number(name: str, value: Any, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    number = float(value)
+    ok = math.isfinite(number) and (number >= 0 if allow_zero else number > 0)
     if not ok:
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
-    return value
+    return number
 
 
 def _check_modules(modules: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:

@@ -45,8 +45,11 @@ def forward_autocast(
     current autocast, or, when none is on, the dtype of a bfloat16/float16 balance point (the
     forward ran under an autocast that has since been exited, as ``torch.amp`` recommends for
     the backward)."""
-    on = [(d, _autocast_dtype(d)) for d in sorted(device_types | {"cpu"})
-          if torch.is_autocast_enabled(d)]
+    on = [
+        (d, _autocast_dtype(d))
+        for d in sorted(device_types | {"cpu"})
+        if torch.is_autocast_enabled(d)
+    ]
     if on:
         return on
     return sorted({(z.device.type, z.dtype) for z in blocks if z.dtype in _LOW}, key=str)

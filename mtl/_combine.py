@@ -12,9 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["accumulate_head_grads", "replace_grad", "sum_backward", "weighted_sum"]
+__all__ = [
+    "accumulate_head_grads",
+    "register_grad_hook",
+    "replace_grad",
+    "sum_backward",
+    "weighted_sum",
+]
 
 
 def weighted_sum(losses: Sequence[Tensor], coefficients: Sequence[float] | Tensor | None) -> Tensor:
@@ -48,9 +56,9 @@ def sum_backward(
     plain = coefficients is None or all(c == 1.0 for c in coefficients)
     total = weighted_sum(losses, None if plain else coefficients)
     if inputs is None:
-        total.backward()
+        torch.autograd.backward(total)
     else:
-        total.backward(inputs=list(inputs))
+        torch.autograd.backward(total, inputs=list(inputs))
 
 
 def accumulate_head_grads(
@@ -72,6 +80,12 @@ def accumulate_head_grads(
             totals[id(p)] = (p, g if prev is None else prev[1] + g)
     for p, g in totals.values():
         p.grad = g if p.grad is None else p.grad + g
+
+
+def register_grad_hook(t: Tensor, hook: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
+    """``t.register_hook(hook)``, typed (torch's stub leaves the method untyped)."""
+    register: Callable[[Callable[[Tensor], Tensor | None]], RemovableHandle] = t.register_hook
+    return register(hook)
 
 
 def replace_grad(grad: Tensor) -> Callable[[Tensor], Tensor]:

@@ -126,7 +126,7 @@ def task_rows(grads: list[Tensor | None], p: Tensor, densify: bool) -> tuple[Ten
     if sparse and not densify and all(g.sparse_dim() == 1 for g in sparse):
         coalesced = [None if g is None else g.coalesce() for g in grads]
         if all(c is not None and c.is_sparse for c in coalesced):
-            ids = torch.cat([c.indices()[0] for c in coalesced]).unique()  # type: ignore[union-attr]
+            ids = torch.unique(torch.cat([c.indices()[0] for c in coalesced if c is not None]))
             tail = sparse[0].shape[1:]
             out = torch.zeros(
                 len(grads), ids.numel(), *tail, dtype=sparse[0].dtype, device=sparse[0].device

@@ -39,7 +39,7 @@ from ._checks import (
     check_representation,
     check_trunk,
 )
-from ._combine import accumulate_head_grads, replace_grad, sum_backward
+from ._combine import accumulate_head_grads, register_grad_hook, replace_grad, sum_backward
 from ._finite import nonfinite_flags
 from ._gram import combine_rows, device_gram, rescaled_gram, suspect_rows, task_rows
 from ._graph import GraphAnalysis, analyse_graph, depends_on
@@ -171,7 +171,7 @@ class BalancedOptimizer(Optimizer):
         init_optimizer_hooks(self)
 
     # ------------------------------------------------------------------ forwarding
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -179,7 +179,7 @@ class BalancedOptimizer(Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self.optimizer.state
 
@@ -187,7 +187,7 @@ class BalancedOptimizer(Optimizer):
     def state(self, value: Any) -> None:
         self.optimizer.state = value
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
@@ -205,7 +205,7 @@ class BalancedOptimizer(Optimizer):
         self._window = None
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Step the inner optimizer, unless the last balanced backward was skipped.
 
         Gradients written after a balanced backward's host transfer (the trunk below the
@@ -281,11 +281,13 @@ class BalancedOptimizer(Optimizer):
         if window.snapshot is not None:
             self._load_balancer_state_dict(window.snapshot)
         self.num_steps = window.num_steps
-        where = {id(p): (g, i) for g, group in enumerate(self.param_groups)
-                 for i, p in enumerate(group["params"])}
+        where = {
+            id(p): (g, i)
+            for g, group in enumerate(self.param_groups)
+            for i, p in enumerate(group["params"])
+        }
         names = ", ".join(
-            f"parameter {where[id(p)][1]} of param group {where[id(p)][0]} "
-            f"(shape {tuple(p.shape)})"
+            f"parameter {where[id(p)][1]} of param group {where[id(p)][0]} (shape {tuple(p.shape)})"
             for p in params[:5]
         ) + (f" and {len(params) - 5} more" if len(params) > 5 else "")
         if self.on_nonfinite == "raise":
@@ -314,7 +316,7 @@ class BalancedOptimizer(Optimizer):
         return f"weight_heads={self.weight_heads}"
 
     # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus a ``"balancer"`` entry with the balancer state."""
         if self._unsettled is not None:  # a checkpoint holds settled state (one read)
             self._settle(to_host(self._pending_flag())[0])
@@ -329,7 +331,7 @@ class BalancedOptimizer(Optimizer):
         }
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned (a plain inner-optimizer dict is accepted too).
 
         All or nothing: the ``"balancer"`` entry is checked first (missing keys are named), and
@@ -372,18 +374,22 @@ class BalancedOptimizer(Optimizer):
             )
         for key in ("num_steps", "num_skipped"):
             if isinstance(bal[key], bool) or not isinstance(bal[key], int) or bal[key] < 0:
-                raise ValueError(f"state_dict['balancer'][{key!r}] must be an int >= 0, "
-                                 f"got {bal[key]!r}")
+                raise ValueError(
+                    f"state_dict['balancer'][{key!r}] must be an int >= 0, got {bal[key]!r}"
+                )
         k = bal["num_tasks"]
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"state_dict['balancer']['num_tasks'] must be a positive int, got {k!r}")
+            raise ValueError(
+                f"state_dict['balancer']['num_tasks'] must be a positive int, got {k!r}"
+            )
         if k is not None and self.num_tasks is not None and k != self.num_tasks:
             raise ValueError(
                 f"state_dict has num_tasks={k} but this optimizer has num_tasks={self.num_tasks}"
             )
         if not isinstance(bal["state"], dict):
-            raise TypeError("state_dict['balancer']['state'] must be a dict, got "
-                            f"{type(bal['state']).__name__}")
+            raise TypeError(
+                f"state_dict['balancer']['state'] must be a dict, got {type(bal['state']).__name__}"
+            )
 
     def _balancer_state_dict(self) -> dict[str, Any]:
         """Balancer state to checkpoint; override when it holds more than ``balancer_state``."""
@@ -846,7 +852,7 @@ class BalancedOptimizer(Optimizer):
             torch.autograd.backward(blocks, grad_tensors=combined)  # the trunk only
             accumulate_head_grads(heads, head_grads, coef)
         else:
-            handles = [z.register_hook(replace_grad(c)) for z, c in zip(blocks, combined)]
+            handles = [register_grad_hook(z, replace_grad(c)) for z, c in zip(blocks, combined)]
             try:
                 sum_backward(losses, coef)
             finally:
@@ -898,7 +904,7 @@ class BalancedOptimizer(Optimizer):
             def check(grad: Tensor) -> None:
                 flags.append(nonfinite_flags([grad]))
 
-            handles = [z.register_hook(check) for z in blocks]
+            handles = [register_grad_hook(z, check) for z in blocks]
         try:
             sum_backward(losses, [float(c) for c in weights])
         finally:
@@ -1016,7 +1022,7 @@ class BalancedOptimizer(Optimizer):
         if self._parameter_update_mode() == "backward":
             # one ordinary backward; hooks replace each shared parameter's incoming gradient,
             # so DDP's own hooks average the combined gradient as usual
-            handles = [p.register_hook(replace_grad(g)) for p, g in combined]
+            handles = [register_grad_hook(p, replace_grad(g)) for p, g in combined]
             try:
                 sum_backward(losses, coef)
             finally:

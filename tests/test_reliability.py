@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from balancers import MGDA, PCGrad, EqualWeight, MultiBalance
+from balancers import MGDA, EqualWeight, MultiBalance
 from balancers.registry import make_balancer
 from mtl import NonFiniteError
 
@@ -169,14 +170,13 @@ class TableNet(nn.Module):
 @pytest.mark.parametrize("level", LEVELS)
 def test_skip_allocates_no_dense_table_gradient(level: str) -> None:
     model = TableNet(200_000)
-    opt = MGDA(
-        torch.optim.SGD(model.parameters(), lr=0.1), K, on_nonfinite="skip"
-    )
+    opt = MGDA(torch.optim.SGD(model.parameters(), lr=0.1), K, on_nonfinite="skip")
     z, outs = model(torch.randint(0, 200_000, (16, 3)))
     losses = [o.square().mean() for o in outs]
     losses[0] = losses[0] * float("nan")
     source: dict[str, Any] = (
-        {"representation": z} if level == "representation"
+        {"representation": z}
+        if level == "representation"
         else {"shared_parameters": [model.table.weight]}
     )
     info = opt.backward(losses, **source)
@@ -224,7 +224,8 @@ def test_load_state_dict_missing_keys_are_named() -> None:
     [
         ("pcgrad", lambda st: st.update(generator="not a generator state")),
         pytest.param(
-            "multibalance", lambda st: st.update({k: torch.zeros(7, 2) for k in st}),
+            "multibalance",
+            lambda st: st.update({k: torch.zeros(7, 2) for k in st}),
             marks=pytest.mark.xfail(strict=True, reason="MultiBalance shape validation at load"),
         ),
     ],
@@ -264,10 +265,12 @@ def test_backward_inside_autocast(level: str) -> None:
         losses = [nn.functional.mse_loss(o, y[:, k]) for k, o in enumerate(outs)]
     target = z if level == "representation" else [*ref.trunk.parameters(), ref.scale]
     inputs = [target] if isinstance(target, torch.Tensor) else target
-    rows = torch.stack([
-        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, inputs, retain_graph=True)])
-        for loss in losses
-    ]).to(torch.float64)
+    rows = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, inputs, retain_graph=True)])
+            for loss in losses
+        ]
+    ).to(torch.float64)
     torch.testing.assert_close(info.gram, rows @ rows.T, rtol=1e-6, atol=0.0)
     for p in model.parameters():
         assert p.grad is not None and p.grad.dtype == p.dtype
@@ -296,14 +299,23 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str, where: str, level: str)
             opt.step()
         params = {n: p.detach().clone() for n, p in core.named_parameters()}
         torch.save((params, opt.num_skipped, opt.num_steps), os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
+    except BaseException:
+        Path(out_dir, f"{rank}.err").write_text(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(
     "where, level",
-    [("loss", "representation"), ("head", "representation"), ("trunk", "representation"),
-     ("loss", "parameters"), ("head", "parameters")],
+    [
+        ("loss", "representation"),
+        ("head", "representation"),
+        ("trunk", "representation"),
+        ("loss", "parameters"),
+        ("head", "parameters"),
+    ],
 )
 def test_ddp_skip_is_collective(tmp_path: Path, where: str, level: str) -> None:
     if not dist.is_available() or not dist.is_gloo_available():
@@ -311,8 +323,11 @@ def test_ddp_skip_is_collective(tmp_path: Path, where: str, level: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     ctx = mp.start_processes(
-        _ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), where, level), nprocs=2,
-        join=False, start_method="spawn",
+        _ddp_worker,
+        args=(str(tmp_path / "init"), str(tmp_path), where, level),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
     )
     for proc in ctx.processes:
         proc.join(timeout=120)
@@ -320,7 +335,9 @@ def test_ddp_skip_is_collective(tmp_path: Path, where: str, level: str) -> None:
     for p in hung:
         p.kill()
     assert not hung, "a rank hung"
-    assert all(p.exitcode == 0 for p in ctx.processes)
+    errors = [f.read_text() for f in sorted(tmp_path.glob("*.err"))]
+    assert not errors, errors
+    assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
     (p0, s0, n0), (p1, s1, n1) = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
     assert (s0, n0) == (s1, n1) == (1, 4)  # both ranks skipped step 1, and only it
     for n in p0:
@@ -331,8 +348,11 @@ def test_ddp_skip_is_collective(tmp_path: Path, where: str, level: str) -> None:
 def test_marigold_gaussian_skip_leaves_the_generator() -> None:
     model = PoisonNet()
     opt = make_balancer(
-        "marigold", torch.optim.SGD(model.parameters(), lr=0.1), K,
-        estimator="gaussian", on_nonfinite="skip",
+        "marigold",
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        K,
+        estimator="gaussian",
+        on_nonfinite="skip",
     )
     _backward(opt, model, "representation", seed=0)
     opt.step()
@@ -353,8 +373,11 @@ def test_marigold_gaussian_skip_leaves_the_generator() -> None:
 def test_marigold_nonfinite_gradient_beyond_its_estimate_is_skipped(where: str) -> None:
     model = PoisonNet()
     opt = make_balancer(
-        "marigold", torch.optim.Adam(model.parameters(), lr=0.1), K,
-        estimator="amortized", on_nonfinite="skip",
+        "marigold",
+        torch.optim.Adam(model.parameters(), lr=0.1),
+        K,
+        estimator="amortized",
+        on_nonfinite="skip",
     )
     for s in range(2):
         opt.zero_grad()
@@ -401,18 +424,21 @@ def test_marigold_closure_after_an_autocast_forward() -> None:
     """The forward under autocast, backward outside it (as torch.amp recommends): the closure
     re-runs the heads at the bfloat16 representation under the same autocast."""
     model = PoisonNet()
-    opt = make_balancer("marigold", torch.optim.SGD(model.parameters(), lr=0.1), K,
-                        estimator="fd")
+    opt = make_balancer("marigold", torch.optim.SGD(model.parameters(), lr=0.1), K, estimator="fd")
     x, y = _batch(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = model.trunk(x)
-        losses = [nn.functional.mse_loss(h(z).squeeze(-1).float(), y[:, k])
-                  for k, h in enumerate(model.heads)]
+        losses = [
+            nn.functional.mse_loss(h(z).squeeze(-1).float(), y[:, k])
+            for k, h in enumerate(model.heads)
+        ]
     assert z.dtype == torch.bfloat16
 
     def closure(zz: torch.Tensor) -> list[torch.Tensor]:
-        return [nn.functional.mse_loss(h(zz).squeeze(-1).float(), y[:, k])
-                for k, h in enumerate(model.heads)]
+        return [
+            nn.functional.mse_loss(h(zz).squeeze(-1).float(), y[:, k])
+            for k, h in enumerate(model.heads)
+        ]
 
     info = opt.backward(losses, representation=z, closure=closure)
     assert torch.isfinite(info.extras["h_hat"]).all()
