@@ -104,6 +104,11 @@ class BalancedOptimizer(Optimizer):
     needs_closure: ClassVar[bool] = False
     #: whether the constructor takes a ``seed`` (methods that draw random numbers).
     accepts_seed: ClassVar[bool] = False
+    #: ``False`` for loss-level methods (UW, DWA, RLW, GLS, FAMO): their weights are a function
+    #: of the losses and their own state only, so a step is ONE weighted backward of
+    #: ``sum_k c_k L_k`` (heads included, as in their papers) after the losses reach the host;
+    #: no per-task gradient is computed (unless ``compute_gram`` asks for diagnostics).
+    uses_gradients: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -467,15 +472,19 @@ class BalancedOptimizer(Optimizer):
             )
         values = torch.stack([loss.detach().to(torch.float64) for loss in task_losses])
         self._open_window()
+        level: Literal["representation", "parameters"]
         if representation is not None:
-            blocks = check_representation(representation)
-            if not self.compute_gram and self._plain_backward_is_exact():
-                return self._backward_plain(task_losses, values, blocks, "representation")
-            return self._backward_representation(task_losses, values, blocks)
-        params = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
+            level, blocks = "representation", check_representation(representation)
+        else:
+            level = "parameters"
+            blocks = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
+        if not self.compute_gram and not self.uses_gradients:
+            return self._backward_losses(task_losses, values, blocks, level)
         if not self.compute_gram and self._plain_backward_is_exact():
-            return self._backward_plain(task_losses, values, params, "parameters")
-        return self._backward_parameters(task_losses, values, params)
+            return self._backward_plain(task_losses, values, blocks, level)
+        if level == "representation":
+            return self._backward_representation(task_losses, values, blocks)
+        return self._backward_parameters(task_losses, values, blocks)
 
     # -- checks
     def _name(self, k: int) -> str:
@@ -927,6 +936,34 @@ class BalancedOptimizer(Optimizer):
             return verdict
         self._window = None  # checked within this backward's transfer
         return self._info(level, weights, host[:k], None, None, extras)
+
+    # -- loss level
+    def _backward_losses(
+        self,
+        losses: list[Tensor],
+        values: Tensor,
+        blocks: list[Tensor],
+        level: Literal["representation", "parameters"],
+    ) -> BalanceInfo:
+        """A loss-level method: the losses reach the host (ONE transfer, before any gradient
+        is written, so a non-finite loss leaves ``.grad`` alone), the weights are computed
+        there, and ONE backward of ``sum_k c_k L_k`` writes every gradient; those are checked
+        on the device and read at :meth:`step` (or by a fused optimizer)."""
+        if level == "representation":
+            self._analyse(losses, blocks)
+        else:
+            check_reached(depends_on(losses, blocks), self._name, parameters=True)
+        reduced, _ = self._reduce(values, None)
+        host_values, pending = to_host(reduced, self._pending_flag())
+        assert host_values is not None
+        self._settle(pending)
+        verdict = self._decide(level, host_values, None)
+        if verdict is not None:
+            return verdict
+        weights, _, extras = self._weights(host_values, None, 1)
+        sum_backward(losses, [float(c) for c in weights])
+        self._close_window()
+        return self._info(level, weights, host_values, None, None, extras)
 
     # -- parameter level
     def _parameter_update_mode(self) -> str:

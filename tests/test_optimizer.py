@@ -1014,3 +1014,34 @@ def test_row_buffer_reused_resized_and_not_pickled() -> None:
         opt.step()
     assert pickle.loads(pickle.dumps(opt))._rows_cache is None
     assert copy.deepcopy(opt)._rows_cache is None
+
+
+class _InverseLoss(BalancedOptimizer):
+    """A loss-level toy method: c_k = 1 / L_k."""
+
+    uses_gradients = False
+    requires_gram = False
+
+    def _compute_weights(self, gram, losses, block_grams):  # type: ignore[no-untyped-def]
+        return 1.0 / losses, {"inverse": 1.0 / losses}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_loss_level_method_is_one_weighted_backward(level: str) -> None:
+    """Loss-level methods: c from the host losses, ONE backward of sum_k c_k L_k (heads
+    included), no per-task gradient, one host transfer."""
+    from _sync_count import SyncCounter
+
+    model = Net(seed=31)
+    opt = _InverseLoss(torch.optim.SGD(model.parameters(), lr=0.1), num_tasks=K)
+    x, ys = make_batch(31)
+    _, outs = model(x)
+    values = torch.stack([loss.detach() for loss in task_losses(outs, ys)])
+    opt.zero_grad()
+    with SyncCounter() as counter:
+        info = balanced_backward(opt, model, x, ys, level)
+    assert counter.count == 1, counter.calls
+    assert info.gram is None
+    torch.testing.assert_close(info.weights, 1.0 / values.double())
+    torch.testing.assert_close(info.extras["inverse"], 1.0 / values.double())
+    assert_grads(model, expected_grads(model, x, ys, 1.0 / values, weight_heads=True))
