@@ -682,7 +682,7 @@ class MARIGOLD(BalancedOptimizer):
         Returns ``(loss sums (K,), closure loss sums (calls, K), scalars)``."""
         (summed,) = self._reduce_parts([(torch.cat([values, *raw]), 0)])
         host_sums, host_scalars, pending = to_host(
-            summed, torch.stack(scalars), self._pending_flag()
+            summed, torch.stack(scalars), self._riders()
         )
         assert host_sums is not None and host_scalars is not None
         self._settle(pending)

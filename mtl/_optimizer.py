@@ -170,6 +170,7 @@ class BalancedOptimizer(Optimizer):
         # a window whose step a fused inner optimizer took with the flags on the device: its
         # verdict reaches the host with the next transfer (or at state_dict())
         self._unsettled: _Window | None = None
+        self._rider_layout: tuple[bool, int] = (False, 0)  # what _riders() packed
         self._rows_cache: tuple[list[Any], list[Tensor]] | None = None
 
         # param_groups/state/defaults are forwarded to the inner optimizer (properties below)
@@ -255,12 +256,44 @@ class BalancedOptimizer(Optimizer):
         self._unsettled = window
         return out
 
-    def _pending_flag(self) -> Tensor | None:
-        """The device flag of a step a fused optimizer took unchecked, to ride along with this
-        backward's transfer."""
-        return None if self._unsettled is None else self._unsettled.flags
+    def _deferred_values(self) -> Tensor | None:
+        """A method's 1-D device tensor to bring to the host with this step's one transfer
+        (e.g. FAMO's losses re-evaluated after the last update), or ``None``. Overridden by
+        methods that must not read the device outside the transfer; the host copy arrives in
+        :meth:`_receive_deferred`, before the weights of this step are computed."""
+        return None
 
-    def _settle(self, host_flag: np.ndarray | None) -> None:
+    def _receive_deferred(self, values: np.ndarray) -> None:
+        """The host copy of :meth:`_deferred_values` (see there)."""
+
+    def _riders(self) -> Tensor | None:
+        """Device values that ride along with this step's one transfer: the verdict on a step
+        a fused optimizer took unchecked, then the method's deferred values."""
+        flag = None if self._unsettled is None else self._unsettled.flags
+        deferred = self._deferred_values()
+        parts = [t.reshape(-1).to(torch.float64) for t in (flag, deferred) if t is not None]
+        self._rider_layout = (flag is not None, 0 if deferred is None else deferred.numel())
+        if not parts:
+            return None
+        device = parts[0].device
+        return torch.cat([t.to(device) for t in parts])
+
+    def _settle(self, host: np.ndarray | None) -> None:
+        """Unpack :meth:`_riders`' host copy: settle the fused step's verdict, then hand the
+        method its deferred values."""
+        has_flag, n = getattr(self, "_rider_layout", (False, 0))
+        self._rider_layout = (False, 0)
+        if host is None:
+            return
+        self._settle_fused(host[:1] if has_flag else None)
+        if n:
+            self._receive_deferred(host[int(has_flag) : int(has_flag) + n])
+            window = self._window
+            if window is not None and window.num_steps == self.num_steps:
+                # the update belongs to the step already taken: a skip of this one keeps it
+                window.snapshot = _clone(self._balancer_state_dict())
+
+    def _settle_fused(self, host_flag: np.ndarray | None) -> None:
         """The verdict on the step a fused optimizer took: if it skipped on the device, undo
         that window's balancer updates here too (and raise with ``on_nonfinite="raise"``)."""
         window, self._unsettled = self._unsettled, None
@@ -323,8 +356,8 @@ class BalancedOptimizer(Optimizer):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus a ``"balancer"`` entry with the balancer state."""
-        if self._unsettled is not None:  # a checkpoint holds settled state (one read)
-            self._settle(to_host(self._pending_flag())[0])
+        if self._unsettled is not None or self._deferred_values() is not None:
+            self._settle(to_host(self._riders())[0])  # a checkpoint holds settled state
         sd = self.optimizer.state_dict()
         sd["balancer"] = {
             "method": type(self).__name__,
@@ -672,7 +705,7 @@ class BalancedOptimizer(Optimizer):
         again: a second transfer, on such rare steps only.
         """
         reduced_values, reduced = self._reduce(values, block_grams, gram_power)
-        host_values, host_grams, pending = to_host(reduced_values, reduced, self._pending_flag())
+        host_values, host_grams, pending = to_host(reduced_values, reduced, self._riders())
         assert host_values is not None and host_grams is not None
         self._settle(pending)
         if not np.isfinite(host_values).all():
@@ -927,7 +960,7 @@ class BalancedOptimizer(Optimizer):
         # one collective and one transfer: the flag travels with the losses (a mean over ranks
         # is positive when any rank saw a non-finite gradient)
         packed, _ = self._reduce(torch.cat([values, bad]), None)
-        host, pending = to_host(packed, self._pending_flag())
+        host, pending = to_host(packed, self._riders())
         assert host is not None
         self._settle(pending)
         k = values.shape[0]
@@ -954,7 +987,7 @@ class BalancedOptimizer(Optimizer):
         else:
             check_reached(depends_on(losses, blocks), self._name, parameters=True)
         reduced, _ = self._reduce(values, None)
-        host_values, pending = to_host(reduced, self._pending_flag())
+        host_values, pending = to_host(reduced, self._riders())
         assert host_values is not None
         self._settle(pending)
         verdict = self._decide(level, host_values, None)
