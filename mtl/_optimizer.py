@@ -22,7 +22,6 @@ import copy
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeAlias
 
 import numpy as np
@@ -39,12 +38,24 @@ from ._checks import (
     check_representation,
     check_trunk,
 )
-from ._combine import accumulate_head_grads, register_grad_hook, replace_grad, sum_backward
-from ._finite import nonfinite_flags
-from ._gram import combine_rows, device_gram, rescaled_gram, suspect_rows, task_rows
-from ._graph import GraphAnalysis, analyse_graph, depends_on
-from ._host import to_device, to_host
+from ._graph import GraphAnalysis, analyse_graph
+from ._host import to_host
 from ._info import BalanceInfo, NonFiniteError
+from ._parameter_level import backward_parameters
+from ._representation_level import backward_representation
+from ._single_pass import backward_losses, backward_plain
+from ._transfer import host_grams, reduce_over_ranks
+from ._window import (
+    Window,
+    clone,
+    close_window,
+    fused_step,
+    mark_overflow,
+    open_window,
+    reject,
+    riders,
+    settle,
+)
 
 __all__ = ["BalancedOptimizer"]
 
@@ -166,10 +177,10 @@ class BalancedOptimizer(Optimizer):
         self.num_steps = 0  # balanced backward passes that updated the balancer
         self.num_skipped = 0  # steps skipped because of a non-finite loss or gradient
         self._skip_next_step = False
-        self._window: _Window | None = None  # what step() must check before stepping
+        self._window: Window | None = None  # what step() must check before stepping
         # a window whose step a fused inner optimizer took with the flags on the device: its
         # verdict reaches the host with the next transfer (or at state_dict())
-        self._unsettled: _Window | None = None
+        self._unsettled: Window | None = None
         self._rider_layout: tuple[bool, int] = (False, 0)  # what _riders() packed
         self._rows_cache: tuple[list[Any], list[Tensor]] | None = None
 
@@ -233,28 +244,13 @@ class BalancedOptimizer(Optimizer):
             return None
         if window is not None and window.flags is not None:
             if getattr(self.optimizer, "_step_supports_amp_scaling", False):
-                return self._fused_step(window, closure)
+                return fused_step(self, window, closure)
             bad = to_host(window.flags)[0]
             assert bad is not None
             if bad.any():
-                self._reject(window, [p for p, b in zip(window.params, bad) if b])
+                reject(self, window, [p for p, b in zip(window.params, bad) if b])
                 return None
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-
-    def _fused_step(self, window: _Window, closure: Callable[[], float] | None) -> Any:
-        """The inner step with ``found_inf`` on the device (the fused kernels skip the update
-        and keep their step counts when it is non-zero); the verdict is settled later."""
-        assert window.flags is not None
-        found_inf = window.flags.amax().to(torch.float32)
-        inner: Any = self.optimizer
-        inner.found_inf, inner.grad_scale = found_inf, None
-        try:
-            out = inner.step(closure) if closure is not None else inner.step()
-        finally:
-            del inner.found_inf, inner.grad_scale
-        window.flags = found_inf.reshape(1)
-        self._unsettled = window
-        return out
 
     def _deferred_values(self) -> Tensor | None:
         """A method's 1-D device tensor to bring to the host with this step's one transfer
@@ -267,75 +263,12 @@ class BalancedOptimizer(Optimizer):
         """The host copy of :meth:`_deferred_values` (see there)."""
 
     def _riders(self) -> Tensor | None:
-        """Device values that ride along with this step's one transfer: the verdict on a step
-        a fused optimizer took unchecked, then the method's deferred values."""
-        flag = None if self._unsettled is None else self._unsettled.flags
-        deferred = self._deferred_values()
-        parts = [t.reshape(-1).to(torch.float64) for t in (flag, deferred) if t is not None]
-        self._rider_layout = (flag is not None, 0 if deferred is None else deferred.numel())
-        if not parts:
-            return None
-        device = parts[0].device
-        return torch.cat([t.to(device) for t in parts])
+        """Device values for this step's one transfer (:func:`mtl._window.riders`)."""
+        return riders(self)
 
     def _settle(self, host: np.ndarray | None) -> None:
-        """Unpack :meth:`_riders`' host copy: settle the fused step's verdict, then hand the
-        method its deferred values."""
-        has_flag, n = getattr(self, "_rider_layout", (False, 0))
-        self._rider_layout = (False, 0)
-        if host is None:
-            return
-        self._settle_fused(host[:1] if has_flag else None)
-        if n:
-            self._receive_deferred(host[int(has_flag) : int(has_flag) + n])
-            window = self._window
-            if window is not None and window.num_steps == self.num_steps:
-                # the update belongs to the step already taken: a skip of this one keeps it
-                window.snapshot = _clone(self._balancer_state_dict())
-
-    def _settle_fused(self, host_flag: np.ndarray | None) -> None:
-        """The verdict on the step a fused optimizer took: if it skipped on the device, undo
-        that window's balancer updates here too (and raise with ``on_nonfinite="raise"``)."""
-        window, self._unsettled = self._unsettled, None
-        if window is None or host_flag is None or not host_flag.any():
-            return
-        if window.snapshot is not None:
-            self._load_balancer_state_dict(window.snapshot)
-        self.num_steps = window.num_steps
-        current = self._window
-        if current is not None:  # the current window starts from the restored state
-            current.snapshot, current.num_steps = _clone(window.snapshot), window.num_steps
-        if self.on_nonfinite == "raise":
-            raise NonFiniteError(
-                "non-finite gradient written by the previous balanced backward: the fused "
-                "optimizer skipped that step on the device; pass on_nonfinite='skip' to skip "
-                "such steps silently"
-            )
-        self.num_skipped += 1
-
-    def _reject(self, window: _Window, params: list[Tensor]) -> None:
-        """A non-finite gradient found at step(): undo the window's balancer updates, then
-        raise or count the skip."""
-        if window.snapshot is not None:
-            self._load_balancer_state_dict(window.snapshot)
-        self.num_steps = window.num_steps
-        where = {
-            id(p): (g, i)
-            for g, group in enumerate(self.param_groups)
-            for i, p in enumerate(group["params"])
-        }
-        names = ", ".join(
-            f"parameter {where[id(p)][1]} of param group {where[id(p)][0]} (shape {tuple(p.shape)})"
-            for p in params[:5]
-        ) + (f" and {len(params) - 5} more" if len(params) > 5 else "")
-        if self.on_nonfinite == "raise":
-            for p in window.fresh:
-                p.grad = None
-            raise NonFiniteError(
-                f"non-finite gradient written by the balanced backward in {names}; "
-                "pass on_nonfinite='skip' to skip such steps"
-            )
-        self.num_skipped += 1
+        """Unpack the host copy of :meth:`_riders` (:func:`mtl._window.settle`)."""
+        settle(self, host)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -365,7 +298,7 @@ class BalancedOptimizer(Optimizer):
             "num_steps": self.num_steps,
             "num_skipped": self.num_skipped,
             "skip_next_step": self._skip_next_step,
-            "state": _clone(self._balancer_state_dict()),
+            "state": clone(self._balancer_state_dict()),
         }
         return sd
 
@@ -383,10 +316,10 @@ class BalancedOptimizer(Optimizer):
         if bal is not None:
             self._check_balancer_entry(bal)
         old_inner = copy.deepcopy(self.optimizer.state_dict())
-        old_state = _clone(self._balancer_state_dict())
+        old_state = clone(self._balancer_state_dict())
         try:
             if bal is not None:
-                self._load_balancer_state_dict(_clone(bal["state"]))
+                self._load_balancer_state_dict(clone(bal["state"]))
             self.optimizer.load_state_dict(sd)
         except Exception:
             self._load_balancer_state_dict(old_state)
@@ -512,12 +445,12 @@ class BalancedOptimizer(Optimizer):
             level = "parameters"
             blocks = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
         if not self.compute_gram and not self.uses_gradients:
-            return self._backward_losses(task_losses, values, blocks, level)
+            return backward_losses(self, task_losses, values, blocks, level)
         if not self.compute_gram and self._plain_backward_is_exact():
-            return self._backward_plain(task_losses, values, blocks, level)
+            return backward_plain(self, task_losses, values, blocks, level)
         if level == "representation":
-            return self._backward_representation(task_losses, values, blocks)
-        return self._backward_parameters(task_losses, values, blocks)
+            return backward_representation(self, task_losses, values, blocks)
+        return backward_parameters(self, task_losses, values, blocks)
 
     # -- checks
     def _name(self, k: int) -> str:
@@ -537,32 +470,13 @@ class BalancedOptimizer(Optimizer):
         """The trainable parameters of the inner optimizer, in param-group order."""
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _open_window(self) -> _Window:
-        """The accumulation window (backward calls since the last step/zero_grad): what a
-        rejected step must restore."""
-        if self._window is None:
-            self._window = _Window(
-                fresh=[p for p in self._params() if p.grad is None],
-                snapshot=_clone(self._balancer_state_dict()),
-                num_steps=self.num_steps,
-            )
-        return self._window
+    def _open_window(self) -> Window:
+        """The accumulation window (see :func:`mtl._window.open_window`)."""
+        return open_window(self)
 
     def _close_window(self) -> None:
-        """After the combined gradients are written: one device flag per parameter (no read;
-        :meth:`step` reads it). Under DDP the flags are max-reduced, so every rank decides alike.
-        """
-        window = self._open_window()
-        params = self._params()
-        grads = [p.grad for p in params]
-        if all(g is None for g in grads):
-            window.flags, window.params = None, []
-            return
-        flags = nonfinite_flags(grads)
-        active, group = self._group()
-        if active:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        window.flags, window.params = flags, params
+        """Flag the gradients just written, for :meth:`step` (:func:`mtl._window.close_window`)."""
+        close_window(self)
 
     def _check_representation(self, representation: Tensor | Sequence[Tensor]) -> list[Tensor]:
         return check_representation(representation)
@@ -623,7 +537,7 @@ class BalancedOptimizer(Optimizer):
             )
         if self.num_tasks is None:
             self.num_tasks = values.shape[0]
-        _mark_overflow(self._params())
+        mark_overflow(self._params())
         self.num_skipped += 1
         self._skip_next_step = True
         return BalanceInfo(
@@ -670,25 +584,8 @@ class BalancedOptimizer(Optimizer):
     def _reduce(
         self, values: Tensor, block_grams: Tensor | None, gram_power: int = 2
     ) -> tuple[Tensor, Tensor | None]:
-        """Global losses (mean over ranks) and Gram matrices (sum over ranks / W^2).
-
-        With mean-reduced losses and DDP's averaged gradients, the global gradient of task k is
-        the mean of the ranks' gradients, so its Gram matrix is sum_r M_r / W^2 (representation
-        level). Gram matrices of already averaged gradients (parameter level) are the same on
-        every rank: ``gram_power=0`` leaves them alone. One all-reduce, on the device.
-        """
-        active, group = self._group()
-        if not active:
-            return values, block_grams
-        world = dist.get_world_size(group)
-        if block_grams is None or gram_power == 0:
-            packed = values.clone()
-            dist.all_reduce(packed, group=group)
-            return packed / world, block_grams
-        packed = torch.cat([values, block_grams.reshape(-1)])
-        dist.all_reduce(packed, group=group)
-        k = values.shape[0]
-        return packed[:k] / world, packed[k:].reshape(block_grams.shape) / world**gram_power
+        """Losses and Gram matrices reduced over ranks (:func:`mtl._transfer.reduce_over_ranks`)."""
+        return reduce_over_ranks(self, values, block_grams, gram_power)
 
     def _host_grams(
         self,
@@ -698,52 +595,8 @@ class BalancedOptimizer(Optimizer):
         zero_rows: Sequence[set[int]],
         gram_power: int = 2,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Reduce over ranks and copy the losses and Gram matrices to the host: ONE transfer.
-
-        A float32 product that over- or underflowed (a diagonal entry infinite or below 1e-30
-        for a row not known to be zero) is redone with exact power-of-two row scaling and read
-        again: a second transfer, on such rare steps only.
-        """
-        reduced_values, reduced = self._reduce(values, block_grams, gram_power)
-        host_values, host_grams, pending = to_host(reduced_values, reduced, self._riders())
-        assert host_values is not None and host_grams is not None
-        self._settle(pending)
-        if not np.isfinite(host_values).all():
-            return host_values, host_grams
-        redo = [
-            b
-            for b in range(len(rows))
-            if rows[b].dtype != torch.float64
-            and set(suspect_rows(np.diagonal(host_grams[b]).tolist())) - zero_rows[b]
-        ]
-        if redo:
-            fixed = torch.stack(
-                [rescaled_gram(r) if b in redo else block_grams[b] for b, r in enumerate(rows)]
-            )
-            if gram_power:  # the losses were reduced above; only the Gram matrices again
-                _, reduced_fixed = self._reduce(values.new_zeros(0), fixed, gram_power)
-                assert reduced_fixed is not None
-                fixed = reduced_fixed
-            (host_grams,) = to_host(fixed)
-            assert host_grams is not None
-        return host_values, host_grams
-
-    def _average_rows(self, rows: list[Tensor]) -> list[Tensor]:
-        """Parameter level under DDP: the per-task gradients averaged over ranks.
-
-        Unlike representation gradients (disjoint coordinates per rank, so the global Gram is
-        sum_r M_r / W^2), parameter gradients of all ranks live in the same space and the global
-        Gram has cross-rank terms; it needs the averaged K x D gradients (one all-reduce per
-        gradient matrix).
-        """
-        active, group = self._group()
-        if not active:
-            return rows
-        world = dist.get_world_size(group)
-        for r in rows:
-            dist.all_reduce(r, group=group)
-            r.div_(world)
-        return rows
+        """The step's one transfer of losses and Gram matrices (:func:`mtl._transfer.host_grams`)."""
+        return host_grams(self, values, block_grams, rows, zero_rows, gram_power)
 
     # -- weights
     def _weights(
@@ -804,112 +657,6 @@ class BalancedOptimizer(Optimizer):
         )
 
     # -- representation level
-    def _task_representation_grads(
-        self,
-        losses: list[Tensor],
-        blocks: list[Tensor],
-        heads: Sequence[Sequence[Tensor]] | None = None,
-    ) -> tuple[list[Tensor], list[tuple[Tensor | None, ...]], list[set[int]]]:
-        """``rows[b][k] = dL_k / d blocks[b]`` (flattened, one ``(K, numel)`` matrix per block),
-        ``head_grads[k][i] = dL_k / d heads[k][i]`` (the parameters task k reaches above the
-        blocks; only with ``grad_mode="loop"``) and, per block, the tasks whose row is zero
-        because their loss does not reach that block.
-
-        Loop mode copies each task's gradient into its row as soon as it is computed (while it
-        is still in cache) and drops it: no K live gradient tensors and no final stack.
-        """
-        k_tasks = len(losses)
-        if self.grad_mode == "batched":
-            stacked = torch.stack(losses)
-            eye = torch.eye(k_tasks, dtype=stacked.dtype, device=stacked.device)
-            per_block = torch.autograd.grad(
-                stacked,
-                blocks,
-                grad_outputs=eye,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            rows = [
-                z.new_zeros(k_tasks, z.numel()) if g is None else g.reshape(k_tasks, -1)
-                for z, g in zip(blocks, per_block)
-            ]
-            unreached: list[set[int]] = [
-                set(range(k_tasks)) if g is None else set() for g in per_block
-            ]
-            return rows, [], unreached
-        rows = self._row_buffers(k_tasks, [(z.numel(), z.dtype, z.device) for z in blocks])
-        head_grads: list[tuple[Tensor | None, ...]] = []
-        zeros: list[set[int]] = [set() for _ in blocks]
-        n = len(blocks)
-        for k, loss in enumerate(losses):
-            inputs = [*blocks, *heads[k]] if heads is not None else blocks
-            gs = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-            for b, g in enumerate(gs[:n]):
-                if g is None:
-                    rows[b][k].zero_()
-                    zeros[b].add(k)
-                else:
-                    rows[b][k].copy_(g.reshape(-1))
-            head_grads.append(gs[n:])
-            del gs
-        return rows, head_grads, zeros
-
-    def _row_buffers(
-        self, k: int, shapes: Sequence[tuple[int, torch.dtype, torch.device]]
-    ) -> list[Tensor]:
-        """``(K, numel)`` gradient matrices for blocks of ``(numel, dtype, device)``, kept from
-        one step to the next while the shapes do not change: a fresh K x B x d buffer every step
-        costs a page fault per 4 KiB page on first touch (K=16, 1 MiB per task: the copies took
-        7.3 ms instead of 1.5 ms). The buffer is the one the step needs at its peak anyway; it
-        is not part of the state_dict.
-        """
-        key = [(k, *shape) for shape in shapes]
-        if self._rows_cache is None or self._rows_cache[0] != key:
-            self._rows_cache = None  # free the old buffer before allocating the new one
-            buffers = [torch.empty(k, n, dtype=dtype, device=device) for n, dtype, device in shapes]
-            self._rows_cache = (key, buffers)
-        return self._rows_cache[1]
-
-    def _backward_representation(
-        self, losses: list[Tensor], values: Tensor, blocks: list[Tensor]
-    ) -> BalanceInfo:
-        analysis = self._analyse(losses, blocks)
-        # heads disjoint from the trunk: one pass per task gives both its representation gradient
-        # and its heads' gradients, and the final backward runs through the trunk only
-        heads = self._split_heads(analysis)
-        rows, head_grads, zeros = self._task_representation_grads(losses, blocks, heads)
-        grams = torch.stack([device_gram(r) for r in rows])
-        host_values, host_grams = self._host_grams(values, grams, rows, zeros)
-        verdict = self._decide("representation", host_values, host_grams)
-        if verdict is not None:
-            return verdict
-        weights, gram, extras = self._weights(host_values, host_grams, len(blocks))
-        bw = to_device(self._block_weights(weights, len(blocks)), rows[0].device)
-        combined = [
-            (bw[b].to(rows[b].dtype) @ rows[b]).view_as(blocks[b]) for b in range(len(blocks))
-        ]
-        coef = self._head_coefficients(weights)
-        if heads is not None:
-            torch.autograd.backward(blocks, grad_tensors=combined)  # the trunk only
-            accumulate_head_grads(heads, head_grads, coef)
-        else:
-            handles = [register_grad_hook(z, replace_grad(c)) for z, c in zip(blocks, combined)]
-            try:
-                sum_backward(losses, coef)
-            finally:
-                for h in handles:
-                    h.remove()
-        self._close_window()
-        return self._info(
-            "representation",
-            weights,
-            host_values,
-            gram,
-            host_grams if len(blocks) > 1 else None,
-            extras,
-        )
-
     def _plain_backward_is_exact(self) -> bool:
         """Whether one plain backward of sum_k c_k L_k gives the balanced gradients.
 
@@ -919,209 +666,8 @@ class BalancedOptimizer(Optimizer):
         """
         return False
 
-    def _backward_plain(
-        self,
-        losses: list[Tensor],
-        values: Tensor,
-        blocks: list[Tensor],
-        level: Literal["representation", "parameters"],
-    ) -> BalanceInfo:
-        """One plain backward of ``sum_k c_k L_k``, for weights known without any gradient.
-
-        Still checks that every loss reaches the balance point (a walk of the autograd graph)
-        and that the gradient arriving at the balance point (representation level: a tensor
-        hook; parameter level: the shared ``.grad``) is finite. The losses and that finiteness
-        flag reach the host in one transfer, after the backward.
-        """
-        if level == "representation":
-            self._analyse(losses, blocks)
-        else:
-            check_reached(depends_on(losses, blocks), self._name, parameters=True)
-        # the weights depend on neither gradients nor losses (see _plain_backward_is_exact)
-        weights, _, extras = self._weights(np.ones(len(losses)), None, len(blocks))
-        flags: list[Tensor] = []
-        handles = []
-        if level == "representation":
-
-            def check(grad: Tensor) -> None:
-                flags.append(nonfinite_flags([grad]))
-
-            handles = [register_grad_hook(z, check) for z in blocks]
-        try:
-            sum_backward(losses, [float(c) for c in weights])
-        finally:
-            for h in handles:
-                h.remove()
-        # every gradient the backward wrote, and the one arriving at the balance point
-        grads = [p.grad for p in self._params()]
-        if any(g is not None for g in grads):
-            flags.append(nonfinite_flags(grads))
-        bad = torch.cat(flags).amax().reshape(1) if flags else values.new_zeros(1)
-        # one collective and one transfer: the flag travels with the losses (a mean over ranks
-        # is positive when any rank saw a non-finite gradient)
-        packed, _ = self._reduce(torch.cat([values, bad]), None)
-        host, pending = to_host(packed, self._riders())
-        assert host is not None
-        self._settle(pending)
-        k = values.shape[0]
-        verdict = self._decide(level, host[:k], None, bool(host[k] == 0.0))
-        if verdict is not None:
-            return verdict
-        self._window = None  # checked within this backward's transfer
-        return self._info(level, weights, host[:k], None, None, extras)
-
     # -- loss level
-    def _backward_losses(
-        self,
-        losses: list[Tensor],
-        values: Tensor,
-        blocks: list[Tensor],
-        level: Literal["representation", "parameters"],
-    ) -> BalanceInfo:
-        """A loss-level method: the losses reach the host (ONE transfer, before any gradient
-        is written, so a non-finite loss leaves ``.grad`` alone), the weights are computed
-        there, and ONE backward of ``sum_k c_k L_k`` writes every gradient; those are checked
-        on the device and read at :meth:`step` (or by a fused optimizer)."""
-        if level == "representation":
-            self._analyse(losses, blocks)
-        else:
-            check_reached(depends_on(losses, blocks), self._name, parameters=True)
-        reduced, _ = self._reduce(values, None)
-        host_values, pending = to_host(reduced, self._riders())
-        assert host_values is not None
-        self._settle(pending)
-        verdict = self._decide(level, host_values, None)
-        if verdict is not None:
-            return verdict
-        weights, _, extras = self._weights(host_values, None, 1)
-        sum_backward(losses, [float(c) for c in weights])
-        self._close_window()
-        return self._info(level, weights, host_values, None, None, extras)
-
     # -- parameter level
-    def _parameter_update_mode(self) -> str:
-        if self.parameter_update != "auto":
-            return self.parameter_update
-        return "backward" if self._group()[0] else "direct"
-
-    def _parameter_rows(self, losses: list[Tensor], params: list[Tensor]) -> list[_ParamBlock]:
-        """The per-task gradients of the shared parameters, copied once into gradient matrices.
-
-        Dense parameters of one dtype and device share ONE ``(K, sum of numel)`` matrix (kept
-        from step to step like the representation rows); each sparse parameter gets its own
-        matrix of the rows some task touched. Raises for a loss that reaches no parameter.
-        """
-        densify = self._group()[0]  # ranks touch different rows: average dense gradients
-        k_tasks = len(losses)
-        grads: list[tuple[Tensor | None, ...]] = []
-        for k, loss in enumerate(losses):
-            gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            if all(g is None for g in gs):
-                raise ValueError(
-                    f"the loss of {self._name(k)} does not depend on any of the shared_parameters"
-                )
-            grads.append(gs)
-        sparse_idx = [
-            i for i in range(len(params)) if not densify and any(_is_sparse(g[i]) for g in grads)
-        ]
-        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i in range(len(params)):
-            if i not in sparse_idx:
-                groups.setdefault((params[i].dtype, params[i].device), []).append(i)
-        shapes = [
-            (sum(params[i].numel() for i in idx), dtype, device)
-            for (dtype, device), idx in groups.items()
-        ]
-        blocks: list[_ParamBlock] = []
-        for buf, idx in zip(self._row_buffers(k_tasks, shapes), groups.values()):
-            offsets = [0]
-            for i in idx:
-                offsets.append(offsets[-1] + params[i].numel())
-            for k in range(k_tasks):
-                dst, src = [], []
-                for j, i in enumerate(idx):
-                    g = grads[k][i]
-                    view = buf[k, offsets[j] : offsets[j + 1]]
-                    if g is None:
-                        view.zero_()
-                    else:
-                        dst.append(view)
-                        src.append((g.to_dense() if g.is_sparse else g).reshape(-1))
-                _copy_all(dst, src)
-            zeros = [{k for k in range(k_tasks) if grads[k][i] is None} for i in idx]
-            blocks.append(_ParamBlock(buf, [params[i] for i in idx], offsets, None, zeros))
-        for i in sparse_idx:
-            rows, ids = task_rows([g[i] for g in grads], params[i], densify=False)
-            zeros = [{k for k in range(k_tasks) if grads[k][i] is None}]
-            blocks.append(_ParamBlock(rows, [params[i]], [0, rows.shape[1]], ids, zeros))
-        return blocks
-
-    def _backward_parameters(
-        self, losses: list[Tensor], values: Tensor, params: list[Tensor]
-    ) -> BalanceInfo:
-        blocks = self._parameter_rows(losses, params)
-        self._average_rows([blk.rows for blk in blocks])
-        # the Gram matrices' blocks: one per parameter tensor for per-block methods (MetaBalance
-        # semantics), else one per gradient matrix (their sum is the Gram of all shared params)
-        pieces: list[tuple[_ParamBlock, int | None]]
-        if self.per_block:
-            order = {id(p): i for i, p in enumerate(params)}  # blocks in the caller's order
-            pieces = sorted(
-                ((blk, j) for blk in blocks for j in range(len(blk.params))),
-                key=lambda piece: order[id(piece[0].params[piece[1] or 0])],
-            )
-        else:
-            pieces = [(blk, None) for blk in blocks]
-        piece_rows = [blk.piece(j) for blk, j in pieces]
-        zero = [blk.zero_rows(j) for blk, j in pieces]
-        grams = torch.stack([device_gram(r) for r in piece_rows])
-        host_values, host_grams = self._host_grams(values, grams, piece_rows, zero, gram_power=0)
-        verdict = self._decide("parameters", host_values, host_grams)
-        if verdict is not None:
-            return verdict
-        weights, gram, extras = self._weights(host_values, host_grams, len(pieces))
-        bw = to_device(self._block_weights(weights, len(pieces)), piece_rows[0].device)
-        combined: list[tuple[Tensor, Tensor]] = []  # (parameter, its combined gradient)
-        for (blk, j), r, w in zip(pieces, piece_rows, bw):
-            flat = w.to(r.dtype) @ r
-            for jj in range(len(blk.params)) if j is None else [j]:
-                p = blk.params[jj]
-                part = flat if j is not None else flat[blk.offsets[jj] : blk.offsets[jj + 1]]
-                combined.append((p, combine_rows(part, blk.ids, p)))
-        coef = self._head_coefficients(weights)
-        if self._parameter_update_mode() == "backward":
-            # one ordinary backward; hooks replace each shared parameter's incoming gradient,
-            # so DDP's own hooks average the combined gradient as usual
-            handles = [register_grad_hook(p, replace_grad(g)) for p, g in combined]
-            try:
-                sum_backward(losses, coef)
-            finally:
-                for h in handles:
-                    h.remove()
-        else:
-            shared = {id(p) for p in params}
-            heads = [
-                p
-                for g in self.param_groups
-                for p in g["params"]
-                if p.requires_grad and id(p) not in shared
-            ]
-            if heads:  # heads only: the trunk is not traversed again
-                sum_backward(losses, coef, inputs=heads)
-            for p, g in combined:
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad = p.grad + g if p.grad.is_sparse else p.grad.add_(g)
-        self._close_window()
-        return self._info(
-            "parameters",
-            weights,
-            host_values,
-            gram,
-            host_grams if self.per_block else None,
-            extras,
-        )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1131,81 +677,6 @@ def _host_extras(extras: Mapping[str, Any]) -> dict[str, Any]:
         name: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray | np.generic) else v
         for name, v in extras.items()
     }
-
-
-class _ParamBlock:
-    """One gradient matrix of the parameter level.
-
-    ``rows`` is ``(K, n)``: a dense block holds several parameters, parameter ``j`` in columns
-    ``offsets[j]:offsets[j+1]``; a sparse block holds the rows ``ids`` of one parameter that some
-    task touched. ``zeros[j]`` are the tasks that do not reach parameter ``j`` (zero rows).
-    """
-
-    def __init__(
-        self,
-        rows: Tensor,
-        params: list[Tensor],
-        offsets: list[int],
-        ids: Tensor | None,
-        zeros: list[set[int]],
-    ) -> None:
-        self.rows, self.params, self.offsets, self.ids, self.zeros = (
-            rows,
-            params,
-            offsets,
-            ids,
-            zeros,
-        )
-
-    def piece(self, j: int | None) -> Tensor:
-        """The columns of parameter ``j`` (a view), or the whole matrix for ``None``."""
-        if j is None:
-            return self.rows
-        return self.rows[:, self.offsets[j] : self.offsets[j + 1]]
-
-    def zero_rows(self, j: int | None) -> set[int]:
-        """Tasks whose row of :meth:`piece` is zero by construction."""
-        if j is not None:
-            return self.zeros[j]
-        return set.intersection(*self.zeros) if self.zeros else set()
-
-
-def _is_sparse(g: Tensor | None) -> bool:
-    return g is not None and g.is_sparse
-
-
-def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
-    """``dst[i].copy_(src[i])`` for every i, as one fused launch where torch offers it."""
-    if not dst:
-        return
-    foreach = getattr(torch, "_foreach_copy_", None)
-    if foreach is not None and all(d.dtype == s.dtype for d, s in zip(dst, src)):
-        foreach(dst, src)
-    else:
-        for d, s in zip(dst, src):
-            d.copy_(s)
-
-
-@dataclass
-class _Window:
-    """The backward calls since the last ``step``/``zero_grad``: the parameters whose ``.grad``
-    was ``None`` before the first, the balancer state and step count before it, and the device
-    flags of the gradients written (:func:`mtl._finite.nonfinite_flags`) for ``step`` to read."""
-
-    fresh: list[Tensor]
-    snapshot: dict[str, Any] | None
-    num_steps: int
-    flags: Tensor | None = None
-    params: list[Tensor] = field(default_factory=list)
-
-
-def _mark_overflow(params: Sequence[Tensor]) -> None:
-    """A skipped step's marker for ``GradScaler``: the smallest parameter's ``.grad`` is NaN."""
-    if not params:
-        return
-    p = min(params, key=lambda q: q.numel())
-    with torch.no_grad():
-        p.grad = torch.full_like(p, float("nan"))
 
 
 def init_optimizer_hooks(opt: Optimizer) -> None:
@@ -1219,15 +690,3 @@ def init_optimizer_hooks(opt: Optimizer) -> None:
     opt._optimizer_load_state_dict_pre_hooks = OrderedDict()
     opt._optimizer_load_state_dict_post_hooks = OrderedDict()
     opt._patch_step_function()
-
-
-def _clone(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone(v) for v in obj)
-    return copy.deepcopy(obj)
