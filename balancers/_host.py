@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["device_of", "host_array", "to_torch"]
+__all__ = ["check_gram", "device_of", "host_array", "host_gram", "to_torch"]
 
 
 def host_array(x: Any, dtype: Any = np.float64) -> np.ndarray:
@@ -41,3 +41,27 @@ def to_torch(a: Any, device: torch.device | None = None) -> Tensor:
     """A host array (or NumPy scalar) as a tensor sharing its memory, moved to ``device`` if given."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t if device is None or device.type == "cpu" else t.to(device)
+
+
+def check_gram(m: np.ndarray) -> np.ndarray:
+    """A validated, symmetrised float64 copy of a host ``(K, K)`` Gram matrix.
+
+    The one Gram validator of the balancers (MGDA's solver, GradOPS, PCGrad, MultiBalance's
+    ``rule="mgda"``).
+
+    Raises:
+        ValueError: ``m`` is not a non-empty square matrix, or has a NaN or infinite entry.
+    """
+    m = np.asarray(m, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
+        raise ValueError(f"gram must be a non-empty square (K, K) matrix, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError("gram contains NaN or infinite entries")
+    sym: np.ndarray = 0.5 * (m + m.T)
+    return sym
+
+
+def host_gram(gram: Any) -> tuple[np.ndarray, torch.device]:
+    """:func:`check_gram` of ``gram`` (a tensor on any device, or an array) brought to the host,
+    and the device a public function's results go to (``gram``'s, CPU for an array)."""
+    return check_gram(host_array(gram)), device_of(gram)

@@ -9,13 +9,29 @@ form (Eq. 4) for two tasks. Wolfe's method is an active-set method: it terminate
 steps with the exact optimum (up to float64 round-off), unlike Frank-Wolfe, whose usual
 tolerances leave KKT gaps of order one on inputs whose optimum lies on a face of the simplex.
 
-Uniqueness: when gradients are linearly dependent (duplicates, K > dimension) the optimal
-``alpha`` is not unique although ``d = G^T alpha`` is. The solver minimises
-``alpha^T (M/s + ridge*I) alpha`` with ``s = max_k M_kk`` and a tiny ``ridge`` (default 1e-12),
-which approximates the optimal alpha of least Euclidean norm: a unique, permutation-equivariant
-choice. Tasks with identical gradients (duplicates, several zero gradients) are merged before the
-solve and share their weight equally, so those ties are broken exactly. The KKT conditions of the
-original problem hold to about ``ridge * s``.
+Scale awareness (task gradient norms may differ by many orders of magnitude):
+
+* the input is scaled by a power of two (exact) so that ``max_k M_kk`` is in ``[1, 4)``;
+* every affine sub-problem of Wolfe's method is solved in Jacobi-scaled coordinates, on the
+  unit-diagonal matrix ``C = D^-1/2 M D^-1/2`` (``D = diag M``) with the constraint written on the
+  contributions ``beta_k = alpha_k |g_k|``, so its conditioning depends on the angles between the
+  gradients and not on their norms;
+* the optimality test and the support decisions are relative: ``(M alpha)_j >= alpha^T M alpha``
+  up to ``tol * alpha^T M alpha`` plus the round-off of the products themselves, and a task
+  leaves the support when its contribution ``alpha_k |g_k|`` is below round-off of the largest.
+
+Exactly zero gradients: if some task's gradient is zero (``M_kk = 0``) the min-norm point is
+``d = 0``; those tasks share the weight equally and the others get 0. All zero: uniform weights.
+
+Uniqueness: when gradients are linearly dependent the optimal ``alpha`` is not unique although
+``d = G^T alpha`` is. Tasks with identical gradients are merged before the solve and share their
+weight equally (kept only if the merged solution passes the KKT test of the original problem).
+Other ties are broken by a second solve of ``alpha^T (M + rho I) alpha`` with
+``rho = ridge * |d*|^2`` relative to the optimal value of the first solve: it selects
+(approximately) the optimal ``alpha`` of least Euclidean norm and moves the relative KKT gaps by
+at most ``ridge``. The KKT conditions hold in relative form: for the returned ``alpha`` and
+``d = sum_k alpha_k g_k``, ``g_j . d >= |d|^2 (1 - tol - ridge)`` for every task ``j`` up to the
+round-off of the products ``alpha_k M_jk``, with equality on the support.
 """
 
 from __future__ import annotations
@@ -24,9 +40,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._host import host_array
+from ._host import check_gram, host_array
 
 __all__ = ["min_norm_weights", "project_simplex"]
+
+#: float64 machine epsilon (2^-52)
+_EPS = float(np.finfo(np.float64).eps)
+#: contributions ``alpha_k |g_k|`` below this fraction of the largest count as zero
+_SUPPORT_RTOL = 1e-15
 
 
 def project_simplex(y: Tensor | np.ndarray) -> Tensor:
@@ -67,124 +88,330 @@ def _project_simplex_np(y: np.ndarray) -> np.ndarray:
     idx = np.arange(1, y.size + 1, dtype=y.dtype)
     rho = int(np.max(np.flatnonzero(u - css / idx > 0), initial=0)) + 1
     tau = css[rho - 1] / rho
-    return np.clip(y - tau, 0, None)
-
-
-def _check_gram(gram: Tensor | np.ndarray) -> np.ndarray:
-    """A validated, symmetrised float64 host copy of a ``(K, K)`` Gram matrix."""
-    return _check_gram_np(host_array(gram))
-
-
-def _check_gram_np(m: np.ndarray) -> np.ndarray:
-    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
-        raise ValueError(f"gram must be a non-empty square matrix, got shape {m.shape}")
-    if not np.isfinite(m).all():
-        raise ValueError("gram contains NaN or infinite entries")
-    return 0.5 * (m + m.T)
+    out: np.ndarray = np.clip(y - tau, 0, None)
+    return out
 
 
 def _two_task(q: np.ndarray) -> np.ndarray:
-    """Closed form for K = 2 (Sener & Koltun, Eq. 4): weight on task 1 clipped to [0, 1]."""
-    denom = q[0, 0] + q[1, 1] - 2.0 * q[0, 1]
-    a = 0.5 if denom <= 0 else float(np.clip((q[1, 1] - q[0, 1]) / denom, 0.0, 1.0))
-    return np.array([a, 1.0 - a])
+    """Closed form for K = 2 (Sener & Koltun, Eq. 4): weight on task 1 clipped to [0, 1].
+
+    Both weights are computed from their own numerator (``(M_22 - M_12)/den`` and
+    ``(M_11 - M_12)/den``), so a tiny weight on a huge gradient keeps its relative precision
+    instead of being ``1 - (1 - tiny)``. Identical gradients (``den <= 0``): ``(1/2, 1/2)``.
+    """
+    a, b, c = float(q[0, 0]), float(q[1, 1]), float(q[0, 1])
+    denom = a + b - 2.0 * c
+    if denom <= 0.0:
+        return np.array([0.5, 0.5])
+    if c >= a:
+        return np.array([1.0, 0.0])
+    if c >= b:
+        return np.array([0.0, 1.0])
+    return np.array([(b - c) / denom, (a - c) / denom])
 
 
-def _affine_minimizer(q_s: np.ndarray) -> np.ndarray:
-    """argmin_{sum b = 1} b^T Q_S b, from the bordered KKT system."""
-    n = q_s.shape[0]
-    kkt = np.zeros((n + 1, n + 1))
-    kkt[:n, :n] = q_s
-    kkt[:n, n] = 1.0
-    kkt[n, :n] = 1.0
-    rhs = np.zeros(n + 1)
-    rhs[n] = 1.0
-    try:
-        sol = np.linalg.solve(kkt, rhs)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
-    return sol[:n]
+def _affine_minimizer(c_s: np.ndarray, n_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """argmin of ``b^T Q_S b`` on ``sum b = 1`` (``Q_S = N C_S N``, ``N = diag n_s``).
+
+    Solved in the contributions ``beta = N b`` (Jacobi scaling): minimise ``beta^T C_S beta`` on
+    ``w^T beta = 1`` with ``w = 1/n_s``, from one ``eigh`` of the unit-diagonal ``C_S``.
+    Eigenvalues below ``4 |S| eps lambda_max`` form the numerical null space ``N``:
+
+    * ``w`` has a component in ``N`` beyond round-off: the affine hull of the corral contains a
+      null combination (``d = 0`` reachable); ``beta = P_N w`` (exact in exact arithmetic);
+    * otherwise ``beta = C_S^+ w`` (the pseudo-inverse on the range): the exact answer for a
+      non-singular ``C_S``, and the minimiser of least norm when the corral is affinely
+      dependent.
+
+    Returns ``(b, beta)``: the barycentric weights (summing to one) and the contributions scaled
+    to ``max |beta| = 1``; NaNs when no minimiser is found (a numerically empty problem).
+    """
+    m = n_s.shape[0]
+    if m == 1:
+        return np.ones(1), np.ones(1)
+    w = (1.0 / n_s) * float(n_s.min())  # in (0, 1], max 1
+    lam, vec = np.linalg.eigh(c_s)
+    null = lam <= 4.0 * m * _EPS * max(float(lam[-1]), 1.0)
+    coef = vec.T @ w
+    if null.any() and float(np.linalg.norm(coef[null])) > 4.0 * m * _EPS * float(np.linalg.norm(w)):
+        beta = vec[:, null] @ coef[null]
+    else:
+        beta = vec[:, ~null] @ (coef[~null] / lam[~null])
+    top = float(np.abs(beta).max()) if beta.size else 0.0
+    if not np.isfinite(top) or top == 0.0:
+        return np.full(m, np.nan), np.full(m, np.nan)
+    beta = beta / top
+    b = w * beta
+    total = float(b.sum())
+    if not total > 0.0:
+        return np.full(m, np.nan), np.full(m, np.nan)
+    return b / total, beta
 
 
-def _warm_start(q: np.ndarray, rounds: int = 4) -> tuple[list[int], np.ndarray] | None:
+def _support(beta: np.ndarray) -> np.ndarray:
+    """Entries whose contribution is positive beyond round-off of the largest one."""
+    return beta > _SUPPORT_RTOL * float(np.abs(beta).max())
+
+
+class _Problem:
+    """The (power-of-two scaled) Gram matrix with its Jacobi scaling, shared by the solves."""
+
+    def __init__(self, q: np.ndarray) -> None:
+        self.q = q
+        self.k = q.shape[0]
+        self.n = np.sqrt(q.diagonal())
+        self.c = q / np.outer(self.n, self.n)
+        np.fill_diagonal(self.c, 1.0)
+        self.abs_q = np.abs(q)
+
+    def affine(self, corral: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(corral)
+        return _affine_minimizer(self.c[np.ix_(idx, idx)], self.n[idx])
+
+    def gaps(self, alpha: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """``((M alpha)_j - alpha^T M alpha, slack_j, alpha^T M alpha)``; optimal: gap >= -slack.
+
+        ``slack_j = tol |alpha^T M alpha| + 4 K eps ((|M| alpha)_j + alpha^T |M| alpha)``: the
+        relative tolerance plus the round-off of the products themselves.
+        """
+        x_dot = self.q @ alpha
+        xx = float(alpha @ x_dot)
+        rounding = 4.0 * self.k * _EPS * (self.abs_q @ alpha + float(alpha @ self.abs_q @ alpha))
+        return x_dot - xx, tol * abs(xx) + rounding, xx
+
+
+def _warm_start(
+    prob: _Problem | np.ndarray, support: np.ndarray | None = None, rounds: int = 4
+) -> tuple[list[int], np.ndarray] | None:
     """A starting corral for Wolfe's method: drop the points whose affine weight is not positive.
 
-    Start from every point; the minimiser ``b`` of ``b^T Q_S b`` on ``sum b = 1`` (one bordered
-    solve) is kept when ``b > 0``; otherwise the points with ``b_i <= 0`` leave ``S`` and the
-    solve is repeated (at most ``rounds`` times). A positive ``b`` is exactly the state Wolfe's
-    method reaches after a minor cycle (the affine minimiser of its corral, in the corral's
-    relative interior), so the major iterations continue from it with the same guarantees; when
-    the optimum has full support (or loses only a few points) they stop at the first test.
+    Start from ``support`` (default: every point); the minimiser ``b`` of ``b^T Q_S b`` on
+    ``sum b = 1`` is kept when ``b > 0`` (contributions above round-off); otherwise the points
+    with ``b_i <= 0`` leave ``S`` and the solve is repeated (at most ``rounds`` times). A
+    positive ``b`` is exactly the state Wolfe's method reaches after a minor cycle (the affine
+    minimiser of its corral, in the corral's relative interior), so the major iterations continue
+    from it with the same guarantees; when the optimum has full support (or loses only a few
+    points) they stop at the first test.
     """
-    support = np.arange(q.shape[0])
+    if not isinstance(prob, _Problem):
+        prob = _Problem(prob)
+    idx = np.arange(prob.k) if support is None else np.asarray(support)
     for _ in range(rounds):
-        b = _affine_minimizer(q[np.ix_(support, support)])
+        if idx.size == 0:
+            return None
+        b, beta = prob.affine(idx.tolist())
         if not np.isfinite(b).all():
             return None
-        positive = b > 1e-15
+        positive = _support(beta)
         if positive.all():
-            return support.tolist(), b / b.sum()
+            return idx.tolist(), b
         if not positive.any():
             return None
-        support = support[positive]
+        idx = idx[positive]
     return None
 
 
-def _wolfe(q: np.ndarray, max_iter: int, tol: float, warm: bool = True) -> np.ndarray:
-    k = q.shape[0]
-    start = _warm_start(q) if warm else None
+def _wolfe(
+    q: np.ndarray | _Problem,
+    max_iter: int,
+    tol: float,
+    warm: bool = True,
+    support: np.ndarray | None = None,
+) -> np.ndarray:
+    """Wolfe's min-norm-point algorithm on the Gram matrix ``q`` (positive diagonal).
+
+    Major cycle: stop when every task passes the relative optimality test (:meth:`_Problem.gaps`);
+    otherwise add the violating task with the largest exact line-search decrease
+    ``(x.x - x.p_j)^2 / |x - p_j|^2`` (scale-free, unlike the classic ``argmin x.p_j``). Minor
+    cycle: move to the corral's affine minimiser, or as far as the simplex allows and drop the
+    task that reached zero. A major step whose ``|x|^2`` stays within round-off of the best is
+    kept (a nearly flat direction may need several tasks before it pays off) but its task is not
+    added again before a strict decrease; a step that increases ``|x|^2`` beyond round-off is
+    undone. The search ends at a point that passes the test, or when no untried violator is left
+    (or after ``max_iter`` major steps) with the best point found.
+    """
+    prob = q if isinstance(q, _Problem) else _Problem(q)
+    q = prob.q
+    k = prob.k
+    start = _warm_start(prob, support) if warm else None
     if start is None:
-        corral, lam = [int(np.argmin(np.diag(q)))], np.array([1.0])
+        corral, lam = [int(np.argmin(q.diagonal()))], np.array([1.0])
     else:
         corral, lam = start
+    best: tuple[float, list[int], np.ndarray] | None = None
+    tried: set[int] = set()  # tasks whose addition to the best corral made no progress
+    converged = False
+    diag = q.diagonal()
+    j = -1
     for _ in range(max_iter):
-        x_dot = q[:, corral] @ lam  # <p_j, x> for every point j
-        xx = float(lam @ x_dot[corral])
-        j = int(np.argmin(x_dot))
-        if x_dot[j] >= xx - tol or j in corral:
+        alpha = np.zeros(k)
+        alpha[corral] = lam
+        gap, slack, xx = prob.gaps(alpha, tol)
+        if best is None or xx < best[0]:
+            best = (xx, list(corral), lam.copy())
+            tried.clear()
+        elif xx <= best[0] + 4.0 * k * _EPS * float(alpha @ prob.abs_q @ alpha):
+            tried.add(j)  # no decrease beyond round-off: go on from here, but not with j again
+        else:  # an increase (round-off in the minor cycle): back to the best corral
+            tried.add(j)
+            corral, lam = list(best[1]), best[2].copy()
+            alpha = np.zeros(k)
+            alpha[corral] = lam
+            gap, slack, xx = prob.gaps(alpha, tol)
+        violated = gap < -slack
+        violated[corral] = False
+        if not violated.any():
+            converged = True  # optimal to round-off: keep this point (its |x|^2 may read
+            break  # higher than an earlier one's: both are round-off at that level)
+        violated[list(tried)] = False
+        if not violated.any():
             break
+        x_dot = q @ alpha
+        dist2 = xx - 2.0 * x_dot + diag  # |x - p_j|^2
+        safe = np.where(dist2 > 0, dist2, 1.0)
+        gain = np.where(violated & (dist2 > 0), (xx - x_dot) ** 2 / safe, -1.0)
+        j = int(np.argmax(gain))
+        if not violated[j]:  # every violator at distance 0 (round-off): take the worst gap
+            j = int(np.argmin(np.where(violated, gap + slack, np.inf)))
         corral.append(j)
         lam = np.append(lam, 0.0)
         for _minor in range(k + 1):
-            beta = _affine_minimizer(q[np.ix_(corral, corral)])
-            if (beta > 1e-15).all():
-                lam = beta
+            b, beta = prob.affine(corral)
+            if not np.isfinite(b).all():
                 break
-            # move from lam towards beta until the first coordinate hits zero
-            neg = beta <= 1e-15
-            ratios = np.full(beta.shape, np.inf)
-            ok = neg & (lam > beta)
-            ratios[ok] = lam[ok] / (lam[ok] - beta[ok])
+            positive = _support(beta)
+            if positive.all():
+                lam = b
+                break
+            # move from lam towards b until the first coordinate hits zero
+            ratios = np.full(b.shape, np.inf)
+            ok = ~positive & (lam > b)
+            ratios[ok] = lam[ok] / (lam[ok] - b[ok])
             theta = float(min(1.0, ratios.min()))
-            lam = lam + theta * (beta - lam)
-            keep = lam > 1e-15
+            lam = lam + theta * (b - lam)
+            keep = _support(lam * prob.n[corral])
             if np.isfinite(ratios.min()):
                 keep[int(np.argmin(ratios))] = False
             if not keep.any():  # pragma: no cover - numerical safety
-                keep[int(np.argmax(lam))] = True
+                keep[int(np.argmax(lam * prob.n[corral]))] = True
             corral = [c for c, kp in zip(corral, keep) if kp]
             lam = lam[keep]
             lam = lam / lam.sum()
+    if (
+        not converged
+        and best is not None
+        and best[0] < float(lam @ q[np.ix_(corral, corral)] @ lam)
+    ):
+        corral, lam = best[1], best[2]
     alpha = np.zeros(k)
     alpha[corral] = lam
     return alpha
 
 
+def _refine(prob: _Problem, alpha: np.ndarray, steps: int = 3) -> np.ndarray:
+    """Fixed-precision iterative refinement of the final affine solve on the support.
+
+    The affine minimiser is solved through an eigendecomposition, which is accurate relative to
+    the largest contribution only; a task whose contribution ``alpha_k |g_k|`` is many orders
+    below the largest one (a huge gradient with a tiny weight) then keeps too few correct digits
+    for its KKT condition. Refining ``C_S beta = lam w, w^T beta = 1`` (``beta`` the scaled
+    contributions) with residuals computed in float64 makes every equation hold to the round-off
+    of its own terms (Skeel 1980): componentwise backward stability. A step is kept only if it
+    lowers the largest componentwise residual and keeps the support positive.
+    """
+    support = np.flatnonzero(alpha > 0)
+    if support.size < 2:
+        return alpha
+    c = prob.c[np.ix_(support, support)]
+    n = prob.n[support]
+    n_min = float(n.min())
+    w = n_min / n
+    lam_c, vec = np.linalg.eigh(c)
+    if not lam_c[0] > 4.0 * support.size * _EPS * float(lam_c[-1]):
+        return alpha  # singular: d = 0 reachable, nothing to refine
+
+    def solve(x: np.ndarray) -> np.ndarray:
+        out: np.ndarray = vec @ ((vec.T @ x) / lam_c)
+        return out
+
+    def residual(beta: np.ndarray, lam: float) -> tuple[np.ndarray, float, float]:
+        c_beta = c @ beta
+        r1 = lam * w - c_beta
+        r2 = 1.0 - float(w @ beta)
+        scale = np.abs(c) @ np.abs(beta) + abs(lam) * w
+        worst = float(np.max(np.abs(r1) / np.where(scale > 0, scale, 1.0)))
+        return r1, r2, worst
+
+    beta = alpha[support] * n / n_min
+    lam = float(beta @ c @ beta)
+    r1, r2, worst = residual(beta, lam)
+    c_inv_w = solve(w)
+    w_c_inv_w = float(w @ c_inv_w)
+    if not w_c_inv_w > 0:
+        return alpha
+    for _ in range(steps):
+        if worst <= 2.0 * _EPS:
+            break
+        c_inv_r = solve(r1)
+        d_lam = (r2 - float(w @ c_inv_r)) / w_c_inv_w
+        new_beta = beta + c_inv_r + d_lam * c_inv_w
+        new_lam = lam + d_lam
+        if not (new_beta > 0).all():
+            break
+        nr1, nr2, new_worst = residual(new_beta, new_lam)
+        if not new_worst < worst:
+            break
+        beta, lam, r1, r2, worst = new_beta, new_lam, nr1, nr2, new_worst
+    out: np.ndarray = np.zeros_like(alpha)
+    out[support] = beta * n_min / n
+    out /= out.sum()
+    return out
+
+
 def _duplicate_groups(q: np.ndarray, rtol: float = 1e-12) -> list[list[int]]:
     """Tasks whose gradients coincide (``|g_i - g_j|^2 <= rtol (|g_i|^2 + |g_j|^2)``)."""
     k = q.shape[0]
-    d = np.diag(q)
-    dist2 = d[:, None] + d[None, :] - 2.0 * q
-    same = dist2 <= rtol * (d[:, None] + d[None, :])
+    d = q.diagonal()
+    total = d[:, None] + d[None, :]
+    same = total - 2.0 * q <= rtol * total
+    np.fill_diagonal(same, False)
+    if not same.any():
+        return [[i] for i in range(k)]
     groups: list[list[int]] = []
     assigned = np.zeros(k, dtype=bool)
     for i in range(k):
         if assigned[i]:
             continue
-        members = [j for j in range(i, k) if not assigned[j] and same[i, j]]
+        members = [i] + [j for j in range(i + 1, k) if not assigned[j] and same[i, j]]
         assigned[members] = True
         groups.append(members)
     return groups
+
+
+def _solve(q: np.ndarray, max_iter: int, tol: float, ridge: float) -> np.ndarray:
+    """The min-norm weights of a Gram matrix with a positive diagonal (no merging)."""
+    k = q.shape[0]
+    if k == 1:
+        return np.ones(1)
+    if k == 2:
+        return _two_task(q)
+    prob = _Problem(q)
+    alpha = _refine(prob, _wolfe(prob, max_iter, tol))
+    if ridge > 0.0:
+        gap, slack, value = prob.gaps(alpha, tol)
+        if value > 0.0 and ((alpha == 0.0) & (gap <= slack)).any():
+            # a task off the support is tight: alpha may not be unique. Tie-break: the optimal
+            # alpha of (approximately) least norm, with a ridge relative to |d*|^2
+            alpha = _wolfe(
+                q + ridge * value * np.eye(k), max_iter, tol, support=np.flatnonzero(alpha)
+            )
+    return alpha
+
+
+def _kkt_holds(q: np.ndarray, alpha: np.ndarray, rtol: float) -> bool:
+    """The relative KKT test of the min-norm problem, with round-off slack (see _Problem.gaps)."""
+    gap, slack, _ = _Problem(q).gaps(alpha, rtol)
+    return bool((gap >= -slack).all())
 
 
 def min_norm_weights(
@@ -192,7 +419,7 @@ def min_norm_weights(
     *,
     max_iter: int | None = None,
     tol: float = 1e-14,
-    ridge: float = 1e-12,
+    ridge: float = 1e-9,
 ) -> Tensor:
     """Weights ``alpha`` on the simplex minimising ``|| sum_k alpha_k g_k ||^2``.
 
@@ -200,47 +427,53 @@ def min_norm_weights(
         gram: ``(K, K)`` Gram matrix ``M_ij = <g_i, g_j>`` (symmetric positive semi-definite).
         max_iter: cap on Wolfe's major iterations (default ``50 * K + 100``; the method
             terminates long before on every input we have seen).
-        tol: stopping tolerance of the optimality test ``<p_j, x> >= <x, x> - tol`` on the
-            scaled problem (``max_k M_kk = 1``).
-        ridge: Tikhonov term on the scaled problem that makes the solution unique (see the
-            module docstring); ``0`` disables it.
+        tol: relative tolerance of the optimality test
+            ``(M alpha)_j >= alpha^T M alpha (1 - tol)`` (plus the round-off of the products).
+        ridge: relative tie-break (see the module docstring): a second solve with
+            ``M + ridge |d*|^2 I`` picks the optimal alpha of least norm among near-ties; it
+            moves the relative KKT gaps by at most ``ridge``. ``0`` disables it.
 
     Returns:
-        ``(K,)`` float64 tensor on the simplex. All-zero gradients give uniform weights.
+        ``(K,)`` float64 tensor on the simplex. A zero gradient takes all the weight (``d = 0``);
+        all-zero gradients give uniform weights.
 
     The KKT conditions of the min-norm problem are ``(M alpha)_i >= alpha^T M alpha`` for all
     ``i``, with equality where ``alpha_i > 0``.
     """
     return torch.from_numpy(
-        _min_norm_weights_np(_check_gram(gram), max_iter=max_iter, tol=tol, ridge=ridge)
+        _min_norm_weights_np(check_gram(host_array(gram)), max_iter=max_iter, tol=tol, ridge=ridge)
     )
 
 
 def _min_norm_weights_np(
-    m: np.ndarray, *, max_iter: int | None = None, tol: float = 1e-14, ridge: float = 1e-12
+    m: np.ndarray, *, max_iter: int | None = None, tol: float = 1e-14, ridge: float = 1e-9
 ) -> np.ndarray:
     """:func:`min_norm_weights` on a validated, symmetric float64 host Gram matrix."""
     k = m.shape[0]
     if max_iter is None:
         max_iter = 50 * k + 100
-    scale = float(np.max(np.diag(m)))
+    diag = np.diag(m)
+    zero = ~(diag > 0.0)
     if k == 1:
-        alpha = np.ones(1)
-    elif scale <= 0.0:
-        alpha = np.full(k, 1.0 / k)
-    else:
-        q = m / scale
-        groups = _duplicate_groups(q)
+        return np.ones(1)
+    if zero.any():  # d = 0 exactly: the zero gradients share the weight
+        return zero / float(zero.sum())
+    # an exact power-of-two scaling: the result is invariant to 2^e M bit for bit
+    q = np.ldexp(m, -int(np.frexp(float(diag.max()))[1]))
+    groups = _duplicate_groups(q)
+    alpha: np.ndarray | None = None
+    if len(groups) < k:
         reps = [g[0] for g in groups]
-        qr = q[np.ix_(reps, reps)] + ridge * np.eye(len(reps))
-        if len(reps) == 1:
-            ar = np.ones(1)
-        elif len(reps) == 2:
-            ar = _two_task(qr)
-        else:
-            ar = _wolfe(qr, max_iter, tol)
-        alpha = np.zeros(k)
+        ar = _solve(q[np.ix_(reps, reps)], max_iter, tol, ridge)
+        merged = np.zeros(k)
         for g, a in zip(groups, ar):
-            alpha[g] = a / len(g)  # duplicates share their weight equally
-    alpha = np.clip(alpha, 0.0, None)
-    return alpha / alpha.sum()
+            merged[g] = a / len(g)  # duplicates share their weight equally
+        merged = np.clip(merged, 0.0, None)
+        merged /= merged.sum()
+        if _kkt_holds(q, merged, max(1e3 * tol, 1e-9) + ridge):
+            alpha = merged
+    if alpha is None:
+        alpha = _solve(q, max_iter, tol, ridge)
+    out: np.ndarray = np.clip(alpha, 0.0, None)
+    out /= out.sum()
+    return out

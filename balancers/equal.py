@@ -68,8 +68,8 @@ class EqualWeight(BalancedOptimizer):
 
     def _compute_weights(
         self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
-    ) -> np.ndarray:
-        """``w`` (or ones) as a float64 host array; no device work."""
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """``(w or ones, {})`` as a float64 host array (a fresh copy); no device work."""
         if self._fixed is None:
-            return np.ones(np.shape(losses)[0])
-        return self._fixed.copy()
+            return np.ones(np.shape(losses)[0]), {}
+        return self._fixed.copy(), {}

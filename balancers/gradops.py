@@ -21,9 +21,10 @@ So the method runs at the representation level and at the parameter level throug
 :class:`mtl.BalancedOptimizer` without materialising any projected gradient: the shared part
 receives ``sum_k c_k g_k`` with ``c = P^T w``.
 
-Fidelity (``/work/shared/reference/methods.md`` section 4): the projection and the non-conflict
-guarantee are the paper's [A]; the trade-off weights ``w(alpha)``, the fallback for dependent
-gradients and ``only_if_conflict`` are documented reconstructions [R], not the paper's formulas.
+Fidelity (``docs/methods.md``, GradOPS; the method reference's section 4): the projection and the
+non-conflict guarantee are the paper's [A]; the trade-off weights ``w(alpha)``, the fallback for
+dependent gradients and ``only_if_conflict`` are documented reconstructions [R], not the paper's
+formulas.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
-from ._host import device_of, host_array, to_torch
+from ._host import check_gram, device_of, host_array, host_gram, to_torch
 from ._min_norm import _min_norm_weights_np
+from ._options import check_bool, check_choice, check_positive, check_real
 
 __all__ = [
     "GradOPS",
@@ -57,49 +59,9 @@ _SOLVERS = ("auto", "closed_form", "lstsq")
 
 #: default relative threshold on the eigenvalues of the normalised Gram matrix (numerical rank)
 DEFAULT_RCOND = 1e-10
-#: default relative threshold on squared gradient norms below which a task counts as zero
-DEFAULT_EPS = 1e-30
-
-
-# ---------------------------------------------------------------------- validation helpers
-def _as_gram(gram: Tensor | np.ndarray) -> tuple[np.ndarray, torch.device]:
-    """A validated, symmetrised float64 host copy of ``gram`` and the device results go to."""
-    return _check_gram_np(host_array(gram)), device_of(gram)
-
-
-def _check_gram_np(m: np.ndarray) -> np.ndarray:
-    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
-        raise ValueError(f"gram must be a non-empty square (K, K) matrix, got shape {m.shape}")
-    if not np.isfinite(m).all():
-        raise ValueError("gram contains NaN or infinite entries")
-    return 0.5 * (m + m.T)
-
-
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(
-            f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} "
-            f"number, got {value!r}"
-        )
-    return v
-
-
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ValueError(f"alpha must be a real number, got {alpha!r}")
-    a = float(alpha)
-    if not math.isfinite(a):
-        raise ValueError(f"alpha must be finite, got {alpha!r}")
-    return a
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
+#: default relative threshold on squared gradient norms below which a task counts as zero: 0, only
+#: an exactly zero gradient (every other one has a direction, used through the normalised Gram)
+DEFAULT_EPS = 0.0
 
 
 def _weight_total(weight_sum: str, k: int) -> float:
@@ -123,20 +85,34 @@ def gradops_projections(
     (``D = diag(M)``, zero-gradient tasks removed), which makes it invariant to the scale of each
     gradient, and maps back with ``P[i, k] = P_C[i, k] |g_i| / |g_k|``.
 
-    * ``solver="closed_form"``: ``P_C[i, k] = [C^-1]_{ik} / [C^-1]_{ii}`` (raises
-      ``ValueError`` when ``C`` is singular to working precision,
-      ``lambda_min(C) <= rcond * lambda_max(C)``).
-    * ``solver="lstsq"``: for each task, ``a = pinv(C_JJ, rtol=rcond) C_Ji`` over the other tasks
-      ``J`` and ``P_C[i] = e_i - sum_{j in J} a_j e_j``: correct for linearly dependent gradients.
-    * ``solver="auto"`` (default): the closed form when ``lambda_min(C) > rcond * lambda_max(C)``
-      (then every sub-block is well conditioned too and both agree to round-off), least squares
-      otherwise.
+    All decisions and projections come from ONE eigendecomposition ``C = V diag(lambda) V^T``.
+    Eigenvalues ``lambda <= rcond * lambda_max`` span the numerical null space ``N`` (the linear
+    dependencies ``sum_k a_k g_k/|g_k| = 0``; ``rank = K - dim N``), and
+    ``C^+ = V_R diag(1/lambda_R) V_R^T`` is the inverse on the rest:
 
-    A projection is declared *vanished* (its row of ``P`` set to zero, ``R_i = 0``) when
-    ``R_i^2 = |g_i'|^2 / |g_i|^2 < rcond``: ``g_i`` lies in the span of the others to working
-    precision. In the closed-form regime this never happens (``R_i^2 = 1/[C^-1]_ii >=
-    lambda_min(C) > rcond``). Zero-gradient tasks (``M_ii <= eps * max_k M_kk``, or all of them
-    when every gradient is zero) get a zero row and column and ``R_i = 0``.
+    * task ``i`` takes part in a dependency when its *null leverage*
+      ``l_i = sum_{v in N} v_i^2`` exceeds ``rcond^2`` (``u_i`` has a coefficient above ``rcond``
+      in a unit null combination), or the round-off level of the computed null space when that
+      is larger: ``g_i`` lies in the span of the others, its projection is declared *vanished*
+      (row of ``P`` zero, ``R_i = 0``);
+    * otherwise ``P_C[i, k] = [C^+]_{ik} / [C^+]_{ii}`` and ``R_i^2 = 1 / [C^+]_{ii}``: the exact
+      projection (``e_i`` is orthogonal to ``N``, so ``C P_C[i]^T = e_i / [C^+]_ii``); with a
+      non-singular ``C`` this is the closed form ``[C^-1]_{ik} / [C^-1]_{ii}``.
+
+    The eigendecomposition of a relabelled ``C`` is the relabelled one (up to round-off), so the
+    decisions do not depend on the order of the tasks; they depend on the directions only, so
+    they do not depend on the gradients' norms either. ``R_i^2 >= lambda_min(range) > rcond
+    lambda_max >= rcond`` for every projection that survives.
+
+    * ``solver="auto"`` (default) and ``solver="lstsq"`` compute the above (``info["solver"]`` is
+      ``"closed_form"`` when ``C`` is non-singular under ``"auto"``, else ``"lstsq"``);
+      ``solver="closed_form"`` raises ``ValueError`` when ``C`` is singular to working
+      precision (``lambda_min(C) <= rcond * lambda_max(C)``).
+
+    Zero-gradient tasks (``M_ii = 0``, or ``M_ii <= eps * max_k M_kk`` with a positive ``eps``)
+    get a zero row and column and ``R_i = 0``. A tiny but non-zero gradient keeps its direction
+    (the decisions use the normalised ``C``), so the result does not depend on how its norm
+    compares with the others'.
 
     ``only_if_conflict=True`` [R] projects only the tasks that conflict with at least one other
     task (``M_ij < 0`` for some ``j != i``); the other tasks keep ``g_i' = g_i`` (``R_i = 1``). The
@@ -146,8 +122,11 @@ def gradops_projections(
         gram: ``(K, K)`` Gram matrix ``M_ij = g_i . g_j`` (symmetric positive semi-definite).
         only_if_conflict: see above (default ``False``: every task is projected, as in the paper).
         solver: ``"auto"`` (default), ``"closed_form"`` or ``"lstsq"``.
-        rcond: relative threshold for the numerical rank (default ``1e-10``).
-        eps: relative threshold on squared norms for zero-gradient tasks (default ``1e-30``).
+        rcond: relative threshold for the numerical rank and the null leverage (default
+            ``1e-10``).
+        eps: tasks with ``M_ii <= eps * max_k M_kk`` count as zero gradients (default ``0``:
+            only exactly zero ones; a positive ``eps`` makes the result depend on the largest
+            gradient's norm).
 
     Returns:
         ``(P, info)``: ``P`` float64 ``(K, K)``; ``info`` holds ``ratios`` (``R_i = |g_i'| /
@@ -157,10 +136,10 @@ def gradops_projections(
         ``rank`` (numerical rank of the non-zero gradients) and ``cond`` (condition number of
         ``C``, ``inf`` when singular).
     """
-    m, device = _as_gram(gram)
-    solver = _check_choice("solver", solver, _SOLVERS)  # type: ignore[assignment]
-    rcond = _check_positive("rcond", rcond)
-    eps = _check_positive("eps", eps, allow_zero=True)
+    m, device = host_gram(gram)
+    solver = check_choice("solver", solver, _SOLVERS)  # type: ignore[assignment]
+    rcond = check_positive("rcond", rcond)
+    eps = check_positive("eps", eps, allow_zero=True)
     p, info = _projections(m, bool(only_if_conflict), solver, rcond, eps)
     return to_torch(p, device), _infoto_torch(info, device)
 
@@ -169,14 +148,41 @@ def _infoto_torch(info: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: to_torch(v, device) if isinstance(v, np.ndarray) else v for k, v in info.items()}
 
 
+#: float64 machine epsilon (2^-52)
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def _leverage_threshold(evals: np.ndarray, null: np.ndarray, rcond: float) -> float:
+    """Null leverage above which a task counts as part of a linear dependency.
+
+    ``rcond^2`` (a coefficient above ``rcond`` in a unit null combination), raised to the
+    round-off of the computed null space when that is larger: ``(100 n eps lambda_max / gap)^2``
+    with ``gap`` the distance between the null and the kept eigenvalues (Davis-Kahan). A task not
+    involved in any dependency has a computed leverage far below it, in any task order; a
+    surviving projection is orthogonal to the other gradients up to ``sqrt`` of it.
+    """
+    if not null.any():
+        return math.inf
+    n = evals.size
+    gap = float(evals[~null].min()) - max(float(evals[null].max()), 0.0)
+    noise = 100.0 * n * _EPS * float(evals[-1]) / gap if gap > 0 else math.inf
+    return max(rcond * rcond, min(noise * noise, 1.0))
+
+
 def _projections(
     m: np.ndarray, only_if_conflict: bool, solver: str, rcond: float, eps: float
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """:func:`gradops_projections` on a validated, symmetric float64 numpy Gram matrix."""
+    """:func:`gradops_projections` on a validated, symmetric float64 numpy Gram matrix.
+
+    Every decision comes from quantities that are equivariant under a relabelling of the tasks
+    and invariant under a rescaling of any gradient: the zero test compares ``M_ii`` with
+    ``max_k M_kk``, and the rank, the vanished projections and the projections themselves all come
+    from ONE eigendecomposition of the normalised Gram matrix ``C``.
+    """
     k = m.shape[0]
     diag = np.clip(np.diag(m), 0.0, None)
     scale = float(diag.max())
-    zero = diag <= eps * scale if scale > 0 else np.ones(k, dtype=bool)
+    zero = (diag <= eps * scale) | (diag == 0.0) if scale > 0 else np.ones(k, dtype=bool)
     idx = np.flatnonzero(~zero)
     n = idx.size
 
@@ -199,11 +205,12 @@ def _projections(
         np.fill_diagonal(c, 1.0)
         evals, evecs = np.linalg.eigh(c)
         lam_max = float(evals[-1])
-        lam_min = float(evals[0])
-        well = lam_min > rcond * lam_max
-        rank = int((evals > rcond * lam_max).sum())
-        cond = lam_max / lam_min if well else math.inf
+        null = evals <= rcond * lam_max
+        well = not null.any()
+        rank = int(n - null.sum())
+        cond = lam_max / float(evals[0]) if well else math.inf
         if solver == "closed_form" and not well:
+            lam_min = float(evals[0])
             raise ValueError(
                 "gradops closed form: the Gram matrix is singular to working precision "
                 f"(lambda_min/lambda_max = {lam_min / lam_max:.3g} <= rcond = {rcond:g}); the "
@@ -212,21 +219,23 @@ def _projections(
         targets = projected[idx]
         pc = np.eye(n)
         if targets.any():
-            use_closed = well if solver == "auto" else solver == "closed_form"
-            used = "closed_form" if use_closed else "lstsq"
-            if use_closed:
-                cinv = (evecs / evals) @ evecs.T
-                cinv = 0.5 * (cinv + cinv.T)
-                full = cinv / np.diag(cinv)[:, None]
-            else:
-                full = _lstsq_projections(c, rcond)
-            pc[targets] = full[targets]
-            r2 = np.einsum("ti,ij,tj->t", pc, c, pc)
-            gone = targets & (r2 < rcond)
+            used = "closed_form" if well and solver != "lstsq" else "lstsq"
+            # C^+ on the numerical range; e_i's weight in the numerical null space says whether
+            # u_i = g_i/|g_i| takes part in a linear dependency (then g_i lies in the span of
+            # the others and g_i' = 0)
+            keep = ~null
+            cplus = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
+            cplus = 0.5 * (cplus + cplus.T)
+            leverage = (evecs[:, null] ** 2).sum(axis=1)
+            gone = targets & (leverage > _leverage_threshold(evals, null, rcond))
+            live = targets & ~gone
+            inv_diag = np.diag(cplus)
+            pc[live] = cplus[live] / inv_diag[live, None]
             pc[gone] = 0.0
             vanished[idx[gone]] = True
+            r2 = np.zeros(n)
+            r2[live] = 1.0 / inv_diag[live]
             ratios[idx] = np.where(targets, np.sqrt(np.clip(r2, 0.0, 1.0)), 1.0)
-            ratios[idx[gone]] = 0.0
         else:
             ratios[idx] = 1.0
         pc *= np.outer(norms, 1.0 / norms)
@@ -245,30 +254,6 @@ def _projections(
         "cond": cond,
     }
     return p, info
-
-
-def _lstsq_projections(c: np.ndarray, rcond: float) -> np.ndarray:
-    """Row ``t``: ``e_t - a_t`` with ``a_t = pinv(C_JJ) C_Jt`` over ``J = {j != t}``, all at once.
-
-    Task ``t``'s sub-problem is embedded in an ``n x n`` matrix with row and column ``t`` zeroed
-    (the extra zero eigenvalue is dropped by the pseudo-inverse, so ``a_t[t] = 0``); one batched
-    ``eigh`` solves all ``n`` of them. Eigenvalues ``<= rcond * lambda_max`` of each sub-block are
-    treated as zero (minimum-norm least squares).
-    """
-    n = c.shape[0]
-    ar = np.arange(n)
-    blocks = np.broadcast_to(c, (n, n, n)).copy()
-    blocks[ar, ar, :] = 0.0
-    blocks[ar, :, ar] = 0.0
-    rhs = c.copy()  # rhs[t] = C[:, t] (C symmetric) without its own entry
-    rhs[ar, ar] = 0.0
-    lam, vec = np.linalg.eigh(blocks)
-    keep = lam > rcond * lam[:, -1:]
-    inv = np.divide(1.0, lam, out=np.zeros_like(lam), where=keep)
-    coef = np.einsum("tij,tj->ti", vec, inv * np.einsum("tji,tj->ti", vec, rhs))
-    out = -coef
-    out[ar, ar] = 1.0
-    return out
 
 
 # ---------------------------------------------------------------------- trade-off weights
@@ -295,8 +280,8 @@ def gradops_tradeoff_weights(
     when nothing vanished. Computed as a softmax of ``alpha log R`` (no overflow for large
     ``|alpha|``).
     """
-    alpha = _check_alpha(alpha)
-    weight_sum = _check_choice("weight_sum", weight_sum, _WEIGHT_SUMS)  # type: ignore[assignment]
+    alpha = check_real("alpha", alpha)
+    weight_sum = check_choice("weight_sum", weight_sum, _WEIGHT_SUMS)  # type: ignore[assignment]
     device = device_of(ratios)
     r = host_array(ratios)
     if r.ndim != 1 or r.size == 0:
@@ -365,13 +350,13 @@ def gradops_coefficients(
         (``P``), and ``vanished``, ``projected``, ``solver``, ``rank``, ``cond`` from
         :func:`gradops_projections`.
     """
-    alpha = _check_alpha(alpha)
-    fallback = _check_choice("fallback", fallback, _FALLBACKS)  # type: ignore[assignment]
-    weight_sum = _check_choice("weight_sum", weight_sum, _WEIGHT_SUMS)  # type: ignore[assignment]
-    solver = _check_choice("solver", solver, _SOLVERS)  # type: ignore[assignment]
-    rcond = _check_positive("rcond", rcond)
-    eps = _check_positive("eps", eps, allow_zero=True)
-    m, device = _as_gram(gram)
+    alpha = check_real("alpha", alpha)
+    fallback = check_choice("fallback", fallback, _FALLBACKS)  # type: ignore[assignment]
+    weight_sum = check_choice("weight_sum", weight_sum, _WEIGHT_SUMS)  # type: ignore[assignment]
+    solver = check_choice("solver", solver, _SOLVERS)  # type: ignore[assignment]
+    rcond = check_positive("rcond", rcond)
+    eps = check_positive("eps", eps, allow_zero=True)
+    m, device = host_gram(gram)
     c, extras = _gradops_coefficients_np(
         m,
         alpha,
@@ -459,7 +444,8 @@ class GradOPS(BalancedOptimizer):
             every projection vanished (``G' = 0``; see :func:`gradops_coefficients`).
         weight_sum: ``"K"`` (default) or ``"1"``: ``sum_i w_i``.
         rcond: relative rank threshold (default ``1e-10``); eps: relative squared-norm threshold
-            for zero-gradient tasks (default ``1e-30``). See :func:`gradops_projections`.
+            for zero-gradient tasks (default ``0``: exactly zero only). See
+            :func:`gradops_projections`.
         **kwargs: options of :class:`mtl.BalancedOptimizer`.
 
     ``BalanceInfo.extras``: ``tradeoff_weights``, ``ratios``, ``fallback`` (bool),
@@ -484,13 +470,12 @@ class GradOPS(BalancedOptimizer):
         eps: float = DEFAULT_EPS,
         **kwargs: Any,
     ) -> None:
-        alpha = _check_alpha(alpha)
-        if not isinstance(only_if_conflict, bool):
-            raise ValueError(f"only_if_conflict must be a bool, got {only_if_conflict!r}")
-        fallback = _check_choice("fallback", fallback, _FALLBACKS)  # type: ignore[assignment]
-        weight_sum = _check_choice("weight_sum", weight_sum, _WEIGHT_SUMS)  # type: ignore[assignment]
-        rcond = _check_positive("rcond", rcond)
-        eps = _check_positive("eps", eps, allow_zero=True)
+        alpha = check_real("alpha", alpha)
+        only_if_conflict = check_bool("only_if_conflict", only_if_conflict)
+        fallback = check_choice("fallback", fallback, _FALLBACKS)  # type: ignore[assignment]
+        weight_sum = check_choice("weight_sum", weight_sum, _WEIGHT_SUMS)  # type: ignore[assignment]
+        rcond = check_positive("rcond", rcond)
+        eps = check_positive("eps", eps, allow_zero=True)
         super().__init__(optimizer, num_tasks, **kwargs)
         self.alpha = alpha
         self.only_if_conflict = only_if_conflict
@@ -499,7 +484,6 @@ class GradOPS(BalancedOptimizer):
         self.rcond = rcond
         self.eps = eps
         self.balancer_state = {"num_fallbacks": 0}
-        self._last: dict[str, Any] = {}
 
     def _repr_options(self) -> str:
         return (
@@ -513,12 +497,14 @@ class GradOPS(BalancedOptimizer):
 
     def _compute_weights(
         self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
-    ) -> np.ndarray:
-        """:func:`_gradops_coefficients_np` on the host copy of the Gram matrix."""
-        if gram is None:
-            raise RuntimeError("GradOPS needs the Gram matrix of the task gradients")
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """:func:`_gradops_coefficients_np` on the host copy of the Gram matrix.
+
+        Returns ``(c, extras)``; counts the fallback in ``balancer_state["num_fallbacks"]``.
+        """
+        assert gram is not None  # requires_gram: the engine always passes the Gram matrix
         c, extras = _gradops_coefficients_np(
-            _check_gram_np(host_array(gram)),
+            check_gram(gram),
             self.alpha,
             only_if_conflict=self.only_if_conflict,
             fallback=self.fallback,
@@ -531,11 +517,4 @@ class GradOPS(BalancedOptimizer):
             self.balancer_state["num_fallbacks"] = (
                 int(self.balancer_state.get("num_fallbacks", 0)) + 1
             )
-        self._last = extras
-        return c
-
-    def _extras(self) -> dict[str, Any]:
-        return {
-            k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v
-            for k, v in self._last.items()
-        }
+        return c, extras

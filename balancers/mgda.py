@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
-from ._host import device_of, host_array, to_torch
-from ._min_norm import _check_gram_np, _min_norm_weights_np
+from ._host import check_gram, device_of, host_array, to_torch
+from ._min_norm import _min_norm_weights_np
+from ._options import check_choice
 
 __all__ = ["MGDA", "mgda_weights"]
 
@@ -50,15 +50,14 @@ def _mgda_weights_np(
     tol: float = 1e-14,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`mgda_weights` on host float64 arrays; returns ``(c, alpha, scales)``."""
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    check_choice("normalization", normalization, _NORMALIZATIONS)
     k = gram.shape[0]
     if losses is None:
         if normalization in ("loss", "loss+"):
             raise ValueError(f"normalization={normalization!r} needs the losses")
         losses = np.ones(k)
     s = _scales_np(normalization, gram, losses, eps)
-    alpha = _min_norm_weights_np(_check_gram_np(gram / np.outer(s, s)), max_iter=max_iter, tol=tol)
+    alpha = _min_norm_weights_np(check_gram(gram / np.outer(s, s)), max_iter=max_iter, tol=tol)
     return (alpha / s if normalized_update else alpha), alpha, s
 
 
@@ -87,8 +86,7 @@ def mgda_weights(
         ``(c, alpha)``: the coefficients to apply and the simplex weights, float64 ``(K,)``
         tensors on ``gram``'s device (CPU for NumPy input).
     """
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    check_choice("normalization", normalization, _NORMALIZATIONS)
     device = device_of(gram)
     c, alpha, _ = _mgda_weights_np(
         host_array(gram),
@@ -136,16 +134,12 @@ class MGDA(BalancedOptimizer):
         tol: float = 1e-14,
         **kwargs: Any,
     ) -> None:
-        if normalization not in _NORMALIZATIONS:
-            raise ValueError(
-                f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}"
-            )
+        check_choice("normalization", normalization, _NORMALIZATIONS)
         super().__init__(optimizer, num_tasks, **kwargs)
         self.normalization = normalization
         self.normalized_update = bool(normalized_update)
         self.max_iter = max_iter
         self.tol = tol
-        self._last: dict[str, np.ndarray] = {}
 
     def _repr_options(self) -> str:
         return (
@@ -155,20 +149,18 @@ class MGDA(BalancedOptimizer):
 
     def _compute_weights(
         self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
-    ) -> np.ndarray:
-        """:func:`_mgda_weights_np` on the host copy of the Gram matrix and the losses."""
-        if gram is None:
-            raise RuntimeError("MGDA needs the Gram matrix of the task gradients")
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """:func:`_mgda_weights_np` on the host copy of the Gram matrix and the losses.
+
+        Returns ``(c, {"alpha": alpha, "scales": s})``.
+        """
+        assert gram is not None  # requires_gram: the engine always passes the Gram matrix
         c, alpha, scales = _mgda_weights_np(
-            host_array(gram),
-            host_array(losses),
+            gram,
+            losses,
             normalization=self.normalization,
             normalized_update=self.normalized_update,
             max_iter=self.max_iter,
             tol=self.tol,
         )
-        self._last = {"alpha": alpha, "scales": scales}
-        return c
-
-    def _extras(self) -> dict[str, Any]:
-        return {name: torch.from_numpy(v.copy()) for name, v in self._last.items()}
+        return c, {"alpha": alpha, "scales": scales}

@@ -22,8 +22,9 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, NonFiniteError
 
-from ._host import device_of, host_array, to_torch
-from .mgda import _mgda_weights_np
+from ._host import check_gram, device_of, host_array, to_torch
+from ._min_norm import _min_norm_weights_np
+from ._options import check_choice
 
 __all__ = ["MultiBalance", "multibalance_weights", "update_norm_averages"]
 
@@ -53,9 +54,7 @@ def _check_beta(beta: float) -> float:
 
 
 def _check_strategy(strategy: str) -> str:
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
-    return strategy
+    return check_choice("strategy", strategy, _STRATEGIES)
 
 
 def _check_eps(eps: float) -> float:
@@ -116,15 +115,17 @@ def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
 def _reference(m: np.ndarray, anchor: Anchor) -> np.ndarray:
     """``m_ref`` per block from a ``(blocks, K)`` matrix; 0 where it is undefined."""
     observed = m > 0
+    ref: np.ndarray
     if isinstance(anchor, int):
-        return m[:, anchor].copy()
-    if anchor == "max":
-        return m.max(-1)
-    if anchor == "min":
+        ref = m[:, anchor].copy()
+    elif anchor == "max":
+        ref = m.max(-1)
+    elif anchor == "min":
         lo = np.where(observed, m, math.inf).min(-1)
-        return np.where(np.isinf(lo), 0.0, lo)
-    count = observed.sum(-1)  # None and "mean": mean over the observed tasks
-    return m.sum(-1) / np.maximum(count, 1)
+        ref = np.where(np.isinf(lo), 0.0, lo)
+    else:  # None and "mean": mean over the observed tasks
+        ref = m.sum(-1) / np.maximum(observed.sum(-1), 1)
+    return ref
 
 
 def _multibalance_weights_np(
@@ -200,7 +201,7 @@ def multibalance_weights(
         float64 weights of the shape of ``norms_ma``, on its device (CPU for NumPy input).
     """
     r = _check_relax_factor(relax_factor)
-    strategy = _check_strategy(strategy)
+    checked_strategy = _check_strategy(strategy)
     eps = _check_eps(eps)
     bounds = _check_clamp(clamp)
     device = device_of(norms_ma)
@@ -208,7 +209,7 @@ def multibalance_weights(
     m = _as_matrix(x, "norms_ma")
     anchor = _check_anchor(anchor, m.shape[1])
     w = _multibalance_weights_np(
-        m, relax_factor=r, strategy=strategy, anchor=anchor, eps=eps, clamp=bounds
+        m, relax_factor=r, strategy=checked_strategy, anchor=anchor, eps=eps, clamp=bounds
     )
     return to_torch(w.reshape(x.shape), device)
 
@@ -281,8 +282,7 @@ def _mgda_block(gram: np.ndarray, present: np.ndarray) -> np.ndarray:
     if idx.size == 0:
         return np.full(k, 1.0 / k)
     alpha = np.zeros(k)
-    c, _, _ = _mgda_weights_np(gram[np.ix_(idx, idx)], None)
-    alpha[idx] = c
+    alpha[idx] = _min_norm_weights_np(check_gram(gram[np.ix_(idx, idx)]))
     return alpha
 
 
@@ -377,14 +377,11 @@ class MultiBalance(BalancedOptimizer):
         self.eps = _check_eps(eps)
         self.clamp = _check_clamp(clamp)  # type: ignore[arg-type]
         self.skip_empty = _check_skip_empty(skip_empty)
-        if rule not in _RULES:
-            raise ValueError(f"rule must be one of {_RULES}, got {rule!r}")
-        self.rule = rule
+        self.rule = check_choice("rule", rule, _RULES)
         self.mgda_ema = bool(mgda_ema)
         super().__init__(optimizer, num_tasks, **kwargs)
         self.anchor = _check_anchor(anchor, self.num_tasks)
         self._host_state: dict[str, tuple[Tensor, np.ndarray]] = {}
-        self._last: dict[str, Any] = {}
 
     def _repr_options(self) -> str:
         opts = (
@@ -400,7 +397,6 @@ class MultiBalance(BalancedOptimizer):
         """Forget the moving averages (e.g. before changing the block partition)."""
         self.balancer_state = {}
         self._host_state = {}
-        self._last = {}
 
     # -- state
     # The state lives on the host as float64/int64 NumPy arrays; ``balancer_state`` holds CPU
@@ -413,7 +409,8 @@ class MultiBalance(BalancedOptimizer):
             return None
         cached = getattr(self, "_host_state", {}).get(key)
         if cached is not None and cached[0] is v:
-            return cached[1]
+            value: np.ndarray = cached[1]
+            return value
         return host_array(v, dtype)  # set from outside: one copy
 
     def __getstate__(self) -> dict[str, Any]:
@@ -472,16 +469,16 @@ class MultiBalance(BalancedOptimizer):
     # -- the method
     def _compute_weights(
         self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Steps 1-4 of the class docstring on the host copy of the block Gram matrices.
+
+        Returns ``(weights, extras)``; the extras are copies (they never alias the state).
 
         Host functions: :func:`_update_norm_averages_np`, :func:`_effective_averages`,
         :func:`_multibalance_weights_np` (``rule="magnitude"``) or :func:`_mgda_block` per block
         (``rule="mgda"``). The state is replaced only once the weights are known to be finite.
         """
-        if block_grams is None:
-            raise RuntimeError("MultiBalance needs the per-block Gram matrices")
-        block_grams = host_array(block_grams)
+        assert block_grams is not None  # requires_gram: the engine always passes them
         k = np.shape(losses)[0]
         self.anchor = _check_anchor(self.anchor, k)
         num_blocks = block_grams.shape[0]
@@ -521,9 +518,5 @@ class MultiBalance(BalancedOptimizer):
         if self.rule == "magnitude":
             extras["reference"] = _reference(effective, self.anchor)
         single = num_blocks == 1
-        self._last = {name: v[0] if single else v for name, v in extras.items()}
-        return weights[0].copy() if single else weights.copy()
-
-    def _extras(self) -> dict[str, Any]:
-        # copies: the extras must not alias the state arrays
-        return {name: torch.from_numpy(np.array(v)) for name, v in self._last.items()}
+        out = {name: np.array(v[0] if single else v) for name, v in extras.items()}
+        return (weights[0].copy() if single else weights.copy()), out

@@ -14,6 +14,7 @@ and at the parameter level without materialising any projected gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -24,13 +25,19 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
-from ._host import host_array, to_torch
-from .gradops import DEFAULT_EPS, _as_gram, _check_choice, _check_gram_np, _check_positive
+from ._host import check_gram, host_array, host_gram, to_torch
+from ._options import check_choice, check_positive
+from ._rng import pcg64, rng_from_state, rng_from_torch_state
 
 __all__ = ["PCGrad", "pcgrad_coefficients", "pcgrad_orders", "pcgrad_projections"]
 
 Reduction = Literal["sum", "mean"]
 _REDUCTIONS = ("sum", "mean")
+
+#: default squared-cosine threshold: a conflict counts when ``cos^2(g_i^PC, g_j) > eps``
+DEFAULT_EPS = 1e-30
+#: float64 machine epsilon (2^-52)
+_EPS = float(np.finfo(np.float64).eps)
 
 Orders = (
     np.random.Generator
@@ -111,24 +118,37 @@ def _pcgrad_projections_np(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`pcgrad_projections` on a validated float64 host Gram matrix and normalised orders.
 
-    Returns ``(C, projected)``.
+    Returns ``(C, projected)``. The conflict test of each pair ``(i, j)`` is relative to that
+    pair only (see :func:`pcgrad_projections`), so it does not depend on the other tasks' norms,
+    and its arithmetic is the same for any labelling of the tasks.
     """
     k = m.shape[0]
     diag = np.clip(np.diag(m), 0.0, None)
-    scale = float(diag.max())
-    usable = diag > eps * scale if scale > 0 else np.zeros(k, dtype=bool)
+    norms = np.sqrt(diag)
     coef = np.eye(k)
     projected = np.zeros((k, k), dtype=bool)
+    rounding = 4.0 * k * _EPS
+    root_eps = math.sqrt(eps)
     for i in range(k):
+        if diag[i] == 0.0:
+            continue  # a zero g_i stays zero
         row = coef[i]
         dots = m[i].copy()  # dots[j] = g_i^PC . g_j, updated after every projection
+        n2 = float(diag[i])  # |g_i^PC|^2, updated likewise
+        size = float(norms[i])  # sum_k |C[i, k]| |g_k|: the scale of g_i^PC's round-off
         for j in order[i, 1:].tolist():
-            d = dots[j]
-            if d < 0.0 and usable[j]:
-                step = -d / m[j, j]
-                row[j] += step
-                dots += step * m[j]
-                projected[i, j] = True
+            d = float(dots[j])
+            if not d < 0.0 or diag[j] == 0.0:
+                continue
+            # a conflict: cos^2(g_i^PC, g_j) > eps, and d above the round-off of its terms
+            if -d <= max(root_eps * math.sqrt(n2), rounding * size) * float(norms[j]):
+                continue
+            step = -d / diag[j]
+            row[j] += step
+            dots += step * m[j]
+            n2 = max(n2 - (d / float(norms[j])) ** 2, 0.0)
+            size += abs(step) * float(norms[j])
+            projected[i, j] = True
     return coef, projected
 
 
@@ -138,8 +158,15 @@ def pcgrad_projections(
     """PCGrad's projected gradients as a ``(K, K)`` matrix: ``g_i^PC = sum_k C[i, k] g_k``.
 
     For ``i = 0..K-1``: start from ``C[i] = e_i``; for ``j`` in ``orders[i]`` (``j != i``): if
-    ``d = (C[i] M)_j < 0`` then ``C[i, j] -= d / M_jj``. Tasks with a zero gradient
-    (``M_jj <= eps * max_k M_kk``) are never projected against. Computed on the host
+    ``g_i^PC`` conflicts with ``g_j`` then ``C[i, j] -= d / M_jj`` with ``d = (C[i] M)_j``.
+
+    Conflict test, relative to the pair only (scale-aware: a tiny gradient is projected against
+    like any other, and the result does not depend on the other tasks' norms):
+    ``d < 0``, ``d^2 > eps |g_i^PC|^2 M_jj`` (``cos^2(g_i^PC, g_j) > eps``) and
+    ``-d > 4 K eps_64 (sum_k |C[i, k]| |g_k|) |g_j|`` (``d`` is above the round-off of the
+    products it is made of; ``eps_64 = 2^-52``). A zero gradient (``M_jj = 0``) is never
+    projected against and a zero ``g_i`` stays zero. ``|g_i^PC|^2`` is tracked as
+    ``M_ii - sum d^2 / M_jj`` (exact in exact arithmetic; clipped at 0). Computed on the host
     (:func:`_pcgrad_projections_np`).
 
     Args:
@@ -148,7 +175,8 @@ def pcgrad_projections(
             :func:`pcgrad_orders`), one order of the tasks used for every ``i`` (e.g.
             ``[0, 1, 2]``), or one order per task (``K`` rows). Each row lists every other task
             once; task ``i`` itself may appear (skipped).
-        eps: relative squared-norm threshold for zero-gradient tasks (default ``1e-30``).
+        eps: squared-cosine threshold of the conflict test (default ``1e-30``; ``0`` keeps only
+            the round-off test).
 
     Returns:
         ``(C, info)``: ``C`` float64 ``(K, K)`` on ``gram``'s device; ``info`` has ``orders``
@@ -156,8 +184,8 @@ def pcgrad_projections(
         itself), ``projected`` (bool ``(K, K)``: ``g_i`` was projected against ``g_j``) and
         ``num_projections``.
     """
-    m, device = _as_gram(gram)
-    eps = _check_positive("eps", eps, allow_zero=True)
+    m, device = host_gram(gram)
+    eps = check_positive("eps", eps, allow_zero=True)
     order = _normalise_orders(orders, m.shape[0])
     coef, projected = _pcgrad_projections_np(m, order, eps)
     info: dict[str, Any] = {
@@ -183,16 +211,16 @@ def pcgrad_coefficients(
     Returns:
         float64 ``(K,)`` coefficients on ``gram``'s device.
     """
-    reduction = _check_choice("reduction", reduction, _REDUCTIONS)  # type: ignore[assignment]
-    m, device = _as_gram(gram)
-    eps = _check_positive("eps", eps, allow_zero=True)
+    reduction = check_choice("reduction", reduction, _REDUCTIONS)  # type: ignore[assignment]
+    m, device = host_gram(gram)
+    eps = check_positive("eps", eps, allow_zero=True)
     coef, _ = _pcgrad_projections_np(m, _normalise_orders(orders, m.shape[0]), eps)
     return to_torch(_reduce(coef, reduction), device)
 
 
 def _reduce(coef: np.ndarray, reduction: str) -> np.ndarray:
     """``c = C^T 1`` (``"sum"``) or ``C^T 1 / K`` (``"mean"``)."""
-    c = coef.sum(0)
+    c: np.ndarray = coef.sum(0)
     return c / coef.shape[0] if reduction == "mean" else c
 
 
@@ -220,8 +248,9 @@ class PCGrad(BalancedOptimizer):
         num_tasks: K.
         seed: seed of the order generator (default ``0``).
         reduction: ``"sum"`` (default) or ``"mean"``.
-        eps: relative squared-norm threshold below which a task gradient counts as zero and is
-            never projected against (default ``1e-30``).
+        eps: squared-cosine threshold of the conflict test: ``g_i^PC`` is projected against
+            ``g_j`` when ``cos^2(g_i^PC, g_j) > eps`` (and the conflict is above round-off; see
+            :func:`pcgrad_projections`). Default ``1e-30``.
         **kwargs: options of :class:`mtl.BalancedOptimizer`.
 
     ``BalanceInfo.extras``: ``orders`` (``(K, K)``, row ``i`` = visiting order for task ``i``),
@@ -243,17 +272,16 @@ class PCGrad(BalancedOptimizer):
         **kwargs: Any,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+            raise TypeError(f"seed must be an int, got {seed!r}")
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-        reduction = _check_choice("reduction", reduction, _REDUCTIONS)  # type: ignore[assignment]
-        eps = _check_positive("eps", eps, allow_zero=True)
+        reduction = check_choice("reduction", reduction, _REDUCTIONS)  # type: ignore[assignment]
+        eps = check_positive("eps", eps, allow_zero=True)
         super().__init__(optimizer, num_tasks, **kwargs)
         self.seed = seed
         self.reduction = reduction
         self.eps = eps
-        self.generator = np.random.Generator(np.random.PCG64(seed))
-        self._last: dict[str, Any] = {}
+        self.generator = pcg64(seed)
 
     def _repr_options(self) -> str:
         return f"seed={self.seed}, reduction={self.reduction!r}, {super()._repr_options()}"
@@ -268,55 +296,28 @@ class PCGrad(BalancedOptimizer):
             # a checkpoint of the earlier torch.Generator version: continue deterministically
             # with a PCG64 seeded from that generator (the orders differ from what the torch
             # generator would have drawn)
-            rng = _rng_from_torch_state(gen)
-        elif isinstance(gen, dict) and gen.get("bit_generator") == "PCG64":
-            rng = np.random.Generator(np.random.PCG64())
-            try:
-                rng.bit_generator.state = gen
-            except (TypeError, ValueError, KeyError) as exc:
-                raise ValueError(f"PCGrad state_dict has an invalid PCG64 state: {exc}") from None
+            rng = rng_from_torch_state(gen, "PCGrad")
         elif gen is None:
             raise ValueError("PCGrad state_dict has no generator state")
         else:
-            raise ValueError(
-                "PCGrad state_dict 'generator' must be a numpy PCG64 state dict (or an old "
-                f"torch.Generator state tensor), got {type(gen).__name__}"
-                + (f" for {gen.get('bit_generator')!r}" if isinstance(gen, dict) else "")
-            )
+            rng = rng_from_state(gen, "PCGrad")
         self.seed = int(state.get("seed", self.seed))
         self.generator = rng
 
     def _compute_weights(
         self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None
-    ) -> np.ndarray:
-        """Orders from the host generator, then :func:`_pcgrad_projections_np` on the host Gram."""
-        if gram is None:
-            raise RuntimeError("PCGrad needs the Gram matrix of the task gradients")
-        m = _check_gram_np(host_array(gram))
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Orders from the host generator, then :func:`_pcgrad_projections_np` on the host Gram.
+
+        Returns ``(c, {"orders", "projected", "num_projections"})``.
+        """
+        assert gram is not None  # requires_gram: the engine always passes the Gram matrix
+        m = check_gram(gram)
         order = _normalise_orders(self.generator, m.shape[0])
         coef, projected = _pcgrad_projections_np(m, order, self.eps)
-        self._last = {
-            "orders": order,
-            "projected": projected,
-            "num_projections": int(projected.sum()),
-        }
-        return _reduce(coef, self.reduction)
-
-    def _extras(self) -> dict[str, Any]:
-        return {
-            k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v
-            for k, v in self._last.items()
-        }
+        extras = {"orders": order, "projected": projected, "num_projections": int(projected.sum())}
+        return _reduce(coef, self.reduction), extras
 
 
-def _rng_from_torch_state(state: Tensor) -> np.random.Generator:
-    """A PCG64 generator seeded with 128 bits drawn from a saved ``torch.Generator`` state."""
-    g = torch.Generator()
-    try:
-        g.set_state(state.detach().cpu().to(torch.uint8))
-    except RuntimeError as exc:
-        raise ValueError(
-            f"PCGrad state_dict holds a torch generator state that cannot be restored: {exc}"
-        ) from None
-    words = torch.randint(0, 2**32, (4,), generator=g, dtype=torch.int64).tolist()
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
+#: kept for modules that imported it from here (MARIGOLD): see :func:`balancers._rng.rng_from_torch_state`
+_rng_from_torch_state = rng_from_torch_state

@@ -31,7 +31,10 @@ def balancer_class(name: str) -> type[BalancedOptimizer]:
     if key not in BALANCERS:
         raise ValueError(f"unknown balancer {name!r}; choose from {sorted(BALANCERS)}")
     module, cls = BALANCERS[key].split(":")
-    return getattr(importlib.import_module(module), cls)
+    obj = getattr(importlib.import_module(module), cls)
+    if not (isinstance(obj, type) and issubclass(obj, BalancedOptimizer)):
+        raise TypeError(f"{BALANCERS[key]} is not a BalancedOptimizer subclass")
+    return obj
 
 
 def make_balancer(

@@ -1,7 +1,8 @@
-"""The balancers' math runs on the host: ``_compute_weights``/``_extras`` take float64 NumPy arrays
-(the engine's one device-to-host copy per step), return NumPy float64 weights, and call none of the
-torch functions that synchronise a device (counted with :class:`tests._sync_count.SyncCounter`).
-Each result equals the public pure function's on the same input.
+"""The balancers' math runs on the host: ``_compute_weights`` takes float64 NumPy arrays (the
+engine's one device-to-host copy per step), returns ``(weights, extras)`` with NumPy float64
+weights and no hidden state, and calls none of the torch functions that synchronise a device
+(counted with :class:`tests._sync_count.SyncCounter`). Each result equals the public pure
+function's on the same input.
 """
 
 from __future__ import annotations
@@ -47,15 +48,26 @@ def host_inputs(k: int = K, blocks: int = 2, seed: int = 0, d: int = 6):
     return block_grams.sum(0), rng.uniform(0.1, 2.0, k), block_grams
 
 
+def as_info_extras(raw: dict[str, Any]) -> dict[str, Any]:
+    """What the engine makes of a method's extras: arrays become (copied) host tensors."""
+    return {
+        k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray | np.generic) else v
+        for k, v in raw.items()
+    }
+
+
 def host_step(opt: Any, gram, losses, block_grams) -> tuple[np.ndarray, dict[str, Any]]:
-    """``_compute_weights`` + ``_extras`` under the sync counter: no synchronising call."""
+    """``_compute_weights`` under the sync counter (no synchronising call); the extras as the
+    engine turns them into ``BalanceInfo.extras`` (arrays become host tensors)."""
     with SyncCounter() as sync:
-        w = opt._compute_weights(gram, losses, block_grams)
-        extras = opt._extras()
+        result = opt._compute_weights(gram, losses, block_grams)
     assert sync.count == 0, sync.calls
+    assert isinstance(result, tuple) and len(result) == 2, type(result)
+    w, raw = result
     assert isinstance(w, np.ndarray) and w.dtype == np.float64
     assert np.isfinite(w).all()
-    return w, extras
+    assert not hasattr(opt, "_extras") and not hasattr(opt, "_last")  # no hidden state
+    return w, as_info_extras(raw)
 
 
 # ---------------------------------------------------------------------- the counter itself
@@ -92,7 +104,7 @@ def test_equal_weight_host(weights) -> None:
     want = np.ones(K) if weights is None else np.asarray(weights)
     assert w.shape == (K,) and np.array_equal(w, want) and extras == {}
     w[0] = 7.0  # the returned array is not the balancer's own
-    assert host_step(opt, None, losses, None)[0][0] == want[0]
+    assert host_step(opt, gram, losses, bg)[0][0] == want[0]
 
 
 # ---------------------------------------------------------------------- MGDA

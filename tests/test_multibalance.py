@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from torch import Tensor, nn
 from balancers.equal import EqualWeight
 from balancers.mgda import MGDA, mgda_weights
 from balancers.multibalance import MultiBalance, multibalance_weights, update_norm_averages
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import TinyNet, mlp_net  # noqa: E402
 
 F64 = torch.float64
 
@@ -38,21 +43,9 @@ class _Controlled:
         return z, [a * (z * u).sum() for a, u in zip(norms, self.u)]
 
 
-def _mlp_model(k: int, dtype: torch.dtype = F64, seed: int = 0) -> nn.ModuleDict:
-    torch.manual_seed(seed)
-    trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-    heads = nn.ModuleList(
-        nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)) for _ in range(k)
-    )
-    return nn.ModuleDict({"trunk": trunk, "heads": heads}).to(dtype)
-
-
-def _mlp_losses(model: nn.ModuleDict, x: Tensor, ys: Tensor, scales: list[float]):
-    z = model["trunk"](x)
-    losses = [
-        s * ((head(z).squeeze(-1) - y) ** 2).mean()
-        for s, head, y in zip(scales, model["heads"], ys)
-    ]
+def _mlp_losses(model: TinyNet, x: Tensor, ys: Tensor, scales: list[float]):
+    """``(z, losses)``; ``ys`` is ``(K, B)``."""
+    losses, z = model.losses(x, ys.T, scales)
     return z, losses
 
 
@@ -150,7 +143,7 @@ def test_clamp_bounds_weights() -> None:
 
 # ---------------------------------------------------------------------- plumbing identities
 def test_relax_factor_zero_is_the_plain_sum_bitwise() -> None:
-    model_a = _mlp_model(2, torch.float32)
+    model_a = mlp_net(2, torch.float32)
     model_b = copy.deepcopy(model_a)
     opt_a = MultiBalance(torch.optim.SGD(model_a.parameters(), lr=0.05), relax_factor=0.0)
     opt_b = EqualWeight(torch.optim.SGD(model_b.parameters(), lr=0.05))
@@ -171,10 +164,10 @@ def test_relax_factor_zero_is_the_plain_sum_bitwise() -> None:
 
 @pytest.mark.parametrize("anchor", [None, 0, "max"])
 def test_representation_level_equals_loss_weighting(anchor) -> None:
-    model = _mlp_model(3)
+    model = mlp_net(3)
     opt = MultiBalance(torch.optim.SGD(model.parameters(), lr=0.05), anchor=anchor)
-    trunk = list(model["trunk"].parameters())
-    heads = list(model["heads"].parameters())
+    trunk = list(model.trunk.parameters())
+    heads = list(model.heads.parameters())
     for step in range(4):
         x, ys = _data(3, seed=step)
         opt.zero_grad()
@@ -378,7 +371,7 @@ def test_parameter_level_matches_metabalance(skip_empty, inner) -> None:
 
 # ---------------------------------------------------------------------- checkpointing
 def test_state_dict_round_trip_continues_identically() -> None:
-    model = _mlp_model(3)
+    model = mlp_net(3)
     opt = MultiBalance(torch.optim.Adam(model.parameters(), lr=1e-2), anchor=1)
     batches = [_data(3, seed=40 + s) for s in range(6)]
 
@@ -398,7 +391,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
     assert saved["balancer"]["state"]["norms_ma"].shape == (1, 3)
     w_a = run(model, opt, batches[3:])
 
-    model_b = _mlp_model(3, seed=99)
+    model_b = mlp_net(3, seed=99)
     model_b.load_state_dict(saved_model)
     opt_b = MultiBalance(torch.optim.Adam(model_b.parameters(), lr=1e-2), anchor=1)
     opt_b.load_state_dict(saved)
@@ -414,7 +407,9 @@ def test_nonfinite_loss_is_skipped_without_touching_state() -> None:
     opt = MultiBalance(torch.optim.SGD([c.w], lr=0.1), on_nonfinite="skip")
     z, losses = c.losses([1.0, 2.0])
     opt.backward(losses, representation=z)
+    opt.step()
     before = copy.deepcopy(opt.balancer_state)
+    opt.zero_grad()  # a new step (accumulation window): a skip rolls back to its start
     z, losses = c.losses([1.0, 2.0])
     info = opt.backward([losses[0], losses[1] * float("nan")], representation=z)
     assert info.skipped
@@ -424,7 +419,7 @@ def test_nonfinite_loss_is_skipped_without_touching_state() -> None:
 
 # ---------------------------------------------------------------------- MGDA rule
 def test_mgda_rule_matches_mgda_and_ema() -> None:
-    model = _mlp_model(3)
+    model = mlp_net(3)
     model_b = copy.deepcopy(model)
     opt = MultiBalance(torch.optim.SGD(model.parameters(), lr=0.0), rule="mgda", mgda_ema=True)
     ref = MGDA(torch.optim.SGD(model_b.parameters(), lr=0.0))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from torch import nn
 
 from balancers.gradops import gradops_coefficients
 from balancers.pcgrad import PCGrad, pcgrad_coefficients, pcgrad_orders, pcgrad_projections
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import TinyNet, batch, flat  # noqa: E402
 
 F64 = torch.float64
 PROPS = settings(deadline=None)  # example count: the profile in conftest.py
@@ -177,40 +182,22 @@ def test_bad_arguments_raise():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"seed": -1}, {"seed": 1.5}, {"seed": True}, {"reduction": "max"}, {"eps": -1.0}]
+    ("kwargs", "error"),
+    [
+        ({"seed": -1}, ValueError),
+        ({"seed": 1.5}, TypeError),  # wrong type: TypeError (balancers._options)
+        ({"seed": True}, TypeError),
+        ({"reduction": "max"}, ValueError),
+        ({"reduction": 1}, TypeError),
+        ({"eps": -1.0}, ValueError),
+    ],
 )
-def test_bad_options_raise(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_options_raise(kwargs, error):
+    with pytest.raises(error):
         PCGrad(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), **kwargs)
 
 
 # ---------------------------------------------------------------------- the wrapper
-class TinyNet(nn.Module):
-    def __init__(self, num_tasks: int, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-            for _ in range(num_tasks)
-        )
-
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        z = self.trunk(x)
-        return [((h(z).squeeze(-1) - y[:, k]) ** 2).mean() for k, h in enumerate(self.heads)], z
-
-
-def batch(num_tasks: int, seed: int = 1, size: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(size, 4, generator=gen, dtype=F64)
-    y = torch.randn(size, num_tasks, generator=gen, dtype=F64) * torch.arange(1, num_tasks + 1)
-    return x, y
-
-
-def flat(tensors) -> torch.Tensor:
-    return torch.cat([g.reshape(-1) for g in tensors])
-
-
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_wrapper_representation_level_matches_explicit_projection(k, reduction):
@@ -306,3 +293,59 @@ def test_registry_builds_pcgrad():
 
     opt = make_balancer("pcgrad", torch.optim.SGD(TinyNet(2).parameters(), lr=0.1), 2, seed=3)
     assert isinstance(opt, PCGrad) and opt.seed == 3
+
+
+# ---------------------------------------------------------------------- scale-aware decisions (issue 16)
+def test_tiny_conflicting_gradient_is_projected_exactly() -> None:
+    """Three collinear gradients in R^1; the tiny -1.2e-8 one conflicts with both others, so in
+    exact arithmetic every projection removes everything: d = 0. Before: a gradient with
+    |g|^2 <= 1e-30 max_k |g_k|^2 was never projected against, giving d = 3.2e7 in every order."""
+    import itertools
+
+    g = torch.tensor([[3e7], [2e6], [-1.2e-8]], dtype=F64)
+    for order in itertools.permutations(range(3)):
+        c = pcgrad_coefficients(gram(g), list(order))
+        d = float(c @ g[:, 0])
+        size = float(c.abs() @ g.abs()[:, 0])  # the scale of d's round-off
+        assert abs(d) <= 1e-14 * size, (order, d)
+        assert size < 1e8  # not a blow-up: coefficients stay O(1) relative to the gradients
+
+
+def test_conflict_test_depends_on_the_pair_only() -> None:
+    """Adding a huge gradient orthogonal to the others changes nothing among them (before: it
+    raised max_k |g_k|^2 and made the small gradients count as zero)."""
+    small = torch.tensor([[1.0, 0.0, 0.0], [-1e-9, 1e-9, 0.0]], dtype=F64)
+    big = torch.tensor([[0.0, 0.0, 1e12]], dtype=F64)
+    g = torch.cat([small, big])
+    for orders in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        coef, info = pcgrad_projections(gram(g), orders)
+        sub_orders = [o for o in orders if o != 2]
+        coef_small, _ = pcgrad_projections(gram(small), sub_orders)
+        torch.testing.assert_close(coef[:2, :2], coef_small, rtol=1e-12, atol=0)
+        assert info["projected"][0, 1] and info["projected"][1, 0]
+        assert not info["projected"][:, 2].any() and not info["projected"][2].any()
+
+
+@PROPS
+@given(
+    k=st.integers(2, 6),
+    d=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+    log_scale=st.sampled_from([0.0, 4.0, 8.0]),
+    data=st.data(),
+)
+def test_relabelling_the_tasks_relabels_the_result(k, d, seed, log_scale, data):
+    """Relabel the tasks (and the orders with them) in the same Gram matrix: the coefficients
+    are relabelled, bit for bit. No decision uses a quantity that depends on the labels."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(k, d, generator=gen, dtype=F64)
+    g = g * torch.exp(log_scale * torch.randn(k, 1, generator=gen, dtype=F64))
+    orders = np.array([data.draw(st.permutations(list(range(k)))) for _ in range(k)])
+    perm = np.array(data.draw(st.permutations(list(range(k)))))
+    inv = np.argsort(perm)
+    m = gram(g)
+    coef, _ = pcgrad_projections(m, orders)
+    # task i of the relabelled problem is task perm[i]; its order lists new labels inv[j]
+    new_orders = inv[orders[perm]]
+    coef_p, _ = pcgrad_projections(m[perm][:, perm], new_orders)
+    assert torch.equal(coef_p, coef[perm][:, perm])

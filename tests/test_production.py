@@ -62,7 +62,7 @@ def _backward(opt: Any, model: SharedBottom, x: Features, ys: list[torch.Tensor]
     out = model(x)
     losses = _losses(out.task_outputs, ys)
     kwargs: dict[str, Any] = {}
-    if type(opt).__name__ == "MARIGOLD":
+    if opt.needs_closure:  # MARIGOLD: re-evaluates the losses
         if level == "representation":
             kwargs["closure"] = lambda z: _losses(out.heads(z), ys)
         else:
