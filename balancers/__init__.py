@@ -8,33 +8,57 @@ Every class subclasses :class:`mtl.BalancedOptimizer` and is used the same way::
 """
 
 from ._min_norm import min_norm_weights, project_simplex
+from .dwa import DWA, dwa_weights
 from .equal import EqualWeight
+from .famo import FAMO, famo_logit_gradient, famo_update, famo_weights
+from .gls import GLS, gls_weights
+from .gradnorm import GradNorm, gradnorm_step
 from .gradops import GradOPS, gradops_coefficients, gradops_projections, gradops_tradeoff_weights
 from .marigold import MARIGOLD
 from .mgda import MGDA, mgda_weights
 from .multibalance import MultiBalance, multibalance_weights, update_norm_averages
+from .multibalance_s import MultiBalanceS, multibalance_s_step
 from .pcgrad import PCGrad, pcgrad_coefficients, pcgrad_orders, pcgrad_projections
 from .regularizers import LSPR, SCR, PerturbationRegularizer
+from .rlw import RLW, rlw_weights
+from .uw import UW, uw_coefficients, uw_gradient
 
 __all__ = [
+    "DWA",
+    "EqualWeight",
+    "FAMO",
+    "GLS",
+    "GradNorm",
+    "GradOPS",
     "LSPR",
     "MARIGOLD",
     "MGDA",
-    "SCR",
-    "EqualWeight",
-    "GradOPS",
     "MultiBalance",
+    "MultiBalanceS",
     "PCGrad",
     "PerturbationRegularizer",
+    "RLW",
+    "SCR",
+    "UW",
+    "dwa_weights",
+    "famo_logit_gradient",
+    "famo_update",
+    "famo_weights",
+    "gls_weights",
+    "gradnorm_step",
     "gradops_coefficients",
     "gradops_projections",
     "gradops_tradeoff_weights",
     "mgda_weights",
     "min_norm_weights",
+    "multibalance_s_step",
     "multibalance_weights",
     "pcgrad_coefficients",
     "pcgrad_orders",
     "pcgrad_projections",
     "project_simplex",
+    "rlw_weights",
     "update_norm_averages",
+    "uw_coefficients",
+    "uw_gradient",
 ]

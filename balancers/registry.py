@@ -9,7 +9,7 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
-__all__ = ["BALANCERS", "balancer_class", "make_balancer"]
+__all__ = ["BALANCERS", "GROUPS", "balancer_class", "make_balancer"]
 
 #: name -> "module:Class" (imported lazily)
 BALANCERS: dict[str, str] = {
@@ -19,9 +19,33 @@ BALANCERS: dict[str, str] = {
     "gradops": "balancers.gradops:GradOPS",
     "pcgrad": "balancers.pcgrad:PCGrad",
     "marigold": "balancers.marigold:MARIGOLD",
+    # baselines users compare against (issue 17)
+    "uw": "balancers.uw:UW",
+    "dwa": "balancers.dwa:DWA",
+    "rlw": "balancers.rlw:RLW",
+    "gls": "balancers.gls:GLS",
+    "famo": "balancers.famo:FAMO",
+    "gradnorm": "balancers.gradnorm:GradNorm",
+    "multibalance_s": "balancers.multibalance_s:MultiBalanceS",
 }
 
-_ALIASES = {"equalweight": "equal", "ew": "equal", "mgda-ub": "mgda", "mgda_ub": "mgda"}
+#: named groups for the experiments' ``--balancers`` (``all`` = every registered balancer)
+GROUPS: dict[str, tuple[str, ...]] = {
+    "core": ("equal", "mgda", "multibalance", "gradops", "pcgrad", "marigold"),
+    "loss": ("uw", "dwa", "rlw", "gls", "famo"),
+    "baselines": (
+        "uw", "dwa", "rlw", "gls", "famo", "gradnorm", "imtlg", "cagrad", "nashmtl",
+        "alignedmtl", "upgrad", "multibalance_s",
+    ),
+}  # fmt: skip
+
+_ALIASES = {
+    "equalweight": "equal",
+    "ew": "equal",
+    "mgda-ub": "mgda",
+    "mgda_ub": "mgda",
+    "multibalance-s": "multibalance_s",
+}
 
 
 def balancer_class(name: str) -> type[BalancedOptimizer]:

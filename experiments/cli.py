@@ -170,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="every balancer side by side over seeds", **task_cmd)
     _common(p)
     p.add_argument(
-        "--balancers", default="all",
-        help="'all' (unavailable ones are skipped) or a comma-separated list",
+        "--balancers", default="core",
+        help="a comma-separated list of balancers and groups: 'core' (default: the six "
+        "methods of the toolkit), 'loss', 'baselines', 'all' (every registered balancer; "
+        "unavailable ones are skipped)",
     )  # fmt: skip
     p.add_argument("--seeds", type=int, help="number of seeds (default: the config's)")
     p.add_argument("--first-seed", type=int, default=0)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from balancers.registry import BALANCERS, balancer_class, make_balancer
+from balancers.registry import BALANCERS, GROUPS, balancer_class, make_balancer
 from mtl import BalancedOptimizer
 from mtl.models import build_model
 from mtl.train import fit
@@ -72,9 +72,11 @@ def balancer_status(name: str) -> str | None:
 def resolve_balancers(spec: str | Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """Balancer names to run and the unavailable ones (``{name: reason}``).
 
-    ``"all"`` means every registered balancer; balancers whose module cannot be imported are
-    then returned as unavailable (the caller reports and skips them). Explicitly named
-    balancers must exist and import, else :class:`BalancerError`.
+    ``"all"`` means every registered balancer, and a group name (``balancers.registry.GROUPS``:
+    ``core``, ``loss``, ``baselines``) its members; balancers brought in that way whose module
+    cannot be imported (or that are not registered) are returned as unavailable (the caller
+    reports and skips them). Explicitly named balancers must exist and import, else
+    :class:`BalancerError`.
     """
     if isinstance(spec, str):
         items = [s for s in (x.strip() for x in spec.split(",")) if s]
@@ -82,10 +84,15 @@ def resolve_balancers(spec: str | Sequence[str]) -> tuple[list[str], dict[str, s
         items = [str(s).strip() for s in spec]
     if not items:
         raise BalancerError("no balancer given")
-    want_all = any(s.lower() == "all" for s in items)
-    # (name, strict): balancers brought in by "all" may be missing; named ones may not
-    candidates = [(b, False) for b in BALANCERS] if want_all else []
-    candidates += [(s, True) for s in items if s.lower() != "all"]
+    # (name, strict): balancers brought in by "all" or a group may be missing; named ones may not
+    candidates: list[tuple[str, bool]] = []
+    for s in items:
+        if s.lower() == "all":
+            candidates += [(b, False) for b in BALANCERS]
+        elif s.lower() in GROUPS:
+            candidates += [(b, False) for b in GROUPS[s.lower()]]
+        else:
+            candidates.append((s, True))
     names: list[str] = []
     unavailable: dict[str, str] = {}
     for raw, strict in candidates:

@@ -113,6 +113,10 @@ class BalancedOptimizer(Optimizer):
     #: whether ``backward`` takes a ``closure`` that re-evaluates the losses (MARIGOLD, FAMO):
     #: training loops pass one when this is set, instead of inspecting the signature.
     needs_closure: ClassVar[bool] = False
+    #: with ``needs_closure``: ``True`` when the closure re-runs the whole model on the batch and
+    #: takes no argument at both levels (FAMO); ``False`` when, at the representation level, it
+    #: maps a (shifted) representation to the losses (MARIGOLD).
+    closure_reruns_model: ClassVar[bool] = False
     #: whether the constructor takes a ``seed`` (methods that draw random numbers).
     accepts_seed: ClassVar[bool] = False
     #: ``False`` for loss-level methods (UW, DWA, RLW, GLS, FAMO): their weights are a function

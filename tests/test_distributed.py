@@ -66,10 +66,15 @@ def _run(model: nn.Module, name: str, level: str, x: torch.Tensor, y: torch.Tens
         z, outs = model(x)
         losses = [nn.functional.mse_loss(o, y[:, k]) for k, o in enumerate(outs)]
         opt.zero_grad()
+        extra: dict[str, Any] = {}
+        if opt.needs_closure and opt.closure_reruns_model:  # FAMO: the losses after the update
+            extra["closure"] = lambda: [
+                nn.functional.mse_loss(o, y[:, k]) for k, o in enumerate(model(x)[1])
+            ]
         if level == "representation":
-            info = opt.backward(losses, representation=z)
+            info = opt.backward(losses, representation=z, **extra)
         else:
-            info = opt.backward(losses, shared_parameters=list(core.trunk.parameters()))
+            info = opt.backward(losses, shared_parameters=list(core.trunk.parameters()), **extra)
         opt.step()
         weights.append(info.weights.clone())
     params = {n: p.detach().clone() for n, p in core.named_parameters()}

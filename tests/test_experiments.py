@@ -94,8 +94,9 @@ def test_compare_synthetic_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_compare_all_skips_unavailable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("multibalance", "gradops", "pcgrad", "marigold"):  # keep the run short
-        monkeypatch.delitem(registry.BALANCERS, name)
+    for name in list(registry.BALANCERS):  # keep the run short
+        if name not in ("equal", "mgda"):
+            monkeypatch.delitem(registry.BALANCERS, name)
     monkeypatch.setitem(registry.BALANCERS, "notyet", "balancers.notyet:NotYet")
     out = tmp_path / "all"
     rc = main(["compare", "--task", "synthetic", "--balancers", "all", "--seeds", "1",

@@ -62,8 +62,8 @@ def _backward(opt: Any, model: SharedBottom, x: Features, ys: list[torch.Tensor]
     out = model(x)
     losses = _losses(out.task_outputs, ys)
     kwargs: dict[str, Any] = {}
-    if opt.needs_closure:  # MARIGOLD: re-evaluates the losses
-        if level == "representation":
+    if opt.needs_closure:  # MARIGOLD, FAMO: re-evaluate the losses
+        if level == "representation" and not opt.closure_reruns_model:
             kwargs["closure"] = lambda z: _losses(out.heads(z), ys)
         else:
             kwargs["closure"] = lambda: _losses(model(x).task_outputs, ys)

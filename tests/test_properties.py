@@ -241,12 +241,46 @@ def _multibalance(g: np.ndarray, data: st.DataObject) -> None:
     np.testing.assert_allclose(relabelled("multibalance", m, perm), w, rtol=1e-12, atol=0)
 
 
+def _gradnorm(g: np.ndarray, data: st.DataObject) -> None:
+    """GradNorm: the applied weights are positive and sum to K; the next ones too (over two
+    calls with changing losses); relabelling the tasks relabels the weights."""
+    m = gram(g)
+    k = m.shape[0]
+    losses = 10.0 ** np.array(data.draw(st.lists(st.floats(-3, 3), min_size=k, max_size=k)))
+    opt = make("gradnorm", k)
+    weights_of(opt, m, losses)
+    w, extras = weights_of(opt, m, losses * 0.5)
+    for v in (w, np.asarray(extras["next_weights"])):
+        assert (v > 0).all() and abs(float(v.sum()) - k) <= 1e-9 * k, v
+    perm = np.array(data.draw(st.permutations(range(k))))
+    other = make("gradnorm", k)
+    weights_of(other, permute_gram(m, perm), losses[perm])
+    w_perm, _ = weights_of(other, permute_gram(m, perm), losses[perm] * 0.5)
+    np.testing.assert_allclose(w_perm, w[perm], rtol=1e-9, atol=1e-12)
+
+
+def _multibalance_s(g: np.ndarray, data: st.DataObject) -> None:
+    """The [S] variant: lambda stays on the simplex; c_k = lambda_k u_k / |h_k| >= 0, zero for
+    a zero gradient."""
+    m = gram(g)
+    k = m.shape[0]
+    opt = make("multibalance_s", k)
+    for _ in range(3):
+        c, _ = weights_of(opt, m, np.ones(k))
+    lam = np.asarray(opt.balancer_state["lam"], dtype=np.float64)
+    assert_on_simplex(lam, atol=1e-9)  # the projection of a step of size |DMD| ~ 1e4 rounds
+    assert (c >= 0).all(), c
+    assert (c[np.diag(m) == 0] == 0).all(), c
+
+
 #: registry name -> the documented guarantee (checked on every example)
 GUARANTEES: dict[str, Callable[[np.ndarray, st.DataObject], None]] = {
     "mgda": _mgda,
     "gradops": _gradops,
     "pcgrad": _pcgrad,
     "multibalance": _multibalance,
+    "gradnorm": _gradnorm,
+    "multibalance_s": _multibalance_s,
 }
 
 

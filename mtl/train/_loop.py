@@ -209,9 +209,11 @@ class _Run:
             else {"shared_parameters": self.shared}
         )
         if rng_state is not None:
+            # FAMO re-runs the model at both levels; MARIGOLD maps a shifted representation
+            reruns = type(self.optimizer).closure_reruns_model
             kwargs["closure"] = make_closure(
-                self.opts.train.level, self.losses, out, features, targets, rng_state,
-                self.rng_devices,
+                "parameters" if reruns else self.opts.train.level, self.losses, out, features,
+                targets, rng_state, self.rng_devices,
             )  # fmt: skip
         if log.before_backward is not None:
             log.before_backward(self.state.step + 1, losses, out)
