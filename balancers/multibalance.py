@@ -455,9 +455,19 @@ class MultiBalance(BalancedOptimizer):
             m = state["norms_ma"]
             if not isinstance(m, Tensor) or m.dim() != 2:
                 raise ValueError("MultiBalance state 'norms_ma' must be a (blocks, K) tensor")
+            if self.num_tasks is not None and m.shape[1] != self.num_tasks:
+                raise ValueError(
+                    f"MultiBalance state 'norms_ma' is for {m.shape[1]} tasks, this optimizer "
+                    f"has num_tasks={self.num_tasks}"
+                )
+            if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+                raise ValueError("MultiBalance state 'norms_ma' must be finite and >= 0")
             n = state.get("num_updates")
             if n is not None and (not isinstance(n, Tensor) or n.shape != m.shape):
                 raise ValueError("MultiBalance state 'num_updates' must match 'norms_ma'")
+            a = state.get("alpha_ema")
+            if a is not None and (not isinstance(a, Tensor) or a.shape != m.shape):
+                raise ValueError("MultiBalance state 'alpha_ema' must match 'norms_ma'")
         dtypes = {"norms_ma": np.float64, "num_updates": np.int64, "alpha_ema": np.float64}
         if set(state) <= set(dtypes) and all(isinstance(v, Tensor) for v in state.values()):
             # the host copy is made here, once, not in the next step

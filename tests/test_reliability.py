@@ -223,11 +223,7 @@ def test_load_state_dict_missing_keys_are_named() -> None:
     "name, corrupt",
     [
         ("pcgrad", lambda st: st.update(generator="not a generator state")),
-        pytest.param(
-            "multibalance",
-            lambda st: st.update({k: torch.zeros(7, 2) for k in st}),
-            marks=pytest.mark.xfail(strict=True, reason="MultiBalance shape validation at load"),
-        ),
+        ("multibalance", lambda st: st.update({k: torch.zeros(7, 2) for k in st})),
     ],
     ids=["pcgrad-generator", "multibalance-shapes"],
 )
