@@ -27,6 +27,11 @@ BALANCERS: dict[str, str] = {
     "famo": "balancers.famo:FAMO",
     "gradnorm": "balancers.gradnorm:GradNorm",
     "multibalance_s": "balancers.multibalance_s:MultiBalanceS",
+    "imtlg": "balancers.imtlg:IMTLG",
+    "cagrad": "balancers.cagrad:CAGrad",
+    "nashmtl": "balancers.nashmtl:NashMTL",
+    "alignedmtl": "balancers.alignedmtl:AlignedMTL",
+    "upgrad": "balancers.upgrad:UPGrad",
 }
 
 #: named groups for the experiments' ``--balancers`` (``all`` = every registered balancer)
@@ -45,6 +50,9 @@ _ALIASES = {
     "mgda-ub": "mgda",
     "mgda_ub": "mgda",
     "multibalance-s": "multibalance_s",
+    "imtl-g": "imtlg",
+    "nash-mtl": "nashmtl",
+    "aligned-mtl": "alignedmtl",
 }
 
 

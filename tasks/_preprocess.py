@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +40,7 @@ __all__ = [
     "encode_strings",
     "gc_paused",
     "category_ids",
+    "category_id_matrix",
     "numeric_values",
     "standardize",
 ]
@@ -167,6 +168,29 @@ def category_ids(
     lut[kept] = np.arange(1, len(kept) + 1)
     ids = lut[col.codes] if v else np.zeros(len(col), dtype=np.int64)
     return ids, [col.vocab[i] for i in kept]
+
+
+def category_id_matrix(
+    table: Mapping[str, RawColumn],
+    columns: Sequence[str],
+    train_rows: np.ndarray,
+    missing: Iterable[str] = DEFAULT_MISSING,
+) -> tuple[np.ndarray | None, dict[str, list[str]]]:
+    """:func:`category_ids` of each of ``columns`` of ``table``, stacked.
+
+    Returns:
+        ``(ids, categories)``: int64 ids ``(N, len(columns))`` (``None`` when ``columns`` is
+        empty) and the category list of each column.
+    """
+    categories: dict[str, list[str]] = {}
+    if not columns:
+        return None, categories
+    ids = []
+    for c in columns:
+        col_ids, cats = category_ids(table[c], train_rows, missing)
+        ids.append(col_ids)
+        categories[c] = cats
+    return np.stack(ids, axis=1), categories
 
 
 def numeric_values(

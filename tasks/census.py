@@ -52,7 +52,7 @@ import os
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -67,8 +67,9 @@ from ._data import (
 )
 from ._preprocess import (
     ColumnEncoder,
+    Locate,
     RawColumn,
-    category_ids,
+    category_id_matrix,
     gc_paused,
     numeric_values,
     standardize,
@@ -416,6 +417,119 @@ def _subsample_rows(n: int, subsample: float | int | None, rng: np.random.Genera
     return np.sort(rng.choice(n, size=m, replace=False))
 
 
+class _Table(NamedTuple):
+    """The rows to load, their labels, split and provenance."""
+
+    table: dict[str, RawColumn]
+    y: np.ndarray
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray]
+    files: dict[str, str]
+    locate: Locate
+
+
+def _check_options(
+    protocol: str, max_rows: int | None, valid_fraction: float, drop_columns: Sequence[str]
+) -> None:
+    """Check the options of :func:`load_census` other than the group and the files."""
+    if protocol not in ("auto", "resplit", "canonical"):
+        raise ValueError(f"protocol must be 'auto', 'resplit' or 'canonical', got {protocol!r}")
+    if max_rows is not None and int(max_rows) < 1:
+        raise ValueError(f"max_rows must be positive, got {max_rows}")
+    if not 0 < float(valid_fraction) < 1:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    unknown = [c for c in drop_columns if c not in CENSUS_COLUMNS]
+    if unknown:
+        raise ValueError(f"drop_columns: unknown columns {unknown}")
+
+
+def _canonical_table(
+    train_file: Path,
+    main_file: Path,
+    task_names: Sequence[str],
+    seed: int,
+    valid_fraction: float,
+    max_rows: int | None,
+    subsample: float | int | None,
+    rng: np.random.Generator,
+) -> _Table:
+    """The training file (split into train and valid) followed by the test file."""
+    tab_tr, n_tr = _read_table(train_file, max_rows)
+    tab_te, n_te = _read_table(main_file, max_rows)
+    rows_tr = _subsample_rows(n_tr, subsample, rng)
+    rows_te = _subsample_rows(n_te, subsample, rng)
+    table = {c: _concat(tab_tr[c].take(rows_tr), tab_te[c].take(rows_te)) for c in CENSUS_COLUMNS}
+    n_tr, n_te = len(rows_tr), len(rows_te)
+    y = _labels(table, task_names)
+    vf = float(valid_fraction)
+    tr, va = stratified_split(y[:n_tr], (1.0 - vf, vf), seed)
+    te = np.arange(n_tr, n_tr + n_te)
+    files = {"train": str(train_file), "test": str(main_file)}
+
+    def locate(r: int) -> str:
+        if r < n_tr:
+            return f"{train_file}: data row {int(rows_tr[r]) + 1}"
+        return f"{main_file}: data row {int(rows_te[r - n_tr]) + 1}"
+
+    return _Table(table, y, (tr, va, te), files, locate)
+
+
+def _resplit_table(
+    main_file: Path,
+    task_names: Sequence[str],
+    seed: int,
+    fractions: Sequence[float],
+    max_rows: int | None,
+    subsample: float | int | None,
+    rng: np.random.Generator,
+) -> _Table:
+    """One file, stratified into train/valid/test ``fractions``."""
+    tab, n_all = _read_table(main_file, max_rows)
+    rows = _subsample_rows(n_all, subsample, rng)
+    table = tab if len(rows) == n_all else {c: tab[c].take(rows) for c in CENSUS_COLUMNS}
+    y = _labels(table, task_names)
+    tr, va, te = stratified_split(y, fractions, seed)
+    files = {"data": str(main_file)}
+
+    def locate(r: int) -> str:
+        return f"{main_file}: data row {int(rows[r]) + 1}"
+
+    return _Table(table, y, (tr, va, te), files, locate)
+
+
+def _input_columns(
+    task_names: Sequence[str], drop_columns: Sequence[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """``(dropped, numeric, categorical)`` column lists."""
+    dropped = list(_ALWAYS_DROPPED)
+    for t in task_names:
+        dropped += [c for c in _TASK_DROPS[t] if c not in dropped]
+    dropped += [c for c in drop_columns if c not in dropped]
+    inputs = [c for c in CENSUS_COLUMNS if c not in dropped]
+    num_cols = [c for c in inputs if c in NUMERIC_COLUMNS]
+    cat_cols = [c for c in inputs if c not in NUMERIC_COLUMNS]
+    return dropped, num_cols, cat_cols
+
+
+def _numeric_features(
+    table: dict[str, RawColumn],
+    num_cols: list[str],
+    log_money: bool,
+    tr: np.ndarray,
+    locate: Locate,
+) -> tuple[torch.Tensor | None, np.ndarray, np.ndarray]:
+    """Standardized numeric features (``None`` without numeric columns), train mean and std;
+    :data:`LOG_COLUMNS` are log-transformed first when ``log_money``."""
+    if not num_cols:
+        return None, np.zeros(0), np.zeros(0)
+    raw_num = np.stack([numeric_values(table[c], c, locate=locate) for c in num_cols], axis=1)
+    if log_money:
+        for j, c in enumerate(num_cols):
+            if c in LOG_COLUMNS:
+                raw_num[:, j] = np.sign(raw_num[:, j]) * np.log1p(np.abs(raw_num[:, j]))
+    x_num, mean, std = standardize(raw_num, tr, num_cols, locate)
+    return torch.from_numpy(x_num), mean, std
+
+
 def load_census(
     group: int | str | Sequence[str] = 2,
     path: str | os.PathLike[str] | None = None,
@@ -464,15 +578,7 @@ def load_census(
             corrupted gzip file, a bad numeric cell; the message names the file.
     """
     task_names, group_label = _resolve_group(group)
-    if protocol not in ("auto", "resplit", "canonical"):
-        raise ValueError(f"protocol must be 'auto', 'resplit' or 'canonical', got {protocol!r}")
-    if max_rows is not None and int(max_rows) < 1:
-        raise ValueError(f"max_rows must be positive, got {max_rows}")
-    if not 0 < float(valid_fraction) < 1:
-        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
-    unknown = [c for c in drop_columns if c not in CENSUS_COLUMNS]
-    if unknown:
-        raise ValueError(f"drop_columns: unknown columns {unknown}")
+    _check_options(protocol, max_rows, valid_fraction, drop_columns)
     main_file, train_file = resolve_census_files(path, train_path)
     if protocol == "canonical" and train_file is None:
         raise FileNotFoundError(
@@ -481,66 +587,19 @@ def load_census(
         )
     use_canonical = train_file is not None and protocol != "resplit"
     rng = np.random.default_rng(seed)
-
     if use_canonical:
         assert train_file is not None
-        tab_tr, n_tr = _read_table(train_file, max_rows)
-        tab_te, n_te = _read_table(main_file, max_rows)
-        rows_tr = _subsample_rows(n_tr, subsample, rng)
-        rows_te = _subsample_rows(n_te, subsample, rng)
-        table = {
-            c: _concat(tab_tr[c].take(rows_tr), tab_te[c].take(rows_te)) for c in CENSUS_COLUMNS
-        }
-        n_tr, n_te = len(rows_tr), len(rows_te)
-        y = _labels(table, task_names)
-        vf = float(valid_fraction)
-        tr, va = stratified_split(y[:n_tr], (1.0 - vf, vf), seed)
-        te = np.arange(n_tr, n_tr + n_te)
-        files = {"train": str(train_file), "test": str(main_file)}
-
-        def locate(r: int) -> str:
-            if r < n_tr:
-                return f"{train_file}: data row {int(rows_tr[r]) + 1}"
-            return f"{main_file}: data row {int(rows_te[r - n_tr]) + 1}"
-
+        loaded = _canonical_table(
+            train_file, main_file, task_names, seed, valid_fraction, max_rows, subsample, rng
+        )
     else:
-        tab, n_all = _read_table(main_file, max_rows)
-        rows = _subsample_rows(n_all, subsample, rng)
-        table = tab if len(rows) == n_all else {c: tab[c].take(rows) for c in CENSUS_COLUMNS}
-        y = _labels(table, task_names)
-        tr, va, te = stratified_split(y, fractions, seed)
-        files = {"data": str(main_file)}
+        loaded = _resplit_table(main_file, task_names, seed, fractions, max_rows, subsample, rng)
+    table, y, (tr, va, te), files, locate = loaded
 
-        def locate(r: int) -> str:
-            return f"{main_file}: data row {int(rows[r]) + 1}"
-
-    dropped = list(_ALWAYS_DROPPED)
-    for t in task_names:
-        dropped += [c for c in _TASK_DROPS[t] if c not in dropped]
-    dropped += [c for c in drop_columns if c not in dropped]
-    inputs = [c for c in CENSUS_COLUMNS if c not in dropped]
-    num_cols = [c for c in inputs if c in NUMERIC_COLUMNS]
-    cat_cols = [c for c in inputs if c not in NUMERIC_COLUMNS]
-
-    x_num_t = None
-    mean = std = np.zeros(0)
-    if num_cols:
-        raw_num = np.stack([numeric_values(table[c], c, locate=locate) for c in num_cols], axis=1)
-        if log_money:
-            for j, c in enumerate(num_cols):
-                if c in LOG_COLUMNS:
-                    raw_num[:, j] = np.sign(raw_num[:, j]) * np.log1p(np.abs(raw_num[:, j]))
-        x_num, mean, std = standardize(raw_num, tr, num_cols, locate)
-        x_num_t = torch.from_numpy(x_num)
-    categories: dict[str, list[str]] = {}
-    x_cat_t = None
-    if cat_cols:
-        ids = []
-        for c in cat_cols:
-            col_ids, cats = category_ids(table[c], tr)
-            ids.append(col_ids)
-            categories[c] = cats
-        x_cat_t = torch.from_numpy(np.stack(ids, axis=1))
+    dropped, num_cols, cat_cols = _input_columns(task_names, drop_columns)
+    x_num_t, mean, std = _numeric_features(table, num_cols, log_money, tr, locate)
+    x_cat, categories = category_id_matrix(table, cat_cols, tr)
+    x_cat_t = None if x_cat is None else torch.from_numpy(x_cat)
     schema = FeatureSchema(num_cols, cat_cols, [len(categories[c]) + 1 for c in cat_cols])
     specs = [TaskSpec(t, "binary") for t in task_names]
     full = TabularDataset(x_num_t, x_cat_t, torch.from_numpy(y), schema, specs)

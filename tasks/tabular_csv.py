@@ -52,14 +52,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._data import DataError, DataSplits, FeatureSchema, TabularDataset, TaskSpec, stratified_split
+from ._data import (
+    DataError,
+    DataSplits,
+    FeatureSchema,
+    TabularDataset,
+    TaskKind,
+    TaskSpec,
+    stratified_split,
+)
 from ._preprocess import (
     DEFAULT_MISSING,
     FLOAT32_MAX,
     InvalidNumbers,
     Locate,
     RawColumn,
-    category_ids,
+    category_id_matrix,
     encode_strings,
     gc_paused,
     numeric_values,
@@ -402,6 +410,214 @@ def _column_list(value: object, what: str) -> list[str]:
     return list(value)
 
 
+def _checked_options(
+    path: str | os.PathLike[str],
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    tasks: Mapping[str, TaskDefinition],
+    task_kinds: Mapping[str, str] | None,
+    invalid_numbers: InvalidNumbers,
+    fractions: Sequence[float],
+) -> tuple[Path, list[str], list[str], dict[str, str]]:
+    """The file, the numeric and categorical column lists and the task-kind overrides, after
+    checking the options of :func:`load_csv`."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"CSV file not found: {str(path)!r}")
+    numeric_cols = _column_list(numeric, "numeric")
+    categorical_cols = _column_list(categorical, "categorical")
+    if not isinstance(tasks, Mapping):
+        raise DataError(f"tasks must map task names to definitions, got {tasks!r}")
+    if not tasks:
+        raise DataError("tasks must define at least one task")
+    if invalid_numbers not in ("error", "missing"):
+        raise DataError(f"invalid_numbers must be 'error' or 'missing', got {invalid_numbers!r}")
+    kinds = dict(task_kinds or {})
+    unknown = sorted(set(kinds) - set(tasks))
+    if unknown:
+        raise DataError(f"task_kinds names unknown tasks {unknown}; tasks are {list(tasks)}")
+    bad_kinds = {k: v for k, v in kinds.items() if v not in ("binary", "regression")}
+    if bad_kinds:
+        raise DataError(f"task_kinds values must be 'binary' or 'regression', got {bad_kinds}")
+    if len(list(fractions)) != 3:
+        raise DataError(f"fractions must be (train, valid, test), got {list(fractions)}")
+    return p, numeric_cols, categorical_cols, kinds
+
+
+def _row_locator(p: Path, line_of: np.ndarray) -> Locate:
+    """Data row index -> ``"<file>: line L (data row R)"``."""
+
+    def locate(row: int) -> str:
+        return f"{p}: line {int(line_of[row])} (data row {row + 1})"
+
+    return locate
+
+
+def _task_expressions(
+    p: Path, header: list[str], features: list[str], tasks: Mapping[str, TaskDefinition]
+) -> dict[str, TaskExpression | None]:
+    """Task name -> its parsed expression (``None`` for a callable), after checking that the
+    feature and label columns are in the header and that no label column is a feature."""
+    missing_cols = [c for c in features if c not in header]
+    if missing_cols:
+        raise DataError(f"{p}: feature columns {missing_cols} not in the header {header}")
+    exprs: dict[str, TaskExpression | None] = {}
+    for tname, definition in tasks.items():
+        if callable(definition):
+            exprs[tname] = None
+            continue
+        try:
+            ex = parse_task_expression(definition, header)
+        except ValueError as e:
+            raise DataError(f"{p}: task {tname!r}: {e}") from None
+        if ex.column not in header:
+            raise DataError(
+                f"{p}: task {tname!r}: column {ex.column!r} (from {definition!r}) is not in the "
+                f"header {header}"
+            )
+        if ex.column in features:
+            raise DataError(
+                f"{p}: task {tname!r}: its label column {ex.column!r} is also an input feature "
+                f"(label leakage); remove it from numeric/categorical"
+            )
+        exprs[tname] = ex
+    return exprs
+
+
+def _raw_columns(
+    header: list[str],
+    rows: list[list[str]],
+    features: list[str],
+    exprs: Mapping[str, TaskExpression | None],
+) -> dict[str, RawColumn]:
+    """The columns the features and tasks use (every column when a task is a callable)."""
+    used = set(features) | {ex.column for ex in exprs.values() if ex is not None}
+    has_callable = any(ex is None for ex in exprs.values())
+    keep = [c for c in header if has_callable or c in used]
+    index = {c: i for i, c in enumerate(header)}
+    return {c: encode_strings([r[index[c]] for r in rows]) for c in keep}
+
+
+def _callable_targets(
+    p: Path,
+    tname: str,
+    definition: Callable[[Mapping[str, np.ndarray]], Any],
+    columns: Mapping[str, np.ndarray],
+    n: int,
+    locate: Locate,
+) -> np.ndarray:
+    """The ``(n,)`` float64 values a callable task definition returns for ``columns``."""
+    try:
+        vals = np.asarray(definition(columns), dtype=np.float64)
+    except (KeyError, ValueError, TypeError) as err:
+        raise DataError(f"{p}: task {tname!r}: the callable failed: {err}") from err
+    if vals.shape != (n,):
+        raise DataError(
+            f"{p}: task {tname!r}: the callable returned shape {vals.shape}, expected ({n},)"
+        )
+    bad = ~(np.abs(vals) <= FLOAT32_MAX)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{locate(r)}: task {tname!r}: the callable returned {vals[r]!r}, not a "
+            f"finite number within the float32 range"
+        )
+    return vals
+
+
+def _task_kind(
+    p: Path,
+    tname: str,
+    definition: TaskDefinition,
+    vals: np.ndarray,
+    is_condition: bool,
+    kinds: Mapping[str, str],
+) -> TaskKind:
+    """``"binary"`` or ``"regression"`` (``kinds`` overrides the inferred kind); a binary task
+    must hold only 0/1 values and both classes."""
+    is01 = bool(np.isin(vals, (0.0, 1.0)).all())
+    kind = kinds.get(tname, "binary" if (is_condition or is01) else "regression")
+    if kind == "binary":
+        n = len(vals)
+        if not is01:
+            raise DataError(f"{p}: task {tname!r} is binary but has values other than 0 and 1")
+        pos = int(vals.sum())
+        if pos == 0 or pos == n:
+            raise DataError(
+                f"{p}: task {tname!r} has a single class ({'all 1' if pos else 'all 0'} in "
+                f"{n} rows); check the expression {definition!r}"
+            )
+    return "binary" if kind == "binary" else "regression"
+
+
+def _targets(
+    p: Path,
+    tasks: Mapping[str, TaskDefinition],
+    exprs: Mapping[str, TaskExpression | None],
+    kinds: Mapping[str, str],
+    raw: dict[str, RawColumn],
+    n: int,
+    missing_values: Sequence[str],
+    locate: Locate,
+) -> tuple[np.ndarray, list[TaskSpec]]:
+    """Targets ``(n, K)`` float32 and the task specs, in the order of ``tasks``."""
+    ys, specs = [], []
+    columns_view = _LazyColumns(raw)
+    for tname, definition in tasks.items():
+        expr = exprs[tname]
+        if expr is None:
+            assert callable(definition)
+            vals = _callable_targets(p, tname, definition, columns_view, n, locate)
+            is_condition = False
+        else:
+            vals, is_condition = _evaluate(tname, expr, raw[expr.column], missing_values, locate)
+        kind = _task_kind(p, tname, definition, vals, is_condition, kinds)
+        ys.append(vals)
+        specs.append(TaskSpec(str(tname), kind))
+    return np.stack(ys, axis=1).astype(np.float32), specs
+
+
+def _split(
+    p: Path, y: np.ndarray, specs: Sequence[TaskSpec], fractions: Sequence[float], seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train/valid/test row indices, stratified on the joint labels of the binary tasks."""
+    binary_cols = [j for j, s in enumerate(specs) if s.kind == "binary"]
+    try:
+        tr, va, te = stratified_split(y[:, binary_cols], fractions, seed)
+    except ValueError as e:
+        raise DataError(f"{p}: {e}") from None
+    return tr, va, te
+
+
+def _numeric_features(
+    raw: dict[str, RawColumn],
+    numeric: list[str],
+    tr: np.ndarray,
+    missing_values: Sequence[str],
+    invalid_numbers: InvalidNumbers,
+    locate: Locate,
+) -> tuple[torch.Tensor | None, np.ndarray, np.ndarray]:
+    """Standardized numeric features (``None`` without numeric columns), train mean and std."""
+    if not numeric:
+        return None, np.zeros(0), np.zeros(0)
+    raw_num = np.stack(
+        [
+            numeric_values(
+                raw[c],
+                c,
+                missing_values,
+                invalid=invalid_numbers,
+                locate=locate,
+                invalid_hint=_INVALID_HINT,
+            )  # fmt: skip
+            for c in numeric
+        ],
+        axis=1,
+    )
+    x_num, mean, std = standardize(raw_num, tr, numeric, locate)
+    return torch.from_numpy(x_num), mean, std
+
+
 def load_csv(
     path: str | os.PathLike[str],
     *,
@@ -452,140 +668,25 @@ def load_csv(
             column, a missing or non-numeric label under a comparison. Messages name the file,
             and the line and column of a bad cell.
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"CSV file not found: {str(path)!r}")
-    numeric = _column_list(numeric, "numeric")
-    categorical = _column_list(categorical, "categorical")
-    if not isinstance(tasks, Mapping):
-        raise DataError(f"tasks must map task names to definitions, got {tasks!r}")
-    if not tasks:
-        raise DataError("tasks must define at least one task")
-    if invalid_numbers not in ("error", "missing"):
-        raise DataError(f"invalid_numbers must be 'error' or 'missing', got {invalid_numbers!r}")
-    kinds = dict(task_kinds or {})
-    unknown = sorted(set(kinds) - set(tasks))
-    if unknown:
-        raise DataError(f"task_kinds names unknown tasks {unknown}; tasks are {list(tasks)}")
-    bad_kinds = {k: v for k, v in kinds.items() if v not in ("binary", "regression")}
-    if bad_kinds:
-        raise DataError(f"task_kinds values must be 'binary' or 'regression', got {bad_kinds}")
-    if len(list(fractions)) != 3:
-        raise DataError(f"fractions must be (train, valid, test), got {list(fractions)}")
-
+    p, numeric, categorical, kinds = _checked_options(
+        path, numeric, categorical, tasks, task_kinds, invalid_numbers, fractions
+    )
     with gc_paused():  # one list per row: the cyclic GC would rescan them repeatedly
         header, rows, line_of = _read_rows(p, delimiter, encoding)
-
-    def locate(row: int) -> str:
-        return f"{p}: line {int(line_of[row])} (data row {row + 1})"
-
+    locate = _row_locator(p, line_of)
     features = numeric + categorical
-    missing_cols = [c for c in features if c not in header]
-    if missing_cols:
-        raise DataError(f"{p}: feature columns {missing_cols} not in the header {header}")
-    exprs: dict[str, TaskExpression | None] = {}
-    for tname, definition in tasks.items():
-        if callable(definition):
-            exprs[tname] = None
-            continue
-        try:
-            ex = parse_task_expression(definition, header)
-        except ValueError as e:
-            raise DataError(f"{p}: task {tname!r}: {e}") from None
-        if ex.column not in header:
-            raise DataError(
-                f"{p}: task {tname!r}: column {ex.column!r} (from {definition!r}) is not in the "
-                f"header {header}"
-            )
-        if ex.column in features:
-            raise DataError(
-                f"{p}: task {tname!r}: its label column {ex.column!r} is also an input feature "
-                f"(label leakage); remove it from numeric/categorical"
-            )
-        exprs[tname] = ex
-
-    used = set(features) | {ex.column for ex in exprs.values() if ex is not None}
-    has_callable = any(ex is None for ex in exprs.values())
-    keep = [c for c in header if has_callable or c in used]
-    index = {c: i for i, c in enumerate(header)}
-    raw = {c: encode_strings([r[index[c]] for r in rows]) for c in keep}
+    exprs = _task_expressions(p, header, features, tasks)
+    raw = _raw_columns(header, rows, features, exprs)
     n = len(rows)
     del rows
 
-    ys, specs = [], []
-    columns_view = _LazyColumns(raw)
-    for tname, definition in tasks.items():
-        expr = exprs[tname]
-        if expr is None:
-            assert callable(definition)
-            try:
-                vals = np.asarray(definition(columns_view), dtype=np.float64)
-            except (KeyError, ValueError, TypeError) as err:
-                raise DataError(f"{p}: task {tname!r}: the callable failed: {err}") from err
-            if vals.shape != (n,):
-                raise DataError(
-                    f"{p}: task {tname!r}: the callable returned shape {vals.shape}, "
-                    f"expected ({n},)"
-                )
-            bad = ~(np.abs(vals) <= FLOAT32_MAX)
-            if bad.any():
-                r = int(np.flatnonzero(bad)[0])
-                raise DataError(
-                    f"{locate(r)}: task {tname!r}: the callable returned {vals[r]!r}, not a "
-                    f"finite number within the float32 range"
-                )
-            is_condition = False
-        else:
-            vals, is_condition = _evaluate(tname, expr, raw[expr.column], missing_values, locate)
-        is01 = bool(np.isin(vals, (0.0, 1.0)).all())
-        kind = kinds.get(tname, "binary" if (is_condition or is01) else "regression")
-        if kind == "binary":
-            if not is01:
-                raise DataError(f"{p}: task {tname!r} is binary but has values other than 0 and 1")
-            pos = int(vals.sum())
-            if pos == 0 or pos == n:
-                raise DataError(
-                    f"{p}: task {tname!r} has a single class ({'all 1' if pos else 'all 0'} in "
-                    f"{n} rows); check the expression {tasks[tname]!r}"
-                )
-        ys.append(vals)
-        specs.append(TaskSpec(str(tname), "binary" if kind == "binary" else "regression"))
-    y = np.stack(ys, axis=1).astype(np.float32)
-
-    binary_cols = [j for j, s in enumerate(specs) if s.kind == "binary"]
-    try:
-        tr, va, te = stratified_split(y[:, binary_cols], fractions, seed)
-    except ValueError as e:
-        raise DataError(f"{p}: {e}") from None
-
-    x_num_t = None
-    mean = std = np.zeros(0)
-    if numeric:
-        raw_num = np.stack(
-            [
-                numeric_values(
-                    raw[c],
-                    c,
-                    missing_values,
-                    invalid=invalid_numbers,
-                    locate=locate,
-                    invalid_hint=_INVALID_HINT,
-                )  # fmt: skip
-                for c in numeric
-            ],
-            axis=1,
-        )
-        x_num, mean, std = standardize(raw_num, tr, numeric, locate)
-        x_num_t = torch.from_numpy(x_num)
-    categories: dict[str, list[str]] = {}
-    x_cat_t = None
-    if categorical:
-        ids = []
-        for c in categorical:
-            col_ids, cats = category_ids(raw[c], tr, missing_values)
-            ids.append(col_ids)
-            categories[c] = cats
-        x_cat_t = torch.from_numpy(np.stack(ids, axis=1))
+    y, specs = _targets(p, tasks, exprs, kinds, raw, n, missing_values, locate)
+    tr, va, te = _split(p, y, specs, fractions, seed)
+    x_num_t, mean, std = _numeric_features(
+        raw, numeric, tr, missing_values, invalid_numbers, locate
+    )
+    x_cat, categories = category_id_matrix(raw, categorical, tr, missing_values)
+    x_cat_t = None if x_cat is None else torch.from_numpy(x_cat)
     schema = FeatureSchema(
         list(numeric), list(categorical), [len(categories[c]) + 1 for c in categorical]
     )

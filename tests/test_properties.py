@@ -273,6 +273,86 @@ def _multibalance_s(g: np.ndarray, data: st.DataObject) -> None:
     assert (c[np.diag(m) == 0] == 0).all(), c
 
 
+def _same_direction(m: np.ndarray, c: np.ndarray, ref: np.ndarray, rtol: float = 1e-6) -> None:
+    """``sum_k c_k g_k`` equals ``sum_k ref_k g_k`` to ``rtol`` of the terms' size: relabelling
+    the tasks must give the same direction (the weights need not be unique: duplicates,
+    collinear or more gradients than dimensions)."""
+    diff = c - ref
+    norms = np.sqrt(np.clip(np.diag(m), 0.0, None))
+    size = float(np.abs(ref) @ norms) + float(np.abs(c) @ norms)
+    floor = 16 * len(c) * EPS * float(norms.max(initial=0.0))  # coefficients' own round-off
+    gap = float(np.sqrt(max(float(diff @ m @ diff), 0.0)))
+    assert gap <= rtol * size + floor, (c, ref, gap, size)
+
+
+def _upgrad(g: np.ndarray, data: st.DataObject) -> None:
+    """UPGrad: non-conflicting by construction (g_k . d >= 0, scale-aware round-off; nearly
+    opposite float32 pairs are resolved to 1e-6, see docs/methods.md), equivariant."""
+    m = gram(g)
+    k = m.shape[0]
+    c, _ = weights_of(make("upgrad", k), m, np.ones(k))
+    assert_no_conflict(m, c, rtol=1e-6)
+    _same_direction(
+        m, relabelled("upgrad", m, perm=np.array(data.draw(st.permutations(range(k))))), c
+    )
+
+
+def _imtlg(g: np.ndarray, data: st.DataObject) -> None:
+    """IMTL-G: d's projections on the unit task gradients are equal (nonzero tasks), up to
+    round-off relative to the terms involved."""
+    m = gram(g)
+    k = m.shape[0]
+    c, _ = weights_of(make("imtlg", k), m, np.ones(k))
+    norms = np.sqrt(np.clip(np.diag(m), 0.0, None))
+    live = norms > 0
+    if live.sum() < 2 or not np.any(c):
+        return
+    proj = (m @ c)[live] / norms[live]
+    scale = float(np.abs(c) @ norms) or 1.0
+    rank = np.linalg.matrix_rank(m[np.ix_(live, live)] / np.outer(norms[live], norms[live]))
+    if rank == live.sum():  # a unique equal-projection direction exists
+        assert float(proj.max() - proj.min()) <= 1e-6 * scale, (proj, scale)
+
+
+def _nashmtl(g: np.ndarray, data: st.DataObject) -> None:
+    """Nash-MTL: finite, non-negative weights (the bargaining solution, capped)."""
+    m = gram(g)
+    k = m.shape[0]
+    c, _ = weights_of(make("nashmtl", k), m, np.ones(k))
+    assert (c >= 0).all(), c
+
+
+def _alignedmtl(g: np.ndarray, data: st.DataObject) -> None:
+    """Aligned-MTL: finite weights; equivariant under a relabelling of the tasks when M is
+    well conditioned on its range (kappa <= 1e6) and no eigenvalue lies near the rank cut-off
+    (K eps lambda_max): there, whether an eigenvalue is kept depends on round-off, so on the
+    order of the tasks (a known limitation, see the #16/#17 notes)."""
+    m = gram(g)
+    k = m.shape[0]
+    c, _ = weights_of(make("alignedmtl", k), m, np.ones(k))
+    eig = np.linalg.eigvalsh(m)
+    top = float(eig.max(initial=0.0))
+    kept = eig[eig > top * 1e-8]  # a clear gap to the rank cut-off (K eps * top)
+    gap = not ((eig > top * k * EPS * 1e-3) & (eig <= top * 1e-8)).any()
+    if top > 0 and gap and float(kept.max() / kept.min()) <= 1e6:
+        perm = np.array(data.draw(st.permutations(range(k))))
+        _same_direction(m, relabelled("alignedmtl", m, perm), c, rtol=1e-6)
+
+
+def _cagrad(g: np.ndarray, data: st.DataObject) -> None:
+    """CAGrad: finite weights; the direction stays within c |g_0| of the mean gradient g_0."""
+    m = gram(g)
+    k = m.shape[0]
+    c, _ = weights_of(make("cagrad", k), m, np.ones(k))
+    mean = np.full(k, 1.0 / k)
+    diff = c - mean
+    g0_sq = float(mean @ m @ mean)
+    moved = float(diff @ m @ diff)
+    norms = np.sqrt(np.clip(np.diag(m), 0.0, None))
+    slack = 1e-6 * float(np.abs(c) @ norms) ** 2
+    assert moved <= 0.25 * g0_sq * (1 + 1e-6) + slack, (moved, g0_sq)
+
+
 #: registry name -> the documented guarantee (checked on every example)
 GUARANTEES: dict[str, Callable[[np.ndarray, st.DataObject], None]] = {
     "mgda": _mgda,
@@ -281,6 +361,11 @@ GUARANTEES: dict[str, Callable[[np.ndarray, st.DataObject], None]] = {
     "multibalance": _multibalance,
     "gradnorm": _gradnorm,
     "multibalance_s": _multibalance_s,
+    "upgrad": _upgrad,
+    "imtlg": _imtlg,
+    "nashmtl": _nashmtl,
+    "alignedmtl": _alignedmtl,
+    "cagrad": _cagrad,
 }
 
 
