@@ -11,7 +11,6 @@ balancer x regularizer x model, reproducibility, state_dict round trips, bad opt
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -103,7 +102,14 @@ def train(
         else:
             losses = reg(rep, heads, ys, LOSSES, outputs=outputs)
         opt.zero_grad()
-        if "closure" in inspect.signature(opt.backward).parameters:  # MARIGOLD's "fd" estimator
+        if opt.needs_closure and opt.closure_reruns_model:  # FAMO: the losses after the update
+
+            def closure() -> list[Tensor]:
+                o, r, h = forward_with_heads(model, x)
+                return plain_losses(o, ys) if reg is None else reg.replay(r, h, ys, LOSSES)
+
+            opt.backward(losses, representation=rep, closure=closure)
+        elif opt.needs_closure:  # MARIGOLD's "fd" estimator
             if reg is None:
                 closure = lambda r, heads=heads: plain_losses(heads(r), ys)  # noqa: E731
             else:
