@@ -19,8 +19,8 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
+from ._learned import check_keys, count, float_list, loss_level_kwargs
 from ._options import check_positive
-from .uw import check_keys, count, float_list, loss_level_kwargs
 
 __all__ = ["DWA", "dwa_weights"]
 

@@ -38,9 +38,9 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, NonFiniteError
 from mtl._autocast import forward_autocast
+from mtl._checks import check_closure_losses
 
-from ._options import check_choice, check_positive
-from .uw import (
+from ._learned import (
     adam_step,
     check_adam_state,
     check_keys,
@@ -48,6 +48,7 @@ from .uw import (
     float_list,
     loss_level_kwargs,
 )
+from ._options import check_choice, check_positive
 
 __all__ = ["FAMO", "famo_logit_gradient", "famo_update", "famo_weights"]
 
@@ -519,32 +520,4 @@ class FAMO(BalancedOptimizer):
         return values
 
     def _closure_losses(self, out: Any, k: int, device: torch.device) -> Tensor:
-        if isinstance(out, Tensor):
-            if out.dim() != 1:
-                raise ValueError(
-                    "FAMO's closure must return K scalar losses (a sequence or a 1-D tensor of "
-                    f"length K={k}); got a tensor of shape {tuple(out.shape)}"
-                )
-            items: list[Any] = list(out.unbind(0))
-        elif isinstance(out, (list, tuple)):
-            items = list(out)
-        else:
-            raise TypeError(
-                "FAMO's closure must return K scalar losses (a sequence of scalar tensors or a "
-                f"1-D tensor); got {type(out).__name__}"
-            )
-        if len(items) != k:
-            raise ValueError(
-                f"FAMO's closure returned {len(items)} losses, expected K={k} (one per task, in "
-                "the order of the losses passed to backward)"
-            )
-        vals = []
-        for i, v in enumerate(items):
-            t = v.detach() if isinstance(v, Tensor) else torch.as_tensor(v)
-            if t.numel() != 1:
-                raise ValueError(
-                    f"FAMO's closure loss of {self._name(i)} must be a scalar, got shape "
-                    f"{tuple(t.shape)}"
-                )
-            vals.append(t.reshape(()).to(device=device, dtype=torch.float64))
-        return torch.stack(vals)
+        return check_closure_losses(out, k, device, self._name, who="FAMO's closure")

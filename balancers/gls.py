@@ -21,8 +21,8 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
+from ._learned import loss_level_kwargs
 from ._options import check_positive
-from .uw import loss_level_kwargs
 
 __all__ = ["GLS", "gls_weights"]
 

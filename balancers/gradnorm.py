@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from mtl import BalancedOptimizer, NonFiniteError
 
 from ._host import check_gram, device_of, host_array, to_torch
+from ._learned import host_vectors
 from ._options import check_positive
 
 __all__ = ["GradNorm", "gradnorm_step"]
@@ -290,31 +291,10 @@ class GradNorm(BalancedOptimizer):
 
     def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
         """Validate everything, then replace the state (a rejected state changes nothing)."""
-        if not isinstance(state, dict):
-            raise TypeError(f"GradNorm state must be a dict, got {type(state).__name__}")
-        unknown = sorted(set(state) - set(_STATE_KEYS), key=str)
-        if unknown:
-            raise ValueError(f"GradNorm state has unknown keys {unknown}")
-        if not state:
+        arrays = host_vectors(state, _STATE_KEYS, self.num_tasks, "GradNorm")
+        if arrays is None:
             self.balancer_state = {}
             return
-        missing = [key for key in _STATE_KEYS if key not in state]
-        if missing:
-            raise ValueError(f"GradNorm state is missing the keys {missing}")
-        k = self.num_tasks
-        arrays: dict[str, np.ndarray] = {}
-        for key in _STATE_KEYS:
-            try:
-                a = np.array(host_array(state[key]), dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ValueError(f"GradNorm state {key!r} must be a (K,) float vector") from None
-            if a.ndim != 1 or a.size == 0 or (k is not None and a.size != k):
-                want = "K" if k is None else str(k)
-                raise ValueError(f"GradNorm state {key!r} must have shape ({want},), got {a.shape}")
-            if not np.isfinite(a).all():
-                raise ValueError(f"GradNorm state {key!r} must be finite, got {a.tolist()}")
-            k = a.size
-            arrays[key] = a
         w = arrays["weights"]
         if (w <= 0).any() or abs(w.sum() - w.size) > _SUM_RTOL * w.size:
             raise ValueError(

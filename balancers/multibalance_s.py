@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from mtl import BalancedOptimizer, NonFiniteError
 
 from ._host import check_gram, device_of, host_array, to_torch
+from ._learned import host_vectors
 from ._min_norm import _project_simplex_np
 from ._options import check_positive
 
@@ -247,35 +248,10 @@ class MultiBalanceS(BalancedOptimizer):
 
     def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
         """Validate everything, then replace the state (a rejected state changes nothing)."""
-        if not isinstance(state, dict):
-            raise TypeError(f"MultiBalanceS state must be a dict, got {type(state).__name__}")
-        unknown = sorted(set(state) - set(_STATE_KEYS), key=str)
-        if unknown:
-            raise ValueError(f"MultiBalanceS state has unknown keys {unknown}")
-        if not state:
+        arrays = host_vectors(state, _STATE_KEYS, self.num_tasks, "MultiBalanceS")
+        if arrays is None:
             self.balancer_state = {}
             return
-        missing = [key for key in _STATE_KEYS if key not in state]
-        if missing:
-            raise ValueError(f"MultiBalanceS state is missing the keys {missing}")
-        k = self.num_tasks
-        arrays: dict[str, np.ndarray] = {}
-        for key in _STATE_KEYS:
-            try:
-                a = np.array(host_array(state[key]), dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"MultiBalanceS state {key!r} must be a (K,) float vector"
-                ) from None
-            if a.ndim != 1 or a.size == 0 or (k is not None and a.size != k):
-                want = "K" if k is None else str(k)
-                raise ValueError(
-                    f"MultiBalanceS state {key!r} must have shape ({want},), got {a.shape}"
-                )
-            if not np.isfinite(a).all():
-                raise ValueError(f"MultiBalanceS state {key!r} must be finite, got {a.tolist()}")
-            k = a.size
-            arrays[key] = a
         if (arrays["norms_ma"] < 0).any():
             raise ValueError(
                 f"MultiBalanceS state 'norms_ma' must be non-negative, got "

@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer
 
+from ._learned import check_keys, loss_level_kwargs
 from ._rng import pcg64, rng_from_state
-from .uw import check_keys, loss_level_kwargs
 
 __all__ = ["RLW", "rlw_weights"]
 

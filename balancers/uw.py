@@ -18,19 +18,25 @@ math; :class:`UW` keeps ``s`` (and the Adam moments) in its balancer state.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from torch import Tensor
 from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, NonFiniteError
 
+from ._learned import (
+    adam_step,
+    check_adam_state,
+    check_keys,
+    count,
+    float_list,
+    loss_level_kwargs,
+)
 from ._options import check_choice, check_positive, check_real
 
-__all__ = ["UW", "adam_step", "uw_coefficients", "uw_gradient"]
+__all__ = ["UW", "uw_coefficients", "uw_gradient"]
 
 Update = Literal["sgd", "adam"]
 Variant = Literal["regression", "classification"]
@@ -42,9 +48,6 @@ _FACTORS = {"regression": 0.5, "classification": 1.0}
 
 #: default step size of the log-variances
 DEFAULT_LR = 0.01
-#: Adam's constants (those of ``torch.optim.Adam``)
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 
 
 # ---------------------------------------------------------------------- pure host functions
@@ -69,115 +72,7 @@ def uw_gradient(log_vars: Any, losses: Any, factors: Any = 0.5) -> np.ndarray:
     return out
 
 
-def adam_step(
-    param: Any,
-    grad: Any,
-    state: Mapping[str, Any] | None,
-    *,
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = ADAM_BETAS,
-    eps: float = ADAM_EPS,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """One step of ``torch.optim.Adam`` (L2 ``weight_decay`` added to the gradient, not
-    decoupled) on a host vector; returns ``(new_param, new_state)`` and mutates nothing.
-
-    ``state`` is ``None`` (first step) or ``{"step": int, "exp_avg": list, "exp_avg_sq": list}``::
-
-        g = grad + weight_decay * param;  t = step + 1
-        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
-        param -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-    """
-    p = np.asarray(param, dtype=np.float64)
-    g = np.asarray(grad, dtype=np.float64) + weight_decay * p
-    b1, b2 = betas
-    if state is None:
-        t, m, v = 0, np.zeros_like(p), np.zeros_like(p)
-    else:
-        t = int(state["step"])
-        m = np.asarray(state["exp_avg"], dtype=np.float64)
-        v = np.asarray(state["exp_avg_sq"], dtype=np.float64)
-    t += 1
-    m = b1 * m + (1.0 - b1) * g
-    v = b2 * v + (1.0 - b2) * g * g
-    denom = np.sqrt(v) / math.sqrt(1.0 - b2**t) + eps
-    new = p - (lr / (1.0 - b1**t)) * m / denom
-    return new, {"step": t, "exp_avg": m.tolist(), "exp_avg_sq": v.tolist()}
-
-
 # ---------------------------------------------------------------------- shared by the loss-level classes
-def loss_level_kwargs(kwargs: dict[str, Any], owner: str) -> dict[str, Any]:
-    """The base-class options of a loss-level method: ``weight_heads`` is ``True``.
-
-    The loss-level step is ONE backward of ``sum_k c_k L_k`` (heads included, as in the
-    papers); with ``compute_gram=True`` the engine takes the Gram path instead, and
-    ``weight_heads=True`` makes that path write the same gradients. ``weight_heads=False`` would
-    give the heads different gradients depending on ``compute_gram``: refused.
-    """
-    if kwargs.get("weight_heads", True) is not True:
-        raise ValueError(
-            f"{owner} is a loss-level method: its step is one backward of sum_k c_k L_k, so the "
-            f"heads always receive c_k * grad L_k; weight_heads={kwargs['weight_heads']!r} is not "
-            "supported (omit it)"
-        )
-    return {**kwargs, "weight_heads": True}
-
-
-def float_list(value: Any, key: str, owner: str, k: int | None) -> list[float]:
-    """A checkpointed vector as a list of finite floats of length ``k`` (when known).
-
-    Raises:
-        ValueError: naming ``key``: not a 1-D sequence/array/tensor of finite numbers of length ``k``.
-    """
-    if isinstance(value, Tensor):
-        value = value.detach().cpu().tolist()  # load_state_dict only (never inside a step)
-    elif isinstance(value, np.ndarray):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        raise ValueError(f"{owner} state {key!r} must be a 1-D sequence of numbers, got {value!r}")
-    out = [float(v) for v in value]
-    if not all(math.isfinite(v) for v in out):
-        raise ValueError(f"{owner} state {key!r} must be finite, got {out}")
-    if k is not None and len(out) != k:
-        raise ValueError(f"{owner} state {key!r} has {len(out)} entries, expected K={k}")
-    return out
-
-
-def count(value: Any, key: str, owner: str) -> int:
-    """A checkpointed counter: an int >= 0 (ValueError naming ``key`` otherwise)."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value.item())  # load_state_dict only
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{owner} state {key!r} must be an int >= 0, got {value!r}")
-    return value
-
-
-def check_keys(state: Any, allowed: Sequence[str], owner: str) -> dict[str, Any]:
-    """``state`` as a dict with no key outside ``allowed`` (TypeError/ValueError otherwise)."""
-    if not isinstance(state, dict):
-        raise TypeError(f"{owner} state must be a dict, got {type(state).__name__}")
-    unknown = sorted(str(key) for key in state if key not in allowed)
-    if unknown:
-        raise ValueError(f"{owner} state has unknown keys {unknown}; expected {list(allowed)}")
-    return state
-
-
-def check_adam_state(value: Any, key: str, owner: str, k: int | None) -> dict[str, Any]:
-    """A checkpointed :func:`adam_step` state (ValueError naming ``key`` otherwise)."""
-    if not isinstance(value, dict) or set(value) != {"step", "exp_avg", "exp_avg_sq"}:
-        raise ValueError(
-            f"{owner} state {key!r} must be a dict with keys 'step', 'exp_avg', 'exp_avg_sq'"
-        )
-    sq = float_list(value["exp_avg_sq"], f"{key}.exp_avg_sq", owner, k)
-    if any(v < 0 for v in sq):
-        raise ValueError(f"{owner} state '{key}.exp_avg_sq' must be >= 0")
-    return {
-        "step": count(value["step"], f"{key}.step", owner),
-        "exp_avg": float_list(value["exp_avg"], f"{key}.exp_avg", owner, k),
-        "exp_avg_sq": sq,
-    }
 
 
 # ---------------------------------------------------------------------- the optimizer

@@ -7,12 +7,15 @@ None of these reads a tensor's values (no device synchronization): they look at 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._graph import GraphAnalysis
 
 __all__ = [
+    "check_closure_losses",
     "check_losses",
     "check_parameters",
     "check_reached",
@@ -150,3 +153,38 @@ def check_reached(reached: Sequence[bool], name: Namer, *, parameters: bool = Fa
         names = ", ".join(name(k) for k in bad)
         raise ValueError(f"the loss of {names} does not depend on any of the shared_parameters")
     raise unreached_error(bad, name)
+
+
+def check_closure_losses(
+    out: Any, k: int, device: torch.device, name: Namer, who: str = "closure"
+) -> Tensor:
+    """What a closure returned (K scalars: a sequence or a 1-D tensor) as a ``(K,)`` float64
+    tensor on ``device``, detached; a clear error names ``who`` and the task otherwise."""
+    if isinstance(out, Tensor):
+        if out.dim() != 1:
+            raise ValueError(
+                f"{who} must return K scalar losses (a sequence or a 1-D tensor of length "
+                f"K={k}); got a tensor of shape {tuple(out.shape)}"
+            )
+        items: list[Any] = list(out.unbind(0))
+    elif isinstance(out, (list, tuple)):
+        items = list(out)
+    else:
+        raise TypeError(
+            f"{who} must return K scalar losses (a sequence of scalar tensors or a 1-D "
+            f"tensor); got {type(out).__name__}"
+        )
+    if len(items) != k:
+        raise ValueError(
+            f"{who} returned {len(items)} losses, expected K={k} (one per task, in the "
+            "order of the losses passed to backward)"
+        )
+    vals = []
+    for i, v in enumerate(items):
+        t = v.detach() if isinstance(v, Tensor) else torch.as_tensor(v)
+        if t.numel() != 1:
+            raise ValueError(
+                f"{who} loss of {name(i)} must be a scalar, got shape {tuple(t.shape)}"
+            )
+        vals.append(t.reshape(()).to(device=device, dtype=torch.float64))
+    return torch.stack(vals)

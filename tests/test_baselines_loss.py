@@ -16,12 +16,13 @@ from _models import TinyNet, batch
 from _sync_count import SyncCounter
 from torch import Tensor
 
+from balancers._learned import adam_step
 from balancers._rng import pcg64
 from balancers.dwa import DWA, dwa_weights
 from balancers.famo import FAMO, famo_logit_gradient, famo_update, famo_weights
 from balancers.gls import GLS, gls_weights
 from balancers.rlw import RLW, rlw_weights
-from balancers.uw import UW, adam_step, uw_coefficients, uw_gradient
+from balancers.uw import UW, uw_coefficients, uw_gradient
 from mtl import BalancedOptimizer, NonFiniteError
 
 K = 3

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
 from mtl._autocast import autocast_off, forward_autocast
-from mtl._checks import check_reached, check_trunk
+from mtl._checks import check_closure_losses, check_reached, check_trunk
 from mtl._graph import analyse_graph
 from mtl._host import to_host
 
@@ -424,34 +424,7 @@ class MARIGOLD(BalancedOptimizer):
             ) from None
 
     def _closure_losses(self, out: Any, k: int, device: torch.device) -> Tensor:
-        if isinstance(out, Tensor):
-            if out.dim() != 1:
-                raise ValueError(
-                    "closure must return K scalar losses (a sequence or a 1-D tensor of length "
-                    f"K={k}); got a tensor of shape {tuple(out.shape)}"
-                )
-            items: list[Any] = list(out.unbind(0))
-        elif isinstance(out, (list, tuple)):
-            items = list(out)
-        else:
-            raise TypeError(
-                "closure must return K scalar losses (a sequence of scalar tensors or a 1-D "
-                f"tensor); got {type(out).__name__}"
-            )
-        if len(items) != k:
-            raise ValueError(
-                f"closure returned {len(items)} losses, expected K={k} (one per task, in the "
-                "order of the losses passed to backward)"
-            )
-        vals = []
-        for i, v in enumerate(items):
-            t = v.detach() if isinstance(v, Tensor) else torch.as_tensor(v)
-            if t.numel() != 1:
-                raise ValueError(
-                    f"closure loss of {self._name(i)} must be a scalar, got shape {tuple(t.shape)}"
-                )
-            vals.append(t.reshape(()).to(device=device, dtype=torch.float64))
-        return torch.stack(vals)
+        return check_closure_losses(out, k, device, self._name, who="closure")
 
     # -- helpers
     def _state(self) -> dict[str, Any]:
