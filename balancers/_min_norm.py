@@ -18,10 +18,18 @@ Scale awareness (task gradient norms may differ by many orders of magnitude):
   gradients and not on their norms;
 * the optimality test and the support decisions are relative: ``(M alpha)_j >= alpha^T M alpha``
   up to ``tol * alpha^T M alpha`` plus the round-off of the products themselves, and a task
-  leaves the support when its contribution ``alpha_k |g_k|`` is below round-off of the largest.
+  leaves the support when its contribution ``alpha_k |g_k|`` is below round-off of the largest;
+* the Jacobi scaling cannot tell two nearly opposite gradients (``g_j ~ -g_i (1 + 1e-8)``) from
+  exactly opposite ones, although ``M_ii + M_jj + 2 M_ij = |g_i + g_j|^2`` still resolves their
+  sum, which a third, tiny gradient can make the optimum use: when the float run ends with a
+  violated optimality test, Wolfe's method is rerun with every affine sub-problem solved in exact
+  rational arithmetic on the float64 Gram entries, and the result that passes is kept.
 
 Exactly zero gradients: if some task's gradient is zero (``M_kk = 0``) the min-norm point is
 ``d = 0``; those tasks share the weight equally and the others get 0. All zero: uniform weights.
+Exactly opposite gradients (``M_ij < 0`` and ``M_ij^2 >= M_ii M_jj`` in exact arithmetic on the
+float64 entries, e.g. ``g_j = -g_i`` or ``g_j = -2 g_i``): the pair reaches ``d = 0`` on its own
+(``alpha_i |g_i| = alpha_j |g_j|``); every such pair gets the same share of the weight.
 
 Uniqueness: when gradients are linearly dependent the optimal ``alpha`` is not unique although
 ``d = G^T alpha`` is. Tasks with identical gradients are merged before the solve and share their
@@ -35,6 +43,8 @@ round-off of the products ``alpha_k M_jk``, with equality on the support.
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -153,6 +163,53 @@ def _support(beta: np.ndarray) -> np.ndarray:
     return beta > _SUPPORT_RTOL * float(np.abs(beta).max())
 
 
+def _exact_affine(q_s: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """argmin of ``b^T Q_S b`` on ``sum b = 1`` in exact rational arithmetic on the float64 entries.
+
+    The bordered system ``[[Q_S, 1], [1^T, 0]] (b, t) = (0, 1)`` is solved by fraction-free
+    (Bareiss) elimination on the integers ``2^E Q_S`` (every float64 is a dyadic rational), then
+    ``b`` is rounded to float64 (correctly, component by component); returns ``b`` and the value
+    ``b^T Q_S b`` of the exact solution. Used where the Jacobi-scaled float solve cannot resolve
+    the sub-problem: two nearly opposite (or parallel) gradients whose normalised directions
+    agree to round-off, while the Gram entries themselves still carry
+    ``|g_i + g_j|^2 = M_ii + M_jj + 2 M_ij`` (see :func:`_checked_wolfe`). ``None`` when the
+    system is singular or the stationary point has a negative value (``Q_S`` indefinite:
+    round-off of a rank-deficient Gram matrix), where the float solve is the right one.
+    """
+    m = q_s.shape[0]
+    ratios = [float(x).as_integer_ratio() for x in q_s.ravel()]
+    den = max(r[1] for r in ratios)  # powers of two: every denominator divides the largest
+    ints = [num * (den // d) for num, d in ratios]  # 2^E Q_S, E = log2(den)
+    # rows [2^E Q_S | 2^E | 0] and [1 ... 1 | 0 | 1]: 2^E (Q_S b + t 1) = 0, sum b = 1
+    rows = [ints[i * m : (i + 1) * m] + [den, 0] for i in range(m)]
+    rows.append([1] * m + [0, 1])
+    n = m + 1
+    prev = 1
+    for k in range(n):  # Bareiss: every division below is exact
+        piv = next((r for r in range(k, n) if rows[r][k] != 0), None)
+        if piv is None:
+            return None
+        rows[k], rows[piv] = rows[piv], rows[k]
+        pk = rows[k]
+        for i in range(k + 1, n):
+            ri = rows[i]
+            f = ri[k]
+            for j in range(k + 1, n + 1):
+                ri[j] = (ri[j] * pk[k] - f * pk[j]) // prev
+            ri[k] = 0
+        prev = pk[k]
+    x: list[Fraction] = [Fraction(0)] * n
+    for i in range(n - 1, -1, -1):
+        acc = Fraction(rows[i][n]) - sum((rows[i][j] * x[j] for j in range(i + 1, n)), Fraction(0))
+        x[i] = acc / rows[i][i]
+    if x[m] > 0:  # the value b^T Q_S b = -t is negative: Q_S is indefinite
+        return None
+    try:
+        return np.array([float(v) for v in x[:m]]), float(-x[m])
+    except OverflowError:  # pragma: no cover - a numerically singular system
+        return None
+
+
 class _Problem:
     """The (power-of-two scaled) Gram matrix with its Jacobi scaling, shared by the solves."""
 
@@ -164,9 +221,32 @@ class _Problem:
         np.fill_diagonal(self.c, 1.0)
         self.abs_q = np.abs(q)
 
-    def affine(self, corral: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def affine(self, corral: list[int], exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The corral's affine minimiser ``(b, beta)`` (see :func:`_affine_minimizer`).
+
+        With ``exact``, also the rational solution (:func:`_exact_affine`), kept unless its exact
+        value exceeds the float solution's (up to that one's round-off): on an indefinite ``Q_S``
+        (round-off of dependent gradients) the stationary point need not be a minimiser.
+        """
         idx = np.asarray(corral)
-        return _affine_minimizer(self.c[np.ix_(idx, idx)], self.n[idx])
+        b, beta = _affine_minimizer(self.c[np.ix_(idx, idx)], self.n[idx])
+        if not exact or idx.size < 2:
+            return b, beta
+        q_s = self.q[np.ix_(idx, idx)]
+        found = _exact_affine(q_s)
+        if found is None:
+            return b, beta
+        b_ex, value = found
+        if np.isfinite(b).all():
+            bound = float(b @ q_s @ b) + 4.0 * idx.size * _EPS * float(b @ np.abs(q_s) @ np.abs(b))
+            if not value <= bound:
+                return b, beta
+        contrib = b_ex * self.n[idx]
+        top = float(np.abs(contrib).max())
+        total = float(b_ex.sum())
+        if not (np.isfinite(contrib).all() and top > 0.0 and total > 0.0):
+            return b, beta  # pragma: no cover - numerical safety
+        return b_ex / total, contrib / top
 
     def gaps(self, alpha: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
         """``((M alpha)_j - alpha^T M alpha, slack_j, alpha^T M alpha)``; optimal: gap >= -slack.
@@ -181,7 +261,10 @@ class _Problem:
 
 
 def _warm_start(
-    prob: _Problem | np.ndarray, support: np.ndarray | None = None, rounds: int = 4
+    prob: _Problem | np.ndarray,
+    support: np.ndarray | None = None,
+    rounds: int = 4,
+    exact: bool = False,
 ) -> tuple[list[int], np.ndarray] | None:
     """A starting corral for Wolfe's method: drop the points whose affine weight is not positive.
 
@@ -199,7 +282,7 @@ def _warm_start(
     for _ in range(rounds):
         if idx.size == 0:
             return None
-        b, beta = prob.affine(idx.tolist())
+        b, beta = prob.affine(idx.tolist(), exact)
         if not np.isfinite(b).all():
             return None
         positive = _support(beta)
@@ -217,7 +300,21 @@ def _wolfe(
     tol: float,
     warm: bool = True,
     support: np.ndarray | None = None,
+    exact: bool = False,
 ) -> np.ndarray:
+    """Wolfe's min-norm-point algorithm on the Gram matrix ``q``: the weights of
+    :func:`_wolfe_run`."""
+    return _wolfe_run(q, max_iter, tol, warm, support, exact)[0]
+
+
+def _wolfe_run(
+    q: np.ndarray | _Problem,
+    max_iter: int,
+    tol: float,
+    warm: bool = True,
+    support: np.ndarray | None = None,
+    exact: bool = False,
+) -> tuple[np.ndarray, bool]:
     """Wolfe's min-norm-point algorithm on the Gram matrix ``q`` (positive diagonal).
 
     Major cycle: stop when every task passes the relative optimality test (:meth:`_Problem.gaps`);
@@ -229,11 +326,15 @@ def _wolfe(
     added again before a strict decrease; a step that increases ``|x|^2`` beyond round-off is
     undone. The search ends at a point that passes the test, or when no untried violator is left
     (or after ``max_iter`` major steps) with the best point found.
+
+    ``exact``: solve the affine sub-problems in rational arithmetic (:meth:`_Problem.affine`).
+    Returns ``(alpha, converged)``: ``converged`` is true when the search ended at a point that
+    passes the test.
     """
     prob = q if isinstance(q, _Problem) else _Problem(q)
     q = prob.q
     k = prob.k
-    start = _warm_start(prob, support) if warm else None
+    start = _warm_start(prob, support, exact=exact) if warm else None
     if start is None:
         corral, lam = [int(np.argmin(q.diagonal()))], np.array([1.0])
     else:
@@ -276,7 +377,7 @@ def _wolfe(
         corral.append(j)
         lam = np.append(lam, 0.0)
         for _minor in range(k + 1):
-            b, beta = prob.affine(corral)
+            b, beta = prob.affine(corral, exact)
             if not np.isfinite(b).all():
                 break
             positive = _support(beta)
@@ -305,7 +406,7 @@ def _wolfe(
         corral, lam = best[1], best[2]
     alpha = np.zeros(k)
     alpha[corral] = lam
-    return alpha
+    return alpha, converged
 
 
 def _refine(prob: _Problem, alpha: np.ndarray, steps: int = 3) -> np.ndarray:
@@ -388,6 +489,43 @@ def _duplicate_groups(q: np.ndarray, rtol: float = 1e-12) -> list[list[int]]:
     return groups
 
 
+def _checked_wolfe(
+    prob: _Problem,
+    max_iter: int,
+    tol: float,
+    support: np.ndarray | None = None,
+    refine: bool = True,
+) -> np.ndarray:
+    """Wolfe's method (refined), redone with exact affine solves when it ends unconverged.
+
+    The float affine solves work in Jacobi-scaled coordinates, where two gradients whose
+    normalised directions agree to round-off (``g_j ~ -g_i (1 + 1e-8)``) are indistinguishable
+    (``C_ij = -1`` in float64), although the Gram entries still resolve their sum
+    (``M_ii + M_jj + 2 M_ij = |g_i + g_j|^2``) and a third, tiny gradient can make the optimum use
+    it. Wolfe's method then stops with a violator it cannot add (every attempt reads as an
+    increase of ``|x|^2``); if its result fails the optimality test of :meth:`_Problem.gaps`, a
+    second run solves every affine sub-problem exactly on the float64 Gram entries
+    (:func:`_exact_affine`). The result that passes the test is kept (else the one of least
+    ``alpha^T M alpha``). ``refine``: apply :func:`_refine` to Wolfe's result.
+    """
+    alpha, converged = _wolfe_run(prob, max_iter, tol, support=support)
+    if refine:
+        alpha = _refine(prob, alpha)
+    if converged:
+        return alpha
+    gap, slack, value = prob.gaps(alpha, tol)
+    if not (gap < -slack).any():
+        return alpha
+    best = (True, value, alpha)
+    raw = _wolfe(prob, max_iter, tol, support=support, exact=True)
+    for cand in (_refine(prob, raw), raw) if refine else (raw,):
+        gap, slack, value = prob.gaps(cand, tol)
+        key = (bool((gap < -slack).any()), value, cand)
+        if key[:2] < best[:2]:
+            best = key
+    return best[2]
+
+
 def _solve(q: np.ndarray, max_iter: int, tol: float, ridge: float) -> np.ndarray:
     """The min-norm weights of a Gram matrix with a positive diagonal (no merging)."""
     k = q.shape[0]
@@ -396,22 +534,63 @@ def _solve(q: np.ndarray, max_iter: int, tol: float, ridge: float) -> np.ndarray
     if k == 2:
         return _two_task(q)
     prob = _Problem(q)
-    alpha = _refine(prob, _wolfe(prob, max_iter, tol))
+    alpha = _checked_wolfe(prob, max_iter, tol)
     if ridge > 0.0:
         gap, slack, value = prob.gaps(alpha, tol)
         if value > 0.0 and ((alpha == 0.0) & (gap <= slack)).any():
             # a task off the support is tight: alpha may not be unique. Tie-break: the optimal
             # alpha of (approximately) least norm, with a ridge relative to |d*|^2
-            alpha = _wolfe(
-                q + ridge * value * np.eye(k), max_iter, tol, support=np.flatnonzero(alpha)
+            alpha = _checked_wolfe(
+                _Problem(q + ridge * value * np.eye(k)),
+                max_iter,
+                tol,
+                support=np.flatnonzero(alpha),
+                refine=False,
             )
     return alpha
 
 
 def _kkt_holds(q: np.ndarray, alpha: np.ndarray, rtol: float) -> bool:
-    """The relative KKT test of the min-norm problem, with round-off slack (see _Problem.gaps)."""
+    """The relative KKT test of the min-norm problem, with round-off slack (see _Problem.gaps):
+    ``gap >= -slack`` for every task and ``gap <= slack`` on the support (the inequalities alone
+    let a task of tiny weight keep a large positive gap, balanced by round-off-sized negative
+    gaps of the heavy ones)."""
     gap, slack, _ = _Problem(q).gaps(alpha, rtol)
-    return bool((gap >= -slack).all())
+    return bool((gap >= -slack).all() and (gap[alpha > 0] <= slack[alpha > 0]).all())
+
+
+def _opposite_pairs(q: np.ndarray) -> np.ndarray | None:
+    """Weights with ``d = 0`` from the exactly opposite pairs of gradients, or ``None``.
+
+    A pair with ``M_ij < 0`` and ``M_ij^2 >= M_ii M_jj`` (decided in exact arithmetic on the float64
+    entries) is collinear and opposite: its two-task optimum
+    ``(M_jj - M_ij, M_ii - M_ij) / (M_ii + M_jj - 2 M_ij)`` has the value
+    ``(M_ii M_jj - M_ij^2) / (M_ii + M_jj - 2 M_ij) <= 0``, the minimum (``d = 0``). Every such
+    pair gets the same share, so the weights do not depend on the task order. The float solve
+    cannot certify this optimum when tiny gradients sit next to the pair (the round-off of
+    ``g_k . d`` for the pair's gradients exceeds ``|d|^2`` of a point built from the tiny ones).
+    """
+    diag = q.diagonal()
+    # candidates: M_ij |M_ij| <= -M_ii M_jj up to round-off (the exact test follows)
+    test = q * np.abs(q)
+    test += np.outer(diag, diag * (1.0 - 8.0 * _EPS))
+    if float(test.min()) > 0.0:
+        return None
+    rows, cols = np.nonzero(test <= 0.0)
+    pairs = [
+        (i, j)
+        for i, j in zip(rows.tolist(), cols.tolist())
+        if i < j
+        and q[i, j] < 0.0
+        and Fraction(float(q[i, j])) ** 2 >= Fraction(float(diag[i])) * Fraction(float(diag[j]))
+    ]
+    if not pairs:
+        return None
+    alpha = np.zeros(q.shape[0])
+    for i, j in pairs:
+        alpha[[i, j]] += _two_task(q[np.ix_([i, j], [i, j])])
+    out: np.ndarray = alpha / float(alpha.sum())
+    return out
 
 
 def min_norm_weights(
@@ -435,7 +614,8 @@ def min_norm_weights(
 
     Returns:
         ``(K,)`` float64 tensor on the simplex. A zero gradient takes all the weight (``d = 0``);
-        all-zero gradients give uniform weights.
+        all-zero gradients give uniform weights; exactly opposite pairs of gradients share it
+        (``d = 0``, see the module docstring).
 
     The KKT conditions of the min-norm problem are ``(M alpha)_i >= alpha^T M alpha`` for all
     ``i``, with equality where ``alpha_i > 0``.
@@ -460,6 +640,9 @@ def _min_norm_weights_np(
         return zero / float(zero.sum())
     # an exact power-of-two scaling: the result is invariant to 2^e M bit for bit
     q = np.ldexp(m, -int(np.frexp(float(diag.max()))[1]))
+    opposite = _opposite_pairs(q)
+    if opposite is not None:  # d = 0 exactly with pairs of opposite gradients
+        return opposite
     groups = _duplicate_groups(q)
     alpha: np.ndarray | None = None
     if len(groups) < k:

@@ -263,6 +263,170 @@ def test_an_exactly_zero_gradient_gives_d_zero_at_any_scale(scale: float) -> Non
     assert not (alpha @ g).any()  # d = 0 exactly
 
 
+# ---------------------------------------------------------------------- nearly opposite pairs
+# Found by the property suite (test_properties.py, mgda): g_3 ~ -g_2 (1 + 3e-8) and a tiny g_1.
+# The normalised directions of g_2 and g_3 agree to round-off (C_23 = -1 in the Jacobi-scaled
+# float64 matrix), but the Gram entries still resolve |g_2 + g_3|^2 = M_22 + M_33 + 2 M_23, and
+# the optimum uses that sum. The float solve stopped at alpha = (0, 1, 2.5e-12, 0), where task 3's
+# exact KKT gap is -4.0e-13 against |d|^2 = 1.6e-15 (allowance 3.4e-18).
+OPPOSITE = np.array(
+    [
+        [1.0, -2.0, 1.0, 1.0],
+        [-1e-8, 1e-8, 3e-8, -3e-8],
+        [3.55655882e03, -5.33483823e03, 1.77827941e03, 3.55655882e03],
+        [-3.55655884e03, 5.33483838e03, -1.77827942e03, -3.55655884e03],
+    ]
+)
+#: nearly opposite float32 copies (g_i = -float32(g_j)) next to small and large gradients
+OPPOSITE32 = [
+    [
+        [-246278.56515053948, 48262.44386838045, 66473.53004107546, -147352.66874447468]
+        + [65140.920469386845, 72102.31092069038, -92641.66429072736],
+        [260735664.0, -91774680.0, -24458446.0, -3880819.5, -144038832.0, 231024288.0]
+        + [-111006992.0],
+        [1.6050507075248646e-05, 7.874025692389699e-05, -9.952561580382274e-05]
+        + [3.628977051999287e-05, 1.2285476513610734e-05, 0.0001611916219546417]
+        + [-1.3829134613238497e-05],
+        [-0.8843033740321735, -1.616191452183676, 1.6881112194529182, -1.5206622761149302]
+        + [-1.3834651320687659, 0.45051143434726704, -1.1372750468308352],
+        [246278.5625, -48262.4453125, -66473.53125, 147352.671875, -65140.921875, -72102.3125]
+        + [92641.6640625],
+        [-0.8843033740321735, -1.616191452183676, 1.6881112194529182, -1.5206622761149302]
+        + [-1.3834651320687659, 0.45051143434726704, -1.1372750468308352],
+    ],
+    [
+        [0.6066666975840421, 0.11531263610595309, 1.7936264445788581, -0.06547281175109221],
+        [-3023.0412824778186, 2948.689919055154, 3820.685007261234, 4213.622216639882],
+        [0.0001415454839308743, -0.00013981423637897728, 0.00025520800442019906]
+        + [8.355430023191315e-05],
+        [-135068866.02485391, 134778411.94131237, -53317548.69067037, -14437624.939239088],
+        [135068864.0, -134778416.0, 53317548.0, 14437625.0],
+    ],
+]
+
+
+def test_nearly_opposite_pair_next_to_a_tiny_gradient_is_exact() -> None:
+    from balancers.mgda import _mgda_weights_np
+
+    m = OPPOSITE @ OPPOSITE.T
+    c, alpha, scales = _mgda_weights_np(m, np.ones(4))
+    np.testing.assert_array_equal(c, alpha)
+    np.testing.assert_array_equal(scales, np.ones(4))
+    assert_kkt(m, alpha)  # exact rational KKT on the float64 Gram matrix
+    exact = _exact_alpha(m)
+    np.testing.assert_allclose(exact, [0.0, 0.99994071, 2.9645034e-05, 2.9645031e-05], rtol=1e-7)
+    np.testing.assert_allclose(alpha, exact, rtol=1e-9, atol=0)  # tasks 2 and 3 in the support
+    np.testing.assert_array_equal(min_norm_weights(torch.from_numpy(m)).numpy(), alpha)
+    for e in (-60, 60):  # the power-of-two scaling stays exact on the rational path
+        np.testing.assert_array_equal(min_norm_weights(np.ldexp(m, e)).numpy(), alpha)
+
+
+@pytest.mark.parametrize("rows", OPPOSITE32, ids=["k6", "k5"])
+def test_nearly_opposite_float32_pairs_satisfy_kkt(rows: list[list[float]]) -> None:
+    g = np.array(rows)
+    m = g @ g.T
+    m = 0.5 * (m + m.T)
+    alpha = min_norm_weights(m).numpy()
+    assert_kkt(m, alpha)
+    if g.shape[0] <= 5:
+        np.testing.assert_allclose(alpha, _exact_alpha(m), rtol=1e-9, atol=0)
+    for scale in (1e-4, 1e4):  # the same geometry, rescaled rows
+        g2 = g.copy()
+        g2[1] *= scale
+        m2 = g2 @ g2.T
+        m2 = 0.5 * (m2 + m2.T)
+        assert_kkt(m2, min_norm_weights(m2).numpy())
+
+
+#: an exactly opposite pair (g_j = -g_i) next to tiny gradients: d = 0 is the optimum, but the
+#: float solve stopped, in most task orders, at a point built from the tiny gradients whose KKT
+#: gaps are below the round-off of g_k . d for the pair (the relabelled solves disagreed)
+EXACT_OPPOSITE = [
+    [
+        [0.0, -3e-08, 3e-08, 2e-08, -2e-08, -1e-08, 3e-08, 3e-08],
+        [-2.0, -2.0, -3.0, 2.0, 3.0, 1.0, 1.0, 0.0],
+        [-5e7, -5e7, -1.5e8, 1.5e8, 5e7, 0.0, -1e8, 1e8],
+        [5e7, 5e7, 1.5e8, -1.5e8, -5e7, -0.0, 1e8, -1e8],
+        [-1e8, -1e8, -3e8, 3e8, 1e8, 0.0, -2e8, 2e8],
+        [-2.0, -2.0, -3.0, 2.0, 3.0, 1.0, 1.0, 0.0],
+    ],
+    [
+        [-17053010.06239403, 82282092.96533254, 19807189.186644442, 11595887.42112726],
+        [17053010.06239403, -82282092.96533254, -19807189.186644442, -11595887.42112726],
+        [-1.5887954565941338e-09, 1.8960816648970633e-07, 5.956309330484173e-08]
+        + [1.648631260291385e-07],
+        [1.2287953091909224e-05, 2.4794778884282433e-06, 1.3840786020075314e-05]
+        + [-1.3869630388915784e-06],
+        [121.40314110441327, -216.49077527363897, 117.79964580808483, -176.27659543774746],
+    ],
+]
+
+
+@pytest.mark.parametrize("rows", EXACT_OPPOSITE, ids=["collinear", "negated"])
+def test_exactly_opposite_gradients_give_d_zero_in_every_order(rows: list[list[float]]) -> None:
+    g = np.array(rows)
+    m = g @ g.T
+    m = 0.5 * (m + m.T)
+    alpha = min_norm_weights(m).numpy()
+    assert_kkt(m, alpha)
+    d = alpha @ g
+    scale = float(alpha @ np.linalg.norm(g, axis=1))
+    assert float(d @ d) <= (1e-12 * scale) ** 2  # d = 0 up to round-off of the combination
+    for perm in itertools.islice(itertools.permutations(range(len(g))), 0, None, 7):
+        p = np.array(perm)
+        moved = np.empty_like(alpha)
+        moved[p] = min_norm_weights(np.ascontiguousarray(m[np.ix_(p, p)])).numpy()
+        diff = moved - alpha
+        assert float(diff @ m @ diff) <= (1e-6 * scale) ** 2, perm
+
+
+def test_merged_near_duplicates_keep_the_kkt_equality() -> None:
+    """Tasks 3-5 are duplicates to 1e-8 (merged before the solve); the merged weights passed the
+    KKT inequalities but not task 2's equality (a huge gradient with weight 2e-5: its positive
+    gap was balanced by round-off-sized negative gaps of the heavy tasks)."""
+    g = np.array(
+        [
+            [-1e-08, 1e-08, 2e-08, -1e-08, -3e-08, 2e-08, -1e-08],
+            [3e-08, 0.0, 2e-08, -1e-08, 3e-08, -1e-08, 3e-08],
+            [-0.0002, -0.0003, 0.0, 0.0, 0.0002, 0.0001, -0.0002],
+            [1.999999987845058e-08, -2.999999892949745e-08, 9.99999993922529e-09]
+            + [-9.99999993922529e-09, -1.999999987845058e-08, 2.999999892949745e-08]
+            + [-2.999999892949745e-08],
+            [2e-08, -3e-08, 1e-08, -1e-08, -2e-08, 3e-08, -3e-08],
+            [1.999999987845058e-08, -2.999999892949745e-08, 9.99999993922529e-09]
+            + [-9.99999993922529e-09, -1.999999987845058e-08, 2.999999892949745e-08]
+            + [-2.999999892949745e-08],
+        ]
+    )
+    m = g @ g.T
+    m = 0.5 * (m + m.T)
+    assert_kkt(m, min_norm_weights(m).numpy())
+
+
+def test_exact_affine_minimizer() -> None:
+    """The rational affine solve of the fallback: exact on a nearly singular pair, ``None`` on a
+    singular or an indefinite system."""
+    from fractions import Fraction
+
+    from balancers._min_norm import _exact_affine
+
+    m = OPPOSITE @ OPPOSITE.T
+    q = m[1:, 1:]
+    found = _exact_affine(q)
+    assert found is not None
+    b, value = found
+    fq = [[Fraction(float(x)) for x in row] for row in q]
+    fb = [Fraction(float(x)) for x in b]
+    lam = [sum((fq[i][j] * fb[j] for j in range(3)), Fraction(0)) for i in range(3)]
+    assert abs(float(sum(fb)) - 1.0) <= 4e-16
+    # Q b = lambda 1 up to the rounding of b to float64 (eps |b_j| |M_ij| per term)
+    tol = 4e-16 * float((np.abs(q) @ np.abs(b)).max())
+    assert max(abs(float(x - lam[1])) for x in lam) <= tol
+    assert value == pytest.approx(float(sum(f * x for f, x in zip(fb, lam))), rel=1e-6)
+    assert _exact_affine(np.ones((2, 2))) is None  # duplicates: singular bordered system
+    assert _exact_affine(-np.eye(2)) is None  # a negative value: indefinite (round-off)
+
+
 # ---------------------------------------------------------------------- properties
 @given(gradient_matrices())
 def test_simplex_and_kkt(g: np.ndarray) -> None:
