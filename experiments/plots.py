@@ -37,6 +37,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _palette(n: int) -> list[Any]:
+    """``n`` colours: matplotlib's default cycle up to 10, ``tab20`` up to 20 (every balancer
+    of ``--balancers all``, or 16 tasks, keeps its own colour), then ``tab20`` again."""
+    if n <= 10:
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        return [cycle[i % len(cycle)] for i in range(n)]
+    tab20 = matplotlib.colormaps["tab20"]
+    return [tab20(i % 20) for i in range(n)]
+
+
 def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
     cols = min(max_cols, max(1, n))
     return math.ceil(n / cols), cols
@@ -53,13 +63,13 @@ def plot_compare_metrics(
     bals = [b for b, s in summary["balancers"].items() if s["n"] > 0]
     rows, cols = _grid(len(columns))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = _palette(len(bals))
     for i, (task, metric) in enumerate(columns):
         ax = axes[i // cols][i % cols]
         means = [summary["balancers"][b]["metrics"][task][metric][0] for b in bals]
         stds = [summary["balancers"][b]["metrics"][task][metric][1] for b in bals]
         x = np.arange(len(bals))
-        ax.bar(x, means, yerr=stds, capsize=4, color=[colors[j % len(colors)] for j in x])
+        ax.bar(x, means, yerr=stds, capsize=4, color=colors)
         st = summary.get("single_task")
         finite = [m for m in means if math.isfinite(m)]
         lo_hi = [m - s for m, s in zip(means, stds) if math.isfinite(m)] + [
@@ -98,16 +108,17 @@ def plot_weights(results: Mapping[str, Any], path: Path) -> Path:
     runs = [r for r in results.get("runs", []) if r.get("weights_trace")]
     bals = list(dict.fromkeys(r["balancer"] for r in runs))
     names = [t["name"] for t in results.get("tasks", [])]
+    k_max = max([len(names)] + [len(ws) for r in runs for _, ws in r["weights_trace"][:1]])
     rows, cols = _grid(max(1, len(bals)))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = _palette(k_max)
     for i, b in enumerate(bals):
         ax = axes[i // cols][i % cols]
         for j, r in enumerate(r for r in runs if r["balancer"] == b):
             steps = [s for s, _ in r["weights_trace"]]
             w = np.asarray([ws for _, ws in r["weights_trace"]], dtype=float)
             for k in range(w.shape[1]):
-                label = names[k] if j == 0 and k < len(names) else None
+                label = (names[k] if k < len(names) else f"task {k}") if j == 0 else None
                 ax.plot(steps, w[:, k], color=colors[k % len(colors)], alpha=0.8 if j == 0 else 0.35,
                         lw=1.2, label=label)  # fmt: skip
         ax.set_title(report.display_name(b, None, level))
@@ -128,7 +139,7 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
     level = cfg.get("train", {}).get("level", "representation")
     runs = [r for r in results.get("runs", []) if r.get("history")]
     bals = list(dict.fromkeys(r["balancer"] for r in runs))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = _palette(len(bals))
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     late: list[float] = []  # scores after the first epochs set the y range
     for r in runs:

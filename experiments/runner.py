@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from balancers.registry import _ALIASES as _REGISTRY_ALIASES
 from balancers.registry import BALANCERS, GROUPS, balancer_class, make_balancer
 from mtl import BalancedOptimizer
 from mtl.models import build_model
@@ -37,7 +38,15 @@ __all__ = [
 
 Log = Callable[[str], None]
 
-_ALIASES = {"equalweight": "equal", "ew": "equal", "mgda-ub": "mgda", "mgda_ub": "mgda"}
+#: spellings accepted for registry names: the registry's own (``nash-mtl``, ``multibalance-s``...)
+#: and these
+_ALIASES = {
+    **_REGISTRY_ALIASES,
+    "equalweight": "equal",
+    "ew": "equal",
+    "mgda-ub": "mgda",
+    "mgda_ub": "mgda",
+}
 
 
 class BalancerError(ValueError):
@@ -96,6 +105,10 @@ def resolve_balancers(spec: str | Sequence[str]) -> tuple[list[str], dict[str, s
     names: list[str] = []
     unavailable: dict[str, str] = {}
     for raw, strict in candidates:
+        if not strict and str(raw).strip().lower() not in BALANCERS:
+            # a group member that is not registered yet (GROUPS may list it ahead of its module)
+            unavailable.setdefault(str(raw).strip().lower(), "not registered (not written yet?)")
+            continue
         key = canonical_balancer(raw)
         if key in names or (key in unavailable and not strict):
             continue
@@ -166,7 +179,8 @@ def build_inner_optimizer(cfg: Mapping[str, Any], params: Iterable[Any]) -> torc
     name = str(opts.pop("name", "adam")).lower()
     if name not in _OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(_OPTIMIZERS)}")
-    return _OPTIMIZERS[name](params, **opts)
+    inner: torch.optim.Optimizer = _OPTIMIZERS[name](params, **opts)
+    return inner
 
 
 _SCHEDULERS = ("cosine", "step", "none")
@@ -309,7 +323,9 @@ def train_one(
     return record
 
 
-def _failed(balancer: str, options: Mapping[str, Any], seed: int, exc: BaseException) -> dict:
+def _failed(
+    balancer: str, options: Mapping[str, Any], seed: int, exc: BaseException
+) -> dict[str, Any]:
     tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
     return {
         "balancer": balancer,

@@ -97,6 +97,8 @@ def toy_run(
     extra = {"seed": int(seed)} if "seed" not in options and _takes_seed(balancer) else {}
     opt = make_balancer(balancer, inner, 2, task_names=list(TASK_NAMES), **dict(options), **extra)
     closure_on = accepts_closure(opt)
+    # FAMO re-runs the model (no argument) at both levels; MARIGOLD maps a shifted representation
+    whole_model = level == "parameters" or bool(type(opt).closure_reruns_model)
     sc = model.scales
 
     def param_closure() -> list[torch.Tensor]:
@@ -118,7 +120,7 @@ def toy_run(
             else {"representation": out.representation}
         )
         if closure_on:
-            kwargs["closure"] = param_closure if level == "parameters" else rep_closure
+            kwargs["closure"] = param_closure if whole_model else rep_closure
         t0 = time.perf_counter()
         info = opt.backward(out.task_outputs, **kwargs)
         opt.step()
@@ -156,7 +158,7 @@ def _bar(total: int, desc: str, progress: bool | None) -> Any:
     enabled = sys.stderr.isatty() if progress is None else bool(progress)
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="step")
 

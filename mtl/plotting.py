@@ -59,9 +59,17 @@ def _records(history: History) -> list[Mapping[str, Any]]:
 
 
 def _task_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The task names of the records' ``norm[...]`` keys (every tracker record has them), else
+    of their ``weight[...]`` or ``loss[...]`` keys (hand-made records)."""
     if not records:
         return []
-    return [k[5:-1] for k in records[0] if k.startswith("norm[") and k.endswith("]")]
+    for prefix in ("norm[", "weight[", "loss["):
+        names = [
+            k[len(prefix) : -1] for k in records[0] if k.startswith(prefix) and k.endswith("]")
+        ]
+        if names:
+            return names
+    return []
 
 
 def _sources(records: Sequence[Mapping[str, Any]], source: SourceChoice) -> list[str]:
@@ -78,6 +86,17 @@ def _series(
     steps = np.array([r["step"] for r in rs], dtype=np.float64)
     vals = np.array([float(r.get(key, np.nan)) for r in rs], dtype=np.float64)
     return steps, vals
+
+
+def _task_color(i: int, k: int) -> Any:
+    """The colour of task ``i`` of ``k``: the default cycle ``C0``-``C9`` up to 10 tasks, the
+    20 colours of ``tab20`` up to 20 (so that K = 16 tasks keep 16 distinct colours), then
+    ``tab20`` again."""
+    if k <= 10:
+        return f"C{i % 10}"
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](i % 20)
 
 
 _STYLE = {"balance": "-", "probe": "--"}
@@ -212,7 +231,12 @@ def plot_weights_over_training(
 ) -> Figure:
     """The coefficients ``weight[name]`` applied to each task's gradient, over training.
 
-    Taken from the balance-point records (per-block weights appear as their mean over blocks).
+    Taken from the balance-point records (per-block weights appear as their mean over blocks),
+    one line per task labelled with its name. Every balancer's weights are
+    ``BalanceInfo.weights``, whatever their origin: a min-norm solution (MGDA), a rule of the
+    gradient norms (MultiBalance), or learned state (UW's ``1/(2 sigma_k^2)``, GradNorm's ``w_k``,
+    FAMO's ``c_k``...); loss-level methods have no Gram matrix (records ``status="no_gram"``)
+    but their weights are plotted all the same. Records of skipped steps have none (gaps).
     """
     recs = _records(history)
     names = _task_names(recs)
@@ -220,8 +244,8 @@ def plot_weights_over_training(
     any_line = False
     for i, n in enumerate(names):
         x, y = _series(recs, f"weight[{n}]", "balance")
-        if x.size:
-            ax.plot(x, y, "-", color=f"C{i % 10}", label=n)
+        if x.size and not np.isnan(y).all():
+            ax.plot(x, y, "-", color=_task_color(i, len(names)), label=n)
             any_line = True
     _finish(ax, title, "weight", any_line)
     return fig
@@ -257,7 +281,7 @@ def plot_gradient_norms(
                 continue
             finite = y[np.isfinite(y)]
             positive = positive and bool((finite > 0).all())
-            ax.plot(x, y, _STYLE[src], color=f"C{i % 10}", label=f"{n}{_SUFFIX[src]}")
+            ax.plot(x, y, _STYLE[src], color=_task_color(i, len(names)), label=f"{n}{_SUFFIX[src]}")
             any_line = True
     if (log is None and any_line and positive) or log:
         ax.set_yscale("log")

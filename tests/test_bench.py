@@ -19,14 +19,15 @@ from typing import Any
 import pytest
 import torch
 
+from balancers import registry
 from experiments.bench import cli, options, peers
 from experiments.bench.budget import budget_table
 from experiments.bench.derived import derived_tables
 from experiments.bench.memory import run_memory_cuda
 from experiments.bench.model import OVERHEAD_MODEL, BenchModelConfig, build_group, task_losses
-from experiments.bench.modes import ModeSpec, count_backward_syncs, make_mode
+from experiments.bench.modes import ModeSpec, count_backward_syncs, make_mode, uses_task_gradients
 from experiments.bench.progress import NullBar
-from experiments.bench.sections import run_section
+from experiments.bench.sections import memory_guard, run_section
 from experiments.bench.studies import sparse_aware_gram
 from experiments.bench.syncs import SYNC_NAMES, SyncCounter, count_syncs
 from experiments.bench.tables import render_markdown
@@ -207,7 +208,7 @@ def _fake_modes(clock: FakeClock, costs: dict[str, float], log: list[str]) -> di
 
 
 def test_interleaved_timings_exact_on_fake_clock() -> None:
-    clock, log = FakeClock(), []
+    clock, log = FakeClock(), list[str]()
     modes = _fake_modes(clock, {"plain": 1.0, "a": 2.0, "b": 3.0}, log)
     res = interleaved_timings(
         modes, repeats=3, warmup=1, steps={"plain": 2, "a": 1, "b": 4}, clock=clock, collect=False
@@ -231,7 +232,7 @@ def test_interleaved_timings_exact_on_fake_clock() -> None:
 
 def test_ratios_cancel_load_that_drifts_between_rounds() -> None:
     """A load factor that changes from round to round scales a whole round alike."""
-    clock, log = FakeClock(), []
+    clock, log = FakeClock(), list[str]()
     modes = _fake_modes(clock, {"plain": 1.0, "x": 1.5}, log)
     loads = [1.0, 3.0, 0.5, 2.0]  # one load factor per round (warm-up + 3 timed)
     done = {"blocks": 0}
@@ -251,7 +252,7 @@ def test_ratios_cancel_load_that_drifts_between_rounds() -> None:
 
 
 def test_interleaved_timings_failing_mode_is_recorded_and_skipped() -> None:
-    clock, log = FakeClock(), []
+    clock, log = FakeClock(), list[str]()
     calls = {"n": 0}
 
     def bad() -> None:
@@ -370,6 +371,70 @@ def test_modes_train_with_the_combined_optimizer() -> None:
             fn()
     after = list(group.model.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+# ---------------------------------------------------------------------- registry balancers
+def _resolved(argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    options.add_arguments(parser)
+    return options.resolve(parser.parse_args(argv.split()))
+
+
+def test_balancers_option_takes_registry_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--balancers as compare takes it: the core six by default, groups, 'all', names; group
+    members that are not registered (or do not import) are noted and skipped."""
+    assert _resolved("--quick").balancers == list(registry.GROUPS["core"])
+    loss = _resolved("--quick --balancers loss")
+    assert loss.balancers == list(registry.GROUPS["loss"]) and loss.unavailable_balancers == {}
+    assert _resolved("--quick --balancers uw,MGDA-UB,uw").balancers == ["uw", "mgda"]
+    everything = _resolved("--quick --balancers all")
+    assert set(everything.balancers) | set(everything.unavailable_balancers) == set(
+        registry.BALANCERS
+    )
+    monkeypatch.setitem(registry.GROUPS, "loss", ("uw", "notyet"))
+    args = _resolved("--quick --balancers loss,gradnorm")
+    assert args.balancers == ["uw", "gradnorm"]
+    assert "notyet" in args.unavailable_balancers
+    with pytest.raises(ValueError, match="unknown balancer 'nope'"):
+        _resolved("--quick --balancers uw,nope")
+
+
+@pytest.mark.parametrize("level", ["representation", "parameters"])
+def test_famo_mode_reruns_the_model_after_the_step(level: str) -> None:
+    """FAMO's closure (no argument, the whole model on the step's batch, at both levels) runs in
+    step(); its losses update the logits at the next backward."""
+    group = build_group("t", TINY, 2, 40, True, seed=1)
+    prefix = "rep" if level == "representation" else "param"
+    fn = make_mode(ModeSpec(name=f"{prefix}:famo", kind="ours", method="famo", level=level), group)
+    infos = [fn() for _ in range(3)]
+    assert infos[0].extras["logits_updated"] is False
+    assert all(i.extras["logits_updated"] for i in infos[1:])
+    assert fn.balancer.balancer_state["num_updates"] == 2  # type: ignore[attr-defined]
+
+
+def test_loss_level_and_gradnorm_run_in_quick_sections() -> None:
+    """Loss-level methods (UW; FAMO with its closure) and GradNorm in sections rep and param:
+    every mode measured, none skipped by the memory guard (loss-level: no per-task gradient)."""
+    args = _resolved(
+        "--quick --sections rep,param --tasks 2 --balancers uw,famo,gradnorm --no-diagnostics "
+        "--no-peers --memory none --repeats 1 --param-repeats 1 --warmup 0"
+    )
+    assert args.balancers == ["uw", "famo", "gradnorm"]
+    cfg = options.model_config(args)
+    for section, prefix in (("rep", "rep"), ("param", "param")):
+        data = run_section(section, args, cfg, peers.peer_status(), lambda **_: NullBar())
+        rows = {r["mode"]: r for r in data["results"]}
+        for name in ("uw", "famo", "gradnorm"):
+            r = rows[f"{prefix}:{name}"]
+            assert r["error"] is None, r["error"]
+            assert r["ratio"] > 0 and r["ms_per_step"] > 0
+    assert uses_task_gradients("gradnorm") and uses_task_gradients("mgda")
+    assert not uses_task_gradients("uw") and not uses_task_gradients("famo")
+    assert not uses_task_gradients("marigold")
+    spec = ModeSpec(name="param:uw", kind="ours", method="uw", level="parameters")
+    assert memory_guard(spec, 2**50, 16) is None  # never skipped: no per-task gradient
+    spec = ModeSpec(name="param:gradnorm", kind="ours", method="gradnorm", level="parameters")
+    assert memory_guard(spec, 2**50, 16) is not None
 
 
 # ---------------------------------------------------------------------- peers missing

@@ -175,7 +175,7 @@ def test_cosine_matrix_is_idempotent_and_accepts_numpy() -> None:
     g = rand_g(4, 6, seed=6)
     c = cosine_matrix(g @ g.T)
     torch.testing.assert_close(cosine_matrix(c), c)
-    torch.testing.assert_close(cosine_matrix((g @ g.T).numpy()), c)
+    torch.testing.assert_close(cosine_matrix((g @ g.T).numpy()), c)  # type: ignore[arg-type]
     assert pair_values(c).shape == (6,)
     assert pair_values(c)[0] == c[0, 1] and pair_values(c)[-1] == c[2, 3]
 
@@ -448,7 +448,9 @@ class TinyModel(nn.Module):
         return z, [h(z).squeeze(-1) for h in self.heads]
 
 
-def _losses(model: TinyModel, x: torch.Tensor, y: torch.Tensor):
+def _losses(
+    model: TinyModel, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     z, outs = model(x)
     return z, [((o - y[:, k]) ** 2).mean() for k, o in enumerate(outs)]
 
@@ -476,7 +478,7 @@ def test_parameter_level_probe_matches_explicit_gradients() -> None:
     assert rec["update_cos[task2]"] == pytest.approx(expected["update_cosines"][2], rel=1e-6)
     # .grad untouched, graph retained
     assert all(p.grad is None for p in model.parameters())
-    sum(losses).backward()
+    torch.autograd.backward(torch.stack(losses).sum())
     assert tr.num_probes == 1 and tr.num_sampled == 0
     assert "parameter_level" in tr.summary()
 
@@ -556,7 +558,7 @@ def test_tracker_with_balanced_optimizer_and_probe() -> None:
         tr.update(step, info)
         if probe is not None:
             assert task_grads is not None
-            applied = torch.cat([p.grad.reshape(-1) for p in shared])
+            applied = torch.cat([p.grad.reshape(-1) for p in shared if p.grad is not None])
             for k, name in enumerate(["a", "b", "c"]):
                 cos = float(torch.nn.functional.cosine_similarity(applied, task_grads[k], dim=0))
                 assert probe[f"update_cos[{name}]"] == pytest.approx(cos, abs=1e-5)
@@ -588,6 +590,50 @@ def test_equal_weight_needs_compute_gram() -> None:
             rec = tr.update(opt.num_steps, info)
         assert rec is not None and rec["status"] == status
         assert np.isfinite(rec["conflict_rate"]) == (status == "ok")
+
+
+@pytest.mark.parametrize("name", ["uw", "famo", "gradnorm"])
+def test_learned_weights_are_recorded_with_or_without_a_gram(name: str) -> None:
+    """Loss-level methods (UW, FAMO) have no Gram matrix: their records are ``no_gram`` but keep
+    the losses and the learned weights (``info.weights``); GradNorm's records are complete."""
+    from balancers.registry import balancer_class, make_balancer
+
+    torch.manual_seed(0)
+    model = TinyModel()
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    opt = make_balancer(name, torch.optim.SGD(model.parameters(), lr=0.05), 3)
+    loss_level = not balancer_class(name).requires_gram
+    tr = ConflictTracker(every=1, task_names=["a", "b", "c"])
+    weights = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            z, losses = _losses(model, x, y)
+            opt.zero_grad()
+            kwargs: dict[str, Any] = {"representation": z}
+            if type(opt).needs_closure:  # FAMO: re-runs the model on the same batch
+                kwargs["closure"] = lambda: _losses(model, x, y)[1]
+            info = opt.backward(losses, **kwargs)
+            opt.step()
+            tr.update(step, info)
+            weights.append(info.weights.to(D64).tolist())
+    assert [r["status"] for r in tr.history] == ["no_gram" if loss_level else "ok"] * 4
+    assert sum("compute_gram=True" in str(w.message) for w in caught) == int(loss_level)
+    for rec, w in zip(tr.history, weights):
+        assert [rec[f"weight[{n}]"] for n in "abc"] == pytest.approx(w)
+        assert all(np.isfinite(rec[f"loss[{n}]"]) for n in "abc")
+        assert np.isnan(rec["conflict_rate"]) == loss_level
+    assert len({tuple(w) for w in weights}) > 1  # learned: the weights moved
+    summary = tr.summary()
+    assert summary["mean_weight[a]"] == pytest.approx(np.mean([w[0] for w in weights]))
+    if name == "uw":  # diagnostics on request, same weights
+        opt = make_balancer(
+            name, torch.optim.SGD(model.parameters(), lr=0.05), 3, compute_gram=True
+        )
+        z, losses = _losses(model, x, y)
+        opt.zero_grad()
+        diag = ConflictTracker(every=1).update(0, opt.backward(losses, representation=z))
+        assert diag is not None and diag["status"] == "ok"
 
 
 def test_docs_examples_run(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

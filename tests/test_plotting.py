@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +182,42 @@ def test_toy_trajectories_on_a_precomputed_loss_grid(tmp_path: Path) -> None:
         plot_toy_trajectories(trajs, toy.toy_losses, loss_grid=grid)
     with pytest.raises(ValueError, match="loss_grid needs"):
         plot_toy_trajectories(trajs, loss_grid=(grid[0], grid[1], grid[2][..., 0]))
+
+
+def test_weights_plot_of_loss_level_records_with_many_tasks(tmp_path: Path) -> None:
+    """Loss-level methods record weights without a Gram matrix (``no_gram``): the weight plot
+    draws them, one line per task labelled with its name; 16 tasks keep 16 distinct colours
+    (weights and norms), and hand-made records without ``norm[...]`` keys still plot."""
+    from matplotlib.colors import to_rgba
+
+    names = [f"task{i:02d}" for i in range(16)]
+    tr = ConflictTracker(every=1, task_names=names)
+    gen = torch.Generator().manual_seed(2)
+    learned = []
+    for step in range(6):
+        w = 0.5 + torch.rand(16, generator=gen, dtype=D64)  # e.g. UW's 1 / (2 sigma^2)
+        learned.append(w)
+        info = BalanceInfo(
+            weights=w, losses=torch.rand(16, dtype=D64), gram=None, level="representation"
+        )
+        with pytest.warns(RuntimeWarning) if step == 0 else contextlib.nullcontext():
+            tr.update(step, info)
+    fig = plot_weights_over_training(tr)
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert [ln.get_label() for ln in lines] == names
+    ys = np.asarray(lines[3].get_ydata(), dtype=np.float64)
+    np.testing.assert_allclose(ys, np.array([float(w[3]) for w in learned]))
+    assert len({to_rgba(ln.get_color()) for ln in lines}) == 16
+    legend = ax.get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == names
+    _saved(fig, tmp_path / "weights16.png")
+    g = torch.randn(16, 4, generator=gen, dtype=D64)
+    tr.update(6, BalanceInfo(torch.ones(16), torch.ones(16), g @ g.T, "representation"))
+    norms = plot_gradient_norms(tr).axes[0].get_lines()
+    assert len({to_rgba(ln.get_color()) for ln in norms}) == 16
+    hand = [{"step": s, "weight[a]": 0.3 + s, "weight[b]": 0.7} for s in range(3)]
+    assert [ln.get_label() for ln in plot_weights_over_training(hand).axes[0].get_lines()] == [
+        "a",
+        "b",
+    ]

@@ -13,6 +13,10 @@ per task, K in ``--tasks`` (2,4,8,16), batch ``--batch-size`` (1024), binary cro
 Optimizer: Adam (lr 1e-3) for everything dense, plain SGD (lr 0.01; or ``--table-optimizer
 sparseadam`` for sparse tables) for the embedding tables.
 
+Balancers: ``--balancers`` takes names and the registry's groups as ``compare`` does (``core``,
+the default: the six methods of the toolkit; ``loss``, ``baselines``, ``all``); group members
+that are not available are skipped with a note.
+
 Sections (each an interleaved timing run per K, ratios against the section's own plain step
 ``sum(losses).backward(); inner.step()``):
 

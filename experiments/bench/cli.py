@@ -76,6 +76,12 @@ def _peer_notes(peers: dict[str, dict[str, Any]], args: argparse.Namespace) -> N
                 )
 
 
+def _balancer_notes(args: argparse.Namespace) -> None:
+    """On stderr: the balancers of a ``--balancers`` group that are not available (skipped)."""
+    for name, why in getattr(args, "unavailable_balancers", {}).items():
+        print(f"note: balancer {name!r} is unavailable and skipped ({why})", file=sys.stderr)
+
+
 def _measure(
     args: argparse.Namespace,
     cfg: BenchModelConfig,
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     _load_note(load_before, args.quiet)
     peers = peer_status()
     _peer_notes(peers, args)
+    _balancer_notes(args)
     cfg = model_config(args)
     phases: dict[str, float] = {}
     sections, lambda_run, agreement = _measure(args, cfg, peers, progress, phases)
@@ -162,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
             "command": _command(args),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "device": args.device,
+            "balancers": list(args.balancers),
+            "unavailable_balancers": dict(getattr(args, "unavailable_balancers", {})),
             "machine": machine(load_before, args.device),
             "model": cfg.to_dict(),
             "options": {k: v for k, v in vars(args).items() if not k.startswith("_")},

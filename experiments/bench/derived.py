@@ -65,7 +65,8 @@ def _marigold_k(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
             row[f"{key}_ratio"] = r["ratio"]
             row[f"{key}_ratio_min"] = r["ratio_min"]
             row[f"{key}_ratio_max"] = r["ratio_max"]
-    return row if len(row) > 1 else None
+    measured = any(f"{key}_ms" in row for key, _, mode in _MARIGOLD_K_COLUMNS if mode != "plain")
+    return row if measured else None  # plain steps alone: MARIGOLD and MGDA were not run
 
 
 def _diagnostics(sections: dict[str, Any], k: int) -> dict[str, Any] | None:

@@ -20,14 +20,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from balancers.registry import make_balancer
+from balancers.registry import balancer_class, make_balancer
 from experiments.bench.model import Group, task_losses
 from experiments.bench.peers import rechub_step, torchjd_step
 from experiments.bench.syncs import SyncCounter
 from mtl import BalancedOptimizer, BalanceInfo, ConflictTracker
 from mtl.models import SharedBottom
 
-__all__ = ["ModeSpec", "count_backward_syncs", "make_mode"]
+__all__ = ["ModeSpec", "count_backward_syncs", "make_mode", "uses_task_gradients"]
 
 #: the ``backward_context`` slot of a step: ``[None]``, or ``[a context manager]``
 ContextSlot = list[AbstractContextManager[Any] | None]
@@ -90,7 +90,15 @@ class PlainStep:
 
 
 class BalancedStep:
-    """One of our balancers at one level, optionally feeding a ``ConflictTracker(every=10)``."""
+    """One of our balancers at one level, optionally feeding a ``ConflictTracker(every=10)``.
+
+    Balancers whose ``backward`` takes a ``closure`` (class flag ``needs_closure``) get the one
+    their class asks for: with ``closure_reruns_model`` (FAMO) a zero-argument closure that
+    re-runs the whole model on the step's batch, at both levels; otherwise (MARIGOLD) the heads
+    on a shifted representation at the representation level, the whole model at the parameter
+    level. Loss-level balancers (``uses_gradients=False``) need nothing else: their step is one
+    weighted backward.
+    """
 
     def __init__(self, spec: ModeSpec, group: Group) -> None:
         self.group = group
@@ -98,23 +106,28 @@ class BalancedStep:
             spec.method, group.inner, group.num_tasks, **dict(spec.options)
         )
         self.level = spec.level
-        self.is_marigold = spec.method.lower() == "marigold"
+        cls = type(self.balancer)
+        self.needs_closure = bool(cls.needs_closure)
+        self.closure_reruns_model = bool(cls.closure_reruns_model)
         self.tracker = ConflictTracker(every=10) if spec.kind == "tracker" else None
         self.backward_context: ContextSlot = [None]
         self.counter = 0
 
-    def _backward_kwargs(self, out: Any, x: Any, ys: list[Tensor]) -> dict[str, Any]:
+    def _closure(self, out: Any, x: Any, ys: list[Tensor]) -> Callable[..., list[Tensor]]:
         model = self.group.model
+        if self.level == "representation" and not self.closure_reruns_model:
+            heads = out.heads
+            return lambda z: task_losses(heads(z), ys)
+        return lambda: task_losses(model(x).task_outputs, ys)
+
+    def _backward_kwargs(self, out: Any, x: Any, ys: list[Tensor]) -> dict[str, Any]:
         kwargs: dict[str, Any]
         if self.level == "representation":
             kwargs = {"representation": out.representation}
-            if self.is_marigold:
-                heads = out.heads
-                kwargs["closure"] = lambda z: task_losses(heads(z), ys)
         else:
             kwargs = {"shared_parameters": self.group.shared}
-            if self.is_marigold:
-                kwargs["closure"] = lambda: task_losses(model(x).task_outputs, ys)
+        if self.needs_closure:
+            kwargs["closure"] = self._closure(out, x, ys)
         return kwargs
 
     def __call__(self) -> BalanceInfo:
@@ -135,6 +148,16 @@ class BalancedStep:
             self.tracker.update(self.counter, info)
         self.counter += 1
         return info
+
+
+def uses_task_gradients(method: str) -> bool:
+    """Whether balancer ``method`` may compute per-task gradients (what the memory guard of a
+    parameter-level mode estimates): ``True`` when its class needs the Gram matrix or uses
+    gradients without a loss closure (EqualWeight counts, conservatively, as before);
+    ``False`` for MARIGOLD (losses only, one extra forward) and the loss-level methods
+    (``uses_gradients=False``: UW, DWA, RLW, GLS, FAMO; one weighted backward)."""
+    cls = balancer_class(method)
+    return bool(cls.requires_gram or (cls.uses_gradients and not cls.needs_closure))
 
 
 def _bottom_parameters(model: SharedBottom) -> list[nn.Parameter]:

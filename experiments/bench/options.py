@@ -9,9 +9,10 @@ from collections.abc import Iterable
 import torch
 
 from experiments.bench.model import BenchModelConfig, overhead_config
+from experiments.runner import BalancerError, resolve_balancers
 
 __all__ = [
-    "ALL_BALANCERS",
+    "DEFAULT_BALANCERS",
     "DEFAULTS",
     "QUICK",
     "SECTIONS",
@@ -22,7 +23,9 @@ __all__ = [
     "section_config",
 ]
 
-ALL_BALANCERS = ("equal", "mgda", "multibalance", "gradops", "pcgrad", "marigold")
+#: ``--balancers`` when unset: the six core methods (``balancers.registry.GROUPS["core"]``),
+#: the set every number in docs/benchmarks.md was measured with
+DEFAULT_BALANCERS = "core"
 SECTIONS = ("rep", "param", "h2h", "overhead")
 
 #: the values of the options left unset (``None``) on the command line
@@ -146,8 +149,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 def _add_timing_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--balancers",
-        default="all",
-        help=f"comma-separated subset of {','.join(ALL_BALANCERS)} (default all)",
+        default=DEFAULT_BALANCERS,
+        help="comma-separated balancers and groups (as compare takes them): 'core' (default: "
+        "the six methods of the toolkit), 'loss', 'baselines', 'all' (every registered "
+        "balancer); members of a group that are not available are skipped with a note",
     )
     p.add_argument(
         "--sections",
@@ -243,14 +248,27 @@ def _parse_lists(args: argparse.Namespace) -> None:
     args.tower = tuple(_int_list(args.tower))
 
 
+def _parse_balancers(args: argparse.Namespace) -> None:
+    """``args.balancers`` as registry names (groups expanded, aliases resolved, in order), and
+    ``args.unavailable_balancers`` (``{name: why}``: group members that do not import)."""
+    spec = args.balancers
+    if spec is None:
+        spec = DEFAULT_BALANCERS
+    try:
+        names, unavailable = resolve_balancers(spec)
+    except BalancerError as exc:
+        raise ValueError(str(exc)) from None
+    if not names:
+        raise ValueError(
+            f"no available balancer in --balancers {spec!r}: "
+            + "; ".join(f"{n}: {why}" for n, why in unavailable.items())
+        )
+    args.balancers = names
+    args.unavailable_balancers = unavailable
+
+
 def _parse_choices(args: argparse.Namespace) -> None:
-    if args.balancers in (None, "all"):
-        args.balancers = list(ALL_BALANCERS)
-    else:
-        args.balancers = [b.strip().lower() for b in str(args.balancers).split(",") if b.strip()]
-        bad = [b for b in args.balancers if b not in ALL_BALANCERS]
-        if bad:
-            raise ValueError(f"unknown balancer(s) {bad}; choose from {list(ALL_BALANCERS)}")
+    _parse_balancers(args)
     args.sections = [s.strip() for s in str(args.sections).split(",") if s.strip()]
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad:

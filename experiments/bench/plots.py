@@ -17,22 +17,34 @@ if TYPE_CHECKING:
 
 __all__ = ["make_plots"]
 
+#: one marker per pass through the colour palette (tab20: 20 modes per marker)
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
 
 def _ratio_axes(ax: Axes, sec: str, data: dict[str, Any], colors: Any) -> None:
-    """One section's ratio vs K per mode, min-max as error bars (peers dashed)."""
-    ax.set_prop_cycle(color=colors)
+    """One section's ratio vs K per mode, min-max as error bars (peers dashed); past the
+    palette's colours the markers change, so that every mode stays distinguishable."""
     by_mode: dict[str, list[dict[str, Any]]] = {}
     for r in data["results"]:
         if "ratio" in r and r.get("error") is None:
             by_mode.setdefault(r["mode"], []).append(r)
-    for mode, rs in by_mode.items():
+    for i, (mode, rs) in enumerate(by_mode.items()):
         rs = sorted(rs, key=lambda r: r["K"])
         ks = [r["K"] for r in rs]
         med = [r["ratio"] for r in rs]
         lo = [r["ratio"] - r["ratio_min"] for r in rs]
         hi = [r["ratio_max"] - r["ratio"] for r in rs]
         style = "--" if mode.startswith(("torchjd", "rechub")) else "-"
-        ax.errorbar(ks, med, yerr=[lo, hi], marker="o", linestyle=style, capsize=3, label=mode)
+        ax.errorbar(
+            ks,
+            med,
+            yerr=[lo, hi],
+            color=colors[i % len(colors)],
+            marker=_MARKERS[(i // len(colors)) % len(_MARKERS)],
+            linestyle=style,
+            capsize=3,
+            label=mode,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(data["tasks"])
     ax.set_xticklabels([str(k) for k in data["tasks"]])

@@ -1,9 +1,9 @@
 """Sections: the modes of each section, its set-up, and its interleaved timing run per K.
 
-* ``rep``: sparse tables, every balancer at the representation level, MARIGOLD and exact MGDA at
-  the parameter level, MGDA-UB with a ``ConflictTracker``;
-* ``param``: dense tables, every balancer at the parameter level, MGDA-UB and MultiBalance at the
-  representation level, the peers (TorchJD, torch-rechub);
+* ``rep``: sparse tables, every balancer of ``--balancers`` at the representation level,
+  MARIGOLD and exact MGDA at the parameter level, MGDA-UB with a ``ConflictTracker``;
+* ``param``: dense tables, every balancer of ``--balancers`` at the parameter level, MGDA-UB and
+  MultiBalance at the representation level, the peers (TorchJD, torch-rechub);
 * ``h2h``: dense tables, our MGDA against TorchJD's;
 * ``overhead``: the small model of :data:`~experiments.bench.model.OVERHEAD_MODEL`, every
   balancer at the representation level, plus the host syncs per backward.
@@ -24,7 +24,12 @@ from experiments.bench.model import (
     build_group,
     make_embedding,
 )
-from experiments.bench.modes import ModeSpec, count_backward_syncs, make_mode
+from experiments.bench.modes import (
+    ModeSpec,
+    count_backward_syncs,
+    make_mode,
+    uses_task_gradients,
+)
 from experiments.bench.peers import TORCHJD_AGGREGATORS
 from experiments.bench.progress import Progress
 from experiments.bench.timing import TimingResult, device_clock, interleaved_timings, ratio_summary
@@ -192,8 +197,10 @@ def memory_guard(spec: ModeSpec, per_task_bytes: int, k: int, device: str = "cpu
     Estimate: 3 dense copies of the K per-task gradients (the gradients, their stacked rows or
     TorchJD's concatenated Jacobian, and the float64/vmap temporaries).
     """
-    if spec.level != "parameters" or spec.kind == "plain" or spec.method == "marigold":
+    if spec.level != "parameters" or spec.kind == "plain":
         return None
+    if spec.kind in ("ours", "tracker") and not uses_task_gradients(spec.method):
+        return None  # MARIGOLD and the loss-level methods: no per-task gradient
     if spec.kind == "torchjd" and not spec.include_embeddings:
         return None
     need = 3 * k * per_task_bytes

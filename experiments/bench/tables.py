@@ -47,6 +47,11 @@ def _header(results: dict[str, Any], cuda: bool) -> list[str]:
         f"batch {c['batch_size']}; Adam (dense) + {c['table_optimizer']} (tables)"
     )
     lines.append("")
+    if meta.get("balancers"):
+        lines.append(f"Balancers: {', '.join(meta['balancers'])}")
+        lines.append("")
+    for name, why in (meta.get("unavailable_balancers") or {}).items():
+        lines.append(f"> note: balancer {name} not available, not run ({why})")
     for key, p in results["peers"].items():
         if not p["available"]:
             lines.append(f"> note: {key} not available ({p['reason']})")

@@ -44,10 +44,13 @@ class ConflictTracker:
     Call :meth:`update` after every balanced backward pass; on sampled steps
     (``step % every == 0``) it reads ``info.gram`` and ``info.weights`` and appends one flat
     record to :attr:`history` (no extra backward pass: the overhead is a K x K eigenvalue
-    problem). Methods that do not need the Gram matrix (``EqualWeight``, ``MARIGOLD``) leave
-    ``info.gram`` at ``None``: build them with ``compute_gram=True`` to get diagnostics. A sampled
-    step without a Gram matrix is recorded with ``status="no_gram"`` and NaN metrics, counted in
-    :attr:`num_no_gram`, and warned about once; a step the optimizer skipped because of a
+    problem). Methods that do not need the Gram matrix (``EqualWeight``, ``MARIGOLD``, the
+    loss-level methods ``UW``, ``DWA``, ``RLW``, ``GLS``, ``FAMO``; any class with
+    ``requires_gram = False``) leave ``info.gram`` at ``None``: build them with
+    ``compute_gram=True`` to get diagnostics (MARIGOLD never computes one). A sampled step
+    without a Gram matrix is recorded with ``status="no_gram"`` and NaN Gram metrics, but with
+    its losses and weights (learned weights such as UW's, GradNorm's or FAMO's are
+    ``info.weights`` like any other), counted in :attr:`num_no_gram`, and warned about once; a step the optimizer skipped because of a
     non-finite loss or gradient (``info.skipped``) is recorded with ``status="skipped"``.
 
     Optionally, :meth:`update_parameter_level` computes the Gram matrix of the task gradients
@@ -193,8 +196,9 @@ class ConflictTracker:
                 self._warned_no_gram = True
                 warnings.warn(
                     f"ConflictTracker: BalanceInfo.gram is None at step {step}; the metrics of "
-                    "sampled steps are recorded as NaN. Methods that do not need the Gram matrix "
-                    "(EqualWeight, MARIGOLD) compute it for diagnostics when built with "
+                    "sampled steps are recorded as NaN (their losses and weights are kept). "
+                    "Methods that do not need the Gram matrix (EqualWeight, the loss-level "
+                    "methods UW, DWA, RLW, GLS, FAMO) compute it for diagnostics when built with "
                     "compute_gram=True.",
                     RuntimeWarning,
                     stacklevel=2,
