@@ -38,6 +38,7 @@ from ._checks import (
     check_representation,
     check_trunk,
 )
+from ._finite import nonfinite_params
 from ._graph import GraphAnalysis, analyse_graph
 from ._host import to_host
 from ._info import BalanceInfo, NonFiniteError
@@ -252,7 +253,7 @@ class BalancedOptimizer(Optimizer):
             bad = to_host(window.flags)[0]
             assert bad is not None
             if bad.any():
-                reject(self, window, [p for p, b in zip(window.params, bad) if b])
+                reject(self, window, nonfinite_params(window.params))
                 return None
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._checks import check_reached
 from ._combine import register_grad_hook, sum_backward
-from ._finite import nonfinite_flags
+from ._finite import nonfinite_flag
 from ._graph import depends_on
 from ._host import to_host
 from ._info import BalanceInfo
@@ -54,7 +54,8 @@ def backward_plain(
     if level == "representation":
 
         def check(grad: Tensor) -> None:
-            flags.append(nonfinite_flags([grad]))
+            # the incoming gradient is autograd's own tensor: read it, never scale it in place
+            flags.append((~torch.isfinite(grad).all()).to(torch.float64).reshape(1))
 
         handles = [register_grad_hook(z, check) for z in blocks]
     try:
@@ -65,7 +66,7 @@ def backward_plain(
     # every gradient the backward wrote, and the one arriving at the balance point
     grads = [p.grad for p in opt._params()]
     if any(g is not None for g in grads):
-        flags.append(nonfinite_flags(grads))
+        flags.append(nonfinite_flag(grads))
     bad = torch.cat(flags).amax().reshape(1) if flags else values.new_zeros(1)
     # one collective and one transfer: the flag travels with the losses (a mean over ranks
     # is positive when any rank saw a non-finite gradient)

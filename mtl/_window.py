@@ -2,7 +2,7 @@
 
 A *window* is the backward calls since the last ``step``/``zero_grad``. It remembers what a
 rejected step must restore (the ``.grad`` that were ``None``, the balancer state, the step
-count) and the device flags of the gradients it wrote (:func:`mtl._finite.nonfinite_flags`).
+count) and the device flags of the gradients it wrote (:func:`mtl._finite.nonfinite_flag`).
 :meth:`mtl.BalancedOptimizer.step` reads those flags once (the ``found_inf`` pattern of
 ``torch.amp``) or hands them to a fused optimizer, whose verdict then *rides along* with the next
 step's one host transfer (:func:`riders`, :func:`settle`).
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._finite import nonfinite_flags
+from ._finite import nonfinite_flag
 from ._info import NonFiniteError
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ __all__ = [
 class Window:
     """The backward calls since the last ``step``/``zero_grad``: the parameters whose ``.grad``
     was ``None`` before the first, the balancer state and step count before it, and the device
-    flags of the gradients written (:func:`mtl._finite.nonfinite_flags`) for ``step`` to read."""
+    flags of the gradients written (:func:`mtl._finite.nonfinite_flag`) for ``step`` to read."""
 
     fresh: list[Tensor]
     snapshot: dict[str, Any] | None
@@ -96,7 +96,7 @@ def close_window(opt: BalancedOptimizer) -> None:
     if all(g is None for g in grads):
         window.flags, window.params = None, []
         return
-    flags = nonfinite_flags(grads)
+    flags = nonfinite_flag(grads)
     active, group = opt._group()
     if active:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
