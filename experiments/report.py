@@ -30,6 +30,18 @@ DISPLAY_NAMES = {
     "gradops": "GradOPS",
     "pcgrad": "PCGrad",
     "marigold": "MARIGOLD",
+    "uw": "UW",
+    "dwa": "DWA",
+    "rlw": "RLW",
+    "gls": "GLS",
+    "famo": "FAMO",
+    "gradnorm": "GradNorm",
+    "imtlg": "IMTL-G",
+    "cagrad": "CAGrad",
+    "nashmtl": "Nash-MTL",
+    "alignedmtl": "Aligned-MTL",
+    "upgrad": "UPGrad",
+    "multibalance_s": "MultiBalance [S]",
 }
 
 HIGHER_IS_BETTER = {"auc": True, "log_loss": False, "ne": False, "mse": False, "loss": False}
