@@ -45,7 +45,6 @@ from ._info import BalanceInfo, NonFiniteError
 from ._parameter_level import backward_parameters
 from ._representation_level import backward_representation
 from ._single_pass import backward_losses, backward_plain
-from ._transfer import host_grams, reduce_over_ranks
 from ._window import (
     Window,
     clone,
@@ -54,8 +53,7 @@ from ._window import (
     mark_overflow,
     open_window,
     reject,
-    riders,
-    settle,
+    step_transfer,
 )
 
 __all__ = ["BalancedOptimizer"]
@@ -186,7 +184,7 @@ class BalancedOptimizer(Optimizer):
         # a window whose step a fused inner optimizer took with the flags on the device: its
         # verdict reaches the host with the next transfer (or at state_dict())
         self._unsettled: Window | None = None
-        self._rider_layout: tuple[bool, int] = (False, 0)  # what _riders() packed
+        self._rider_layout: tuple[bool, int] = (False, 0)  # what riders() packed
         self._rows_cache: tuple[list[Any], list[Tensor]] | None = None
 
         # param_groups/state/defaults are forwarded to the inner optimizer (properties below)
@@ -267,14 +265,6 @@ class BalancedOptimizer(Optimizer):
     def _receive_deferred(self, values: np.ndarray) -> None:
         """The host copy of :meth:`_deferred_values` (see there)."""
 
-    def _riders(self) -> Tensor | None:
-        """Device values for this step's one transfer (:func:`mtl._window.riders`)."""
-        return riders(self)
-
-    def _settle(self, host: np.ndarray | None) -> None:
-        """Unpack the host copy of :meth:`_riders` (:func:`mtl._window.settle`)."""
-        settle(self, host)
-
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_rows_cache"] = None  # a scratch buffer, not state
@@ -295,7 +285,7 @@ class BalancedOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus a ``"balancer"`` entry with the balancer state."""
         if self._unsettled is not None or self._deferred_values() is not None:
-            self._settle(to_host(self._riders())[0])  # a checkpoint holds settled state
+            step_transfer(self)  # a checkpoint holds settled state
         sd = self.optimizer.state_dict()
         sd["balancer"] = {
             "method": type(self).__name__,
@@ -585,23 +575,6 @@ class BalancedOptimizer(Optimizer):
             return False, None
         group = None if self.process_group == "auto" else self.process_group
         return dist.get_world_size(group) > 1, group
-
-    def _reduce(
-        self, values: Tensor, block_grams: Tensor | None, gram_power: int = 2
-    ) -> tuple[Tensor, Tensor | None]:
-        """Losses and Gram matrices reduced over ranks (:func:`mtl._transfer.reduce_over_ranks`)."""
-        return reduce_over_ranks(self, values, block_grams, gram_power)
-
-    def _host_grams(
-        self,
-        values: Tensor,
-        block_grams: Tensor,
-        rows: Sequence[Tensor],
-        zero_rows: Sequence[set[int]],
-        gram_power: int = 2,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The step's one transfer of losses and Gram matrices (:func:`mtl._transfer.host_grams`)."""
-        return host_grams(self, values, block_grams, rows, zero_rows, gram_power)
 
     # -- weights
     def _weights(

@@ -17,6 +17,7 @@ from ._gram import combine_rows, device_gram, task_rows
 from ._host import to_device
 from ._info import BalanceInfo
 from ._representation_level import row_buffers
+from ._transfer import transfer_grams
 from ._window import close_window
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ def backward_parameters(
     piece_rows = [blk.piece(j) for blk, j in pieces]
     zero = [blk.zero_rows(j) for blk, j in pieces]
     grams = torch.stack([device_gram(r) for r in piece_rows])
-    host_values, host_grams = opt._host_grams(values, grams, piece_rows, zero, gram_power=0)
+    host_values, host_grams = transfer_grams(opt, values, grams, piece_rows, zero, gram_power=0)
     verdict = opt._decide("parameters", host_values, host_grams)
     if verdict is not None:
         return verdict

@@ -18,6 +18,7 @@ from ._combine import accumulate_head_grads, register_grad_hook, replace_grad, s
 from ._gram import device_gram
 from ._host import to_device
 from ._info import BalanceInfo
+from ._transfer import transfer_grams
 from ._window import close_window
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def backward_representation(
     heads = opt._split_heads(analysis)
     rows, head_grads, zeros = representation_rows(opt, losses, blocks, heads)
     grams = torch.stack([device_gram(r) for r in rows])
-    host_values, host_grams = opt._host_grams(values, grams, rows, zeros)
+    host_values, host_grams = transfer_grams(opt, values, grams, rows, zeros)
     verdict = opt._decide("representation", host_values, host_grams)
     if verdict is not None:
         return verdict

@@ -19,14 +19,28 @@ from ._checks import check_reached
 from ._combine import register_grad_hook, sum_backward
 from ._finite import nonfinite_flag
 from ._graph import depends_on
-from ._host import to_host
 from ._info import BalanceInfo
-from ._window import close_window, riders, settle
+from ._transfer import reduce_over_ranks
+from ._window import close_window, step_transfer
 
 if TYPE_CHECKING:
     from ._optimizer import BalancedOptimizer
 
 __all__ = ["backward_losses", "backward_plain"]
+
+
+def _check_reached(
+    opt: BalancedOptimizer,
+    losses: list[Tensor],
+    blocks: list[Tensor],
+    level: Literal["representation", "parameters"],
+) -> None:
+    """Every loss reaches the balance point (representation level: one walk of the graph that
+    also checks the trunk; parameter level: some shared parameter)."""
+    if level == "representation":
+        opt._analyse(losses, blocks)
+    else:
+        check_reached(depends_on(losses, blocks), opt._name, parameters=True)
 
 
 def backward_plain(
@@ -43,10 +57,7 @@ def backward_plain(
     hook; parameter level: the shared ``.grad``) is finite. The losses and that finiteness
     flag reach the host in one transfer, after the backward.
     """
-    if level == "representation":
-        opt._analyse(losses, blocks)
-    else:
-        check_reached(depends_on(losses, blocks), opt._name, parameters=True)
+    _check_reached(opt, losses, blocks, level)
     # the weights depend on neither gradients nor losses (see _plain_backward_is_exact)
     weights, _, extras = opt._weights(np.ones(len(losses)), None, len(blocks))
     flags: list[Tensor] = []
@@ -70,10 +81,9 @@ def backward_plain(
     bad = torch.cat(flags).amax().reshape(1) if flags else values.new_zeros(1)
     # one collective and one transfer: the flag travels with the losses (a mean over ranks
     # is positive when any rank saw a non-finite gradient)
-    packed, _ = opt._reduce(torch.cat([values, bad]), None)
-    host, pending = to_host(packed, riders(opt))
+    packed, _ = reduce_over_ranks(opt, torch.cat([values, bad]), None)
+    (host,) = step_transfer(opt, packed)
     assert host is not None
-    settle(opt, pending)
     k = values.shape[0]
     verdict = opt._decide(level, host[:k], None, bool(host[k] == 0.0))
     if verdict is not None:
@@ -93,14 +103,10 @@ def backward_losses(
     is written, so a non-finite loss leaves ``.grad`` alone), the weights are computed
     there, and ONE backward of ``sum_k c_k L_k`` writes every gradient; those are checked
     on the device and read at :meth:`step` (or by a fused optimizer)."""
-    if level == "representation":
-        opt._analyse(losses, blocks)
-    else:
-        check_reached(depends_on(losses, blocks), opt._name, parameters=True)
-    reduced, _ = opt._reduce(values, None)
-    host_values, pending = to_host(reduced, riders(opt))
+    _check_reached(opt, losses, blocks, level)
+    reduced, _ = reduce_over_ranks(opt, values, None)
+    (host_values,) = step_transfer(opt, reduced)
     assert host_values is not None
-    settle(opt, pending)
     verdict = opt._decide(level, host_values, None)
     if verdict is not None:
         return verdict

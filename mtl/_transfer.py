@@ -19,11 +19,12 @@ from torch import Tensor
 
 from ._gram import rescaled_gram, suspect_rows
 from ._host import to_host
+from ._window import step_transfer
 
 if TYPE_CHECKING:
     from ._optimizer import BalancedOptimizer
 
-__all__ = ["host_grams", "reduce_over_ranks"]
+__all__ = ["reduce_over_ranks", "transfer_grams"]
 
 
 def reduce_over_ranks(
@@ -50,7 +51,7 @@ def reduce_over_ranks(
     return packed[:k] / world, packed[k:].reshape(block_grams.shape) / world**gram_power
 
 
-def host_grams(
+def transfer_grams(
     opt: BalancedOptimizer,
     values: Tensor,
     block_grams: Tensor,
@@ -65,9 +66,8 @@ def host_grams(
     again: a second transfer, on such rare steps only.
     """
     reduced_values, reduced = reduce_over_ranks(opt, values, block_grams, gram_power)
-    host_values, host_grams, pending = to_host(reduced_values, reduced, opt._riders())
+    host_values, host_grams = step_transfer(opt, reduced_values, reduced)
     assert host_values is not None and host_grams is not None
-    opt._settle(pending)
     if not np.isfinite(host_values).all():
         return host_values, host_grams
     redo = [

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._finite import nonfinite_flag
+from ._host import to_host
 from ._info import NonFiniteError
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ __all__ = [
     "riders",
     "settle",
     "settle_fused",
+    "step_transfer",
 ]
 
 
@@ -119,6 +121,15 @@ def fused_step(opt: BalancedOptimizer, window: Window, closure: Callable[[], flo
     return out
 
 
+def step_transfer(opt: BalancedOptimizer, *parts: Tensor | None) -> list[np.ndarray | None]:
+    """The step's ONE host read: ``parts`` (as :func:`mtl._host.to_host`) together with the
+    values riding along (:func:`riders`), which are settled (:func:`settle`) before the caller
+    sees the rest."""
+    host = to_host(*parts, riders(opt))
+    settle(opt, host.pop())
+    return host
+
+
 def riders(opt: BalancedOptimizer) -> Tensor | None:
     """Device values that ride along with this step's one transfer: the verdict on a step
     a fused optimizer took unchecked, then the method's deferred values."""
@@ -133,7 +144,7 @@ def riders(opt: BalancedOptimizer) -> Tensor | None:
 
 
 def settle(opt: BalancedOptimizer, host: np.ndarray | None) -> None:
-    """Unpack :meth:`_riders`' host copy: settle the fused step's verdict, then hand the
+    """Unpack the host copy of :func:`riders`: settle the fused step's verdict, then hand the
     method its deferred values."""
     has_flag, n = getattr(opt, "_rider_layout", (False, 0))
     opt._rider_layout = (False, 0)

@@ -18,7 +18,7 @@ from mtl import BalancedOptimizer, BalanceInfo, depends_on
 from mtl._autocast import autocast_off, forward_autocast
 from mtl._checks import check_closure_losses, check_reached, check_trunk
 from mtl._graph import analyse_graph
-from mtl._host import to_host
+from mtl._window import step_transfer
 
 from .._options import check_choice, check_positive
 from .._rng import pcg64, rng_from_state, rng_from_torch_state
@@ -513,9 +513,8 @@ class MARIGOLD(BalancedOptimizer):
 
         Returns ``(loss sums (K,), closure loss sums (calls, K), scalars)``."""
         (summed,) = self._reduce_parts([(torch.cat([values, *raw]), 0)])
-        host_sums, host_scalars, pending = to_host(summed, torch.stack(scalars), self._riders())
+        host_sums, host_scalars = step_transfer(self, summed, torch.stack(scalars))
         assert host_sums is not None and host_scalars is not None
-        self._settle(pending)
         return host_sums[:k], host_sums[k:].reshape(-1, k), host_scalars
 
     def _fd_estimate(
