@@ -18,8 +18,13 @@ from .gradnorm import GradNorm, gradnorm_step
 from .gradops import GradOPS, gradops_coefficients, gradops_projections, gradops_tradeoff_weights
 from .imtlg import IMTLG, imtlg_weights
 from .marigold import MARIGOLD
-from .mgda import MGDA, mgda_weights
-from .multibalance import MultiBalance, multibalance_weights, update_norm_averages
+from .mgda import MGDA, MGDACollapseWarning, collapsed_tasks, mgda_weights
+from .multibalance import (
+    MultiBalance,
+    MultiBalanceClampWarning,
+    multibalance_weights,
+    update_norm_averages,
+)
 from .multibalance_s import MultiBalanceS, multibalance_s_step
 from .nashmtl import NashMTL, nashmtl_weights
 from .pcgrad import PCGrad, pcgrad_coefficients, pcgrad_orders, pcgrad_projections
@@ -63,6 +68,9 @@ __all__ = [
     "gradops_tradeoff_weights",
     "imtlg_weights",
     "mgda_weights",
+    "MGDACollapseWarning",
+    "collapsed_tasks",
+    "MultiBalanceClampWarning",
     "min_norm_weights",
     "multibalance_s_step",
     "multibalance_weights",

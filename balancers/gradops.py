@@ -448,6 +448,11 @@ class GradOPS(BalancedOptimizer):
             :func:`gradops_projections`.
         **kwargs: options of :class:`mtl.BalancedOptimizer`.
 
+    ``BalanceInfo.weights`` are *coefficients* ``c`` with ``G' = sum_i c_i g_i`` (the projected
+    update expanded over the original gradients; ``weights_kind = "coefficients"``): they can be
+    negative and large when the gradients are nearly dependent, e.g. ``[26, -105, 1]``. The
+    trade-off weights ``w`` are in ``extras["tradeoff_weights"]``.
+
     ``BalanceInfo.extras``: ``tradeoff_weights``, ``ratios``, ``fallback`` (bool),
     ``projections``, ``vanished``, ``projected``, ``solver``, ``rank``, ``cond``. The number of
     steps on which the fallback fired is kept in ``balancer_state["num_fallbacks"]``
@@ -456,6 +461,8 @@ class GradOPS(BalancedOptimizer):
     Cost: the per-task gradients and their Gram matrix (done by the base class) plus
     ``O(K^3)`` on a ``K x K`` matrix; no projected gradient is materialised.
     """
+
+    weights_kind = "coefficients"
 
     def __init__(
         self,

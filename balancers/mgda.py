@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -14,7 +15,7 @@ from ._host import check_gram, device_of, host_array, to_torch
 from ._min_norm import _min_norm_weights_np
 from ._options import check_choice
 
-__all__ = ["MGDA", "mgda_weights"]
+__all__ = ["MGDA", "MGDACollapseWarning", "mgda_weights", "collapsed_tasks"]
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -37,6 +38,30 @@ def _scales_np(normalization: str, gram: np.ndarray, losses: np.ndarray, eps: fl
         s = losses * norms
     # a zero gradient (or zero loss) stays zero after normalisation instead of dividing by zero
     return np.where(s > eps, s, 1.0)
+
+
+class MGDACollapseWarning(UserWarning):
+    """MGDA has given a task (almost) no weight for many steps while the task still has a
+    gradient: the min-norm point ignores the task with the largest gradient."""
+
+
+def collapsed_tasks(
+    c: np.ndarray, gram: np.ndarray, losses: np.ndarray, *, tol: float = 1e-3, gap: float = 10.0
+) -> np.ndarray:
+    """Mask of the tasks MGDA leaves (almost) untrained at this step.
+
+    With the update ``d = sum_j c_j g_j`` (``|d|^2 = c^T M c``), task ``k`` is *collapsed* when
+    ``c_k <= tol * max_j c_j``, its gradient is much larger than the update
+    (``|g_k| >= gap * |d| > 0``) and its loss is not zero. MGDA still guarantees
+    ``g_k . d >= |d|^2``, but the task then moves at a rate ``|d| / |g_k|`` of its own gradient:
+    with losses of different scales (a raw-unit regression next to a click-through BCE) the
+    largest-scale task is trained through the shared part at a thousandth of its pace. A task
+    whose gradient is small (converged) or close to the update is never flagged.
+    """
+    norms = np.sqrt(np.clip(np.diagonal(gram), 0.0, None))
+    d = float(np.sqrt(max(float(c @ gram @ c), 0.0)))
+    small = c <= tol * max(float(np.max(c)), 0.0)
+    return np.asarray(small & (d > 0) & (norms >= gap * d) & (losses != 0), dtype=bool)
 
 
 def _mgda_weights_np(
@@ -118,9 +143,16 @@ class MGDA(BalancedOptimizer):
             normalisation before the solve (reference code, Sec. 6.5 of methods.md).
         normalized_update: apply ``alpha_k / s_k`` instead of ``alpha_k`` (default ``False``).
         max_iter, tol: solver options (see :func:`balancers.min_norm_weights`).
+        collapse_steps: warn (:class:`MGDACollapseWarning`, once per task) when a task has been
+            *collapsed* (:func:`collapsed_tasks`: ``c_k ~ 0`` while its gradient is 10x larger
+            than the update and its loss is not zero) for this many consecutive steps (default 20; ``None``
+            never warns). This is MGDA's documented behaviour under mismatched loss scales,
+            not an error: the message points to ``normalization=``.
         **kwargs: options of :class:`mtl.BalancedOptimizer`.
 
-    ``BalanceInfo.extras``: ``alpha`` (simplex weights) and ``scales``.
+    ``BalanceInfo.extras``: ``alpha`` (simplex weights), ``scales`` and ``collapsed`` (the mask
+    of :func:`collapsed_tasks` at this step). The consecutive-step counters behind the warning
+    are a diagnostic, not part of the checkpointed state.
     """
 
     def __init__(
@@ -132,14 +164,26 @@ class MGDA(BalancedOptimizer):
         normalized_update: bool = False,
         max_iter: int | None = None,
         tol: float = 1e-14,
+        collapse_steps: int | None = 20,
         **kwargs: Any,
     ) -> None:
         check_choice("normalization", normalization, _NORMALIZATIONS)
+        bad_steps = isinstance(collapse_steps, bool) or (
+            collapse_steps is not None
+            and (int(collapse_steps) != collapse_steps or collapse_steps < 1)
+        )
+        if bad_steps:
+            raise ValueError(
+                f"collapse_steps must be a positive int or None, got {collapse_steps!r}"
+            )
         super().__init__(optimizer, num_tasks, **kwargs)
         self.normalization = normalization
         self.normalized_update = bool(normalized_update)
         self.max_iter = max_iter
         self.tol = tol
+        self.collapse_steps = None if collapse_steps is None else int(collapse_steps)
+        self._collapse_run: np.ndarray | None = None
+        self._collapse_warned: set[int] = set()
 
     def _repr_options(self) -> str:
         return (
@@ -163,4 +207,33 @@ class MGDA(BalancedOptimizer):
             max_iter=self.max_iter,
             tol=self.tol,
         )
-        return c, {"alpha": alpha, "scales": scales}
+        collapsed = collapsed_tasks(c, gram, losses)
+        self._watch_collapse(collapsed, losses)
+        return c, {"alpha": alpha, "scales": scales, "collapsed": collapsed}
+
+    def _watch_collapse(self, collapsed: np.ndarray, losses: np.ndarray) -> None:
+        """Count consecutive collapsed steps per task; warn once per task at ``collapse_steps``."""
+        if self.collapse_steps is None:
+            return
+        run = getattr(self, "_collapse_run", None)
+        if run is None or run.shape != collapsed.shape:
+            run = np.zeros(collapsed.shape, dtype=np.int64)
+        run = np.where(collapsed, run + 1, 0)
+        self._collapse_run = run
+        warned: set[int] = getattr(self, "_collapse_warned", set())
+        self._collapse_warned = warned
+        for k in np.flatnonzero(run >= self.collapse_steps).tolist():
+            if k in warned:
+                continue
+            warned.add(k)
+            warnings.warn(
+                f"MGDA has given {self._name(k)} ~zero weight for {int(run[k])} consecutive "
+                f"steps while its loss is {float(losses[k]):.4g} and its gradient is over 10x "
+                "the update: the min-norm point ignores the task with the largest gradient, "
+                "which happens when the losses have different scales (a raw-unit regression "
+                "next to a BCE). This is MGDA's documented behaviour; to balance the scales "
+                f"pass normalization='l2' (or 'loss+') (now {self.normalization!r}), or use "
+                "MultiBalance / IMTL-G.",
+                MGDACollapseWarning,
+                stacklevel=2,
+            )

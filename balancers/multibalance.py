@@ -12,6 +12,7 @@ anchor and moving-average placement are a reconstruction ([R] in
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,7 +27,12 @@ from ._host import check_gram, device_of, host_array, to_torch
 from ._min_norm import _min_norm_weights_np
 from ._options import check_choice
 
-__all__ = ["MultiBalance", "multibalance_weights", "update_norm_averages"]
+__all__ = [
+    "MultiBalance",
+    "MultiBalanceClampWarning",
+    "multibalance_weights",
+    "update_norm_averages",
+]
 
 Strategy = Literal["A", "B", "C"]
 Anchor = int | Literal["mean", "max", "min"] | None
@@ -167,7 +173,7 @@ def multibalance_weights(
     strategy: Strategy = "C",
     anchor: Anchor = None,
     eps: float = 1e-12,
-    clamp: tuple[float, float] | None = (0.1, 10.0),
+    clamp: tuple[float, float] | None = None,
 ) -> Tensor:
     """MetaBalance/MultiBalance weights from moving averages of gradient norms (pure function).
 
@@ -195,7 +201,7 @@ def multibalance_weights(
         strategy: ``"A"``, ``"B"`` or ``"C"`` (default).
         anchor: a task index, ``None``/``"mean"`` (default), ``"max"`` or ``"min"``.
         eps: added to ``m_k`` in the denominator (default 1e-12; 0 allowed).
-        clamp: ``(low, high)`` with ``0 <= low <= 1 <= high`` (default ``(0.1, 10.0)``), or None.
+        clamp: ``(low, high)`` with ``0 <= low <= 1 <= high``, or None (default: unbounded).
 
     Returns:
         float64 weights of the shape of ``norms_ma``, on its device (CPU for NumPy input).
@@ -287,6 +293,10 @@ def _mgda_block(gram: np.ndarray, present: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- the optimizer
+class MultiBalanceClampWarning(UserWarning):
+    """MultiBalance's ``clamp`` changed a weight: the balance is partial."""
+
+
 class MultiBalance(BalancedOptimizer):
     """Moving-average gradient-magnitude balancing toward an anchor magnitude (MultiBalance).
 
@@ -310,7 +320,7 @@ class MultiBalance(BalancedOptimizer):
     clicks): its observation is skipped (the moving average is not dragged toward 0); a task
     never observed yet (``t_k = 0``, e.g. all-zero at step 1) gets weight 1 and is left out of
     the symmetric statistics; if ``m_ref`` is 0 (anchor never observed) the block gets all ones.
-    Weights are always finite (``eps`` and the clamp).
+    Weights are always finite (``eps``; ratios are capped at the largest float64).
 
     Fidelity: MetaBalance (WWW'22, Algorithm 2) is verified; with ``shared_parameters=``,
     ``anchor=0`` (the first loss is the target), ``strategy="C"``, ``clamp=None`` and
@@ -328,7 +338,12 @@ class MultiBalance(BalancedOptimizer):
         anchor: ``None`` (default) = ``"mean"`` of the tasks' averages [R]; ``"max"``,
             ``"min"``; or a task index (MetaBalance target task, keeps weight 1).
         eps: added to the denominator (default 1e-12).
-        clamp: ``(low, high)`` bounds of the weights (default ``(0.1, 10.0)`` [R]) or ``None``.
+        clamp: ``(low, high)`` bounds of the weights, or ``None`` (default: unbounded). A
+            bound caps the weight ratio between tasks at ``high / low``; a 2000x gradient-norm
+            gap (a raw-unit regression next to a BCE) then stays mostly unbalanced. When a bound
+            binds, the step warns once (:class:`MultiBalanceClampWarning`) and
+            ``extras["clamped"]`` marks the capped weights. Earlier releases defaulted to
+            ``(0.1, 10.0)`` [R]; the weights are finite without it (``eps``).
         skip_empty: relative threshold of the empty-task rule (default 1e-6 [R]); ``0`` skips
             only exactly-zero gradients; ``None`` never skips (exact MetaBalance).
         rule: ``"magnitude"`` (default, the reconstruction above) or ``"mgda"``: MGDA-UB
@@ -344,7 +359,8 @@ class MultiBalance(BalancedOptimizer):
     ``BalanceInfo.weights``: ``(K,)`` with a single block, ``(blocks, K)`` otherwise.
     ``BalanceInfo.extras``: ``norms`` (``n``), ``norms_ma`` (``m``, the state after the update),
     ``norms_effective`` (``m~``), ``reference`` (``m_ref``), ``updated`` (mask of updated
-    averages); with ``rule="mgda"``: ``alpha`` (this step's min-norm weights). Shapes follow
+    averages), ``clamped`` (with a ``clamp``: the weights it changed); with ``rule="mgda"``:
+    ``alpha`` (this step's min-norm weights). Shapes follow
     ``weights`` (``reference``: a scalar or ``(blocks,)``).
 
     State (``state_dict()["balancer"]["state"]``): ``norms_ma`` ``(blocks, K)`` float64,
@@ -365,7 +381,7 @@ class MultiBalance(BalancedOptimizer):
         strategy: Strategy = "C",
         anchor: Anchor = None,
         eps: float = 1e-12,
-        clamp: tuple[float, float] | Sequence[float] | None = (0.1, 10.0),
+        clamp: tuple[float, float] | Sequence[float] | None = None,
         skip_empty: float | None = 1e-6,
         rule: Rule = "magnitude",
         mgda_ema: bool = False,
@@ -382,6 +398,22 @@ class MultiBalance(BalancedOptimizer):
         super().__init__(optimizer, num_tasks, **kwargs)
         self.anchor = _check_anchor(anchor, self.num_tasks)
         self._host_state: dict[str, tuple[Tensor, np.ndarray]] = {}
+
+    def _warn_clamped(self, raw: np.ndarray, clamped: np.ndarray) -> None:
+        """Warn once per optimizer the first time the clamp changes a weight."""
+        if not clamped.any() or getattr(self, "_clamp_warned", False):
+            return
+        self._clamp_warned = True
+        assert self.clamp is not None
+        warnings.warn(
+            f"MultiBalance clamp={self.clamp} capped its weights (unclamped "
+            f"{np.round(raw[clamped], 4).tolist()}): the task gradients differ in magnitude "
+            f"by more than the clamp allows ({self.clamp[1] / max(self.clamp[0], 1e-300):.3g}x), "
+            "so the balance is partial. Pass clamp=None (the default) to balance fully; "
+            "extras['clamped'] marks the capped weights at each step.",
+            MultiBalanceClampWarning,
+            stacklevel=2,
+        )
 
     def _repr_options(self) -> str:
         opts = (
@@ -504,14 +536,18 @@ class MultiBalance(BalancedOptimizer):
         new_state: dict[str, np.ndarray] = {"norms_ma": new_ma, "num_updates": counts}
         extras: dict[str, np.ndarray] = {}
         if self.rule == "magnitude":
-            weights = _multibalance_weights_np(
+            raw = _multibalance_weights_np(
                 effective,
                 relax_factor=self.relax_factor,
                 strategy=self.strategy,
                 anchor=self.anchor,
                 eps=self.eps,
-                clamp=self.clamp,
+                clamp=None,
             )
+            weights = raw if self.clamp is None else np.clip(raw, self.clamp[0], self.clamp[1])
+            if self.clamp is not None:
+                extras["clamped"] = weights != raw
+                self._warn_clamped(raw, extras["clamped"])
         else:
             alpha = np.stack([_mgda_block(block_grams[b], updated[b]) for b in range(num_blocks)])
             extras["alpha"] = alpha

@@ -253,11 +253,17 @@ class PCGrad(BalancedOptimizer):
             :func:`pcgrad_projections`). Default ``1e-30``.
         **kwargs: options of :class:`mtl.BalancedOptimizer`.
 
+    ``BalanceInfo.weights`` are *coefficients* ``c`` with ``sum_i g_i^PC = sum_i c_i g_i`` (the
+    projected update expanded over the original gradients; ``weights_kind = "coefficients"``):
+    any sign, and large when gradients are nearly opposite.
+
     ``BalanceInfo.extras``: ``orders`` (``(K, K)``, row ``i`` = visiting order for task ``i``),
     ``projected`` (``(K, K)`` bool) and ``num_projections``.
 
     Cost: the per-task gradients and their Gram matrix (base class) plus ``O(K^3)`` scalar work.
     """
+
+    weights_kind = "coefficients"
 
     accepts_seed = True
 

@@ -46,6 +46,7 @@ from tasks.registry import DataError
 from . import config as cfgmod
 from . import report
 from ._output import OutputDir, OutputError, atomic_write, locked
+from .tune_static import DEFAULT_GRID
 
 __all__ = ["main", "build_parser"]
 
@@ -68,7 +69,8 @@ Optional: data.delimiter (","), data.encoding ("utf-8"; a byte-order mark is ski
   e.g. latin-1), data.missing_values (["?", ""]), data.invalid_numbers ("error", or
   "missing": a numeric feature cell that is inf/nan or beyond the float32 range is imputed
   like a missing value), data.task_kinds ({"NAME": "regression"}), data.fractions
-  ([0.6, 0.2, 0.2]), data.name.
+  ([0.6, 0.2, 0.2]), data.name, data.group_column (a user/query id column, never an input;
+  adds GAUC to the tables).
 Example:
   python -m experiments compare --task csv --data-path clicks.csv --balancers equal,mgda \\
     --set 'data.numeric=["age", "watch_time"]' --set 'data.categorical=["city"]' \\
@@ -106,7 +108,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--level", choices=("representation", "parameters"), help="gradient source (train.level)"
     )
     p.add_argument("--device", help="torch device for training, e.g. cuda (train.device)")
-    p.add_argument("--group", help="census task group: 1, 2 or 3 (data.group)")
+    p.add_argument("--group", help="census task group: 1, 2, 3, mixed or mixed_sparse (data.group)")
     p.add_argument(
         "--regularizer",
         choices=("none", "scr", "lspr"),
@@ -183,6 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="train single-task baselines for Δm (default: the config's single_task)",
     )  # fmt: skip
     st.add_argument("--no-single-task", dest="single_task", action="store_false")
+    p.add_argument(
+        "--tuned-static", metavar="DIR",
+        help="also train the static weights found by `tune-static` (its output directory or "
+        "tuned.json) on these seeds: a row 'static weights (tuned, N runs)'",
+    )  # fmt: skip
+
+    p = sub.add_parser(
+        "tune-static",
+        help="grid-search fixed task weights on the validation set (the tuned static-weight "
+        "baseline; feed its --out to compare --tuned-static)",
+        **task_cmd,
+    )
+    _common(p)
+    p.add_argument(
+        "--grid", default=",".join(f"{v:g}" for v in DEFAULT_GRID), metavar="V1,V2,...",
+        help="values of each weight other than the anchor's (default %(default)s): "
+        "len(grid)**(K-1) training runs per tuning seed",
+    )  # fmt: skip
+    p.add_argument("--anchor", type=int, default=0, help="the task whose weight stays 1")
+    p.add_argument("--seeds", type=int, default=1, help="tuning seeds (default 1)")
+    p.add_argument("--first-seed", type=int, default=0)
 
     p = sub.add_parser("sweep", help="one balancer over values of one option", **task_cmd)
     _common(p)
@@ -221,7 +244,8 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     config = args.config
     if config is None and task == "census" and args.group is not None:
         # the group's own configuration, so its description and notes match the data
-        config = f"census_group{str(args.group).strip()}"
+        g = str(args.group).strip().lower().replace("-", "_")
+        config = f"census_group{g}" if g.isdigit() else f"census_{g}"
     try:
         cfg = cfgmod.load_config(config, task=task, overrides=args.set, validate=False)
     except cfgmod.ConfigError as e:
@@ -433,6 +457,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = _seeds(args, cfg)
     single = cfg.get("single_task", False) if args.single_task is None else args.single_task
     progress = False if args.quiet else None
+    extra = _tuned_variants(args, cfg) if cfg["task"] != "toy" else []
     with _output(_out_dir(args, f"compare-{cfg['task']}"), args.overwrite) as out:
         if cfg["task"] == "toy":
             from . import toy
@@ -444,9 +469,63 @@ def cmd_compare(args: argparse.Namespace) -> int:
         else:
             results = runner.run_compare(
                 cfg, names, seeds, single_task=bool(single), unavailable=unavailable,
-                progress=progress, log=console.log, jobs=args.jobs,
+                progress=progress, log=console.log, jobs=args.jobs, extra_variants=extra,
             )  # fmt: skip
         return _finish_compare(results, out, not args.no_plots, console)
+
+
+def _tuned_variants(args: argparse.Namespace, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``--tuned-static`` run, checked against this comparison's settings."""
+    if not getattr(args, "tuned_static", None):
+        return []
+    from .tune_static import load_tuned, tuned_label
+
+    try:
+        tuned = load_tuned(args.tuned_static, cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return [
+        {
+            "balancer": "equal",
+            "options": {"weights": tuned["weights"]},
+            "label": tuned_label(tuned["num_runs"]),
+        }
+    ]
+
+
+def cmd_tune_static(args: argparse.Namespace) -> int:
+    from . import tune_static
+
+    cfg = _config_from_args(args)
+    if cfg["task"] == "toy":
+        raise UsageError("tune-static needs a task with a validation split (not the toy)")
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    console = _Console(args.quiet)
+    try:
+        grid = [float(v) for v in str(args.grid).split(",") if v.strip()]
+    except ValueError as e:
+        raise UsageError(f"--grid must be comma-separated numbers, got {args.grid!r}") from e
+    seeds = _seeds(args, cfg)
+    progress = False if args.quiet else None
+    out_path = _out_dir(args, f"tune-static-{cfg['task']}")
+    assert out_path is not None
+    with OutputDir(out_path, overwrite=args.overwrite) as out:
+        try:
+            results = tune_static.run_tune_static(
+                cfg, seeds, grid=grid, anchor=args.anchor, progress=progress,
+                log=console.log, jobs=args.jobs,
+            )  # fmt: skip
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        table = tune_static.tune_table(results)
+        print(table, flush=True)
+        out.write("results.json", _json_text(results))
+        out.write(tune_static.TUNED_FILE, _json_text(results["tuned"]))
+        out.write("results.md", table)
+        written = ["results.json", tune_static.TUNED_FILE, "results.md"]
+        out.finish(written)
+        console.log(f"wrote {', '.join(str(out.file(w)) for w in written)}")
+    return 1 if any(r.get("error") for r in results.get("runs", [])) else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -471,6 +550,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             t0 = time.perf_counter()
             splits = runner.load_splits(cfg, args.seed)
+            cfg = runner.with_group_metrics(cfg, splits.has_groups)
             baselines: list[dict[str, Any]] = []
             if args.single_task:
                 baselines = runner.single_task_baselines(
@@ -618,6 +698,7 @@ _COMMANDS = {
     "sweep": cmd_sweep,
     "list": cmd_list,
     "report": cmd_report,
+    "tune-static": cmd_tune_static,
 }
 
 

@@ -106,7 +106,7 @@ def plot_weights(results: Mapping[str, Any], path: Path) -> Path:
     cfg = results.get("config", {})
     level = cfg.get("train", {}).get("level", "representation")
     runs = [r for r in results.get("runs", []) if r.get("weights_trace")]
-    bals = list(dict.fromkeys(r["balancer"] for r in runs))
+    bals = list(dict.fromkeys(report.variant_of(r) for r in runs))
     names = [t["name"] for t in results.get("tasks", [])]
     k_max = max([len(names)] + [len(ws) for r in runs for _, ws in r["weights_trace"][:1]])
     rows, cols = _grid(max(1, len(bals)))
@@ -114,21 +114,23 @@ def plot_weights(results: Mapping[str, Any], path: Path) -> Path:
     colors = _palette(k_max)
     for i, b in enumerate(bals):
         ax = axes[i // cols][i % cols]
-        for j, r in enumerate(r for r in runs if r["balancer"] == b):
+        for j, r in enumerate(r for r in runs if report.variant_of(r) == b):
             steps = [s for s, _ in r["weights_trace"]]
             w = np.asarray([ws for _, ws in r["weights_trace"]], dtype=float)
             for k in range(w.shape[1]):
                 label = (names[k] if k < len(names) else f"task {k}") if j == 0 else None
                 ax.plot(steps, w[:, k], color=colors[k % len(colors)], alpha=0.8 if j == 0 else 0.35,
                         lw=1.2, label=label)  # fmt: skip
-        ax.set_title(report.display_name(b, None, level))
+        mine = [r for r in runs if report.variant_of(r) == b]
+        coef = report.weights_kind(mine) == "coefficients"
+        ax.set_title(report.display_name(b, None, level) + (" (coefficients)" if coef else ""))
         ax.set_xlabel("step")
-        ax.set_ylabel("weight")
+        ax.set_ylabel("coefficient (any sign)" if coef else "weight")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     for j in range(len(bals), rows * cols):
         axes[j // cols][j % cols].axis("off")
-    fig.suptitle("task weights over training (window means; one line per seed)")
+    fig.suptitle("task weights (or coefficients) over training (window means; one line per seed)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -138,7 +140,7 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
     cfg = results.get("config", {})
     level = cfg.get("train", {}).get("level", "representation")
     runs = [r for r in results.get("runs", []) if r.get("history")]
-    bals = list(dict.fromkeys(r["balancer"] for r in runs))
+    bals = list(dict.fromkeys(report.variant_of(r) for r in runs))
     colors = _palette(len(bals))
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     late: list[float] = []  # scores after the first epochs set the y range
@@ -150,7 +152,7 @@ def plot_curves(results: Mapping[str, Any], path: Path) -> Path:
             if h.get("score") is not None and math.isfinite(h["score"])
         ]
     for i, b in enumerate(bals):
-        for j, r in enumerate(r for r in runs if r["balancer"] == b):
+        for j, r in enumerate(r for r in runs if report.variant_of(r) == b):
             pts = [(h["epoch"], h["score"]) for h in r["history"] if h.get("score") is not None]
             if not pts:
                 continue
@@ -249,7 +251,7 @@ def plot_toy_trajectories(
     if seed is None and runs:
         seed = runs[0]["seed"]
     runs = [r for r in runs if r["seed"] == seed]
-    bals = list(dict.fromkeys(r["balancer"] for r in runs)) or ["(none)"]
+    bals = list(dict.fromkeys(report.variant_of(r) for r in runs)) or ["(none)"]
     rows, cols = _grid(len(bals))
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
     x1 = grid[0]
@@ -259,7 +261,7 @@ def plot_toy_trajectories(
         trajectories = {
             _run_label(r, results.get("param")): np.asarray(r["trajectory"], dtype=float)
             for r in runs
-            if r["balancer"] == b
+            if report.variant_of(r) == b
         }
         toy_plot(
             trajectories, pareto=pareto, ax=ax, loss_grid=grid, levels=30,

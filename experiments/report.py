@@ -44,8 +44,16 @@ DISPLAY_NAMES = {
     "multibalance_s": "MultiBalance [S]",
 }
 
-HIGHER_IS_BETTER = {"auc": True, "log_loss": False, "ne": False, "mse": False, "loss": False}
-METRIC_LABELS = {"auc": "AUC", "ne": "NE", "log_loss": "log loss", "mse": "MSE", "loss": "loss"}
+COEFFICIENT_BALANCERS = frozenset({"gradops", "pcgrad"})
+"""Balancers whose ``weights_kind`` is ``"coefficients"`` (for results written before the field)."""
+
+HIGHER_IS_BETTER = {
+    "auc": True, "gauc": True, "log_loss": False, "ne": False, "mse": False, "loss": False,
+}  # fmt: skip
+METRIC_LABELS = {
+    "auc": "AUC", "gauc": "GAUC", "ne": "NE", "log_loss": "log loss", "mse": "MSE",
+    "loss": "loss", "calibration": "calibration (→1)",
+}  # fmt: skip
 
 CENSUS_NOTE = (
     "Census-Income numbers are NOT comparable with the MMoE/PLE papers: only the UCI test file "
@@ -62,6 +70,24 @@ def display_name(balancer: str, options: Mapping[str, Any] | None = None, level:
     if options:
         name += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
     return name
+
+
+def variant_of(run: Mapping[str, Any]) -> str:
+    """The table row of a run: its ``variant`` label (tuned static weights, ...) when it has
+    one, else its balancer name."""
+    return str(run.get("variant") or run["balancer"])
+
+
+def weights_kind(runs: Sequence[Mapping[str, Any]]) -> str:
+    """``"coefficients"`` when the runs' balancer reports projection coefficients (GradOPS,
+    PCGrad: any sign, any size) rather than task weights; older results carry no field and
+    are looked up by balancer name."""
+    for r in runs:
+        kind = r.get("weights_kind")
+        if kind:
+            return str(kind)
+    names = {r.get("balancer") for r in runs}
+    return "coefficients" if names & COEFFICIENT_BALANCERS else "weights"
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -161,6 +187,7 @@ def _stats(runs: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]
     out["epochs"] = mean_std([r.get("epochs") for r in ok])
     ws = [r["weights_mean"] for r in ok if r.get("weights_mean")]
     out["weights_mean"] = np.asarray(ws, dtype=float).mean(0).tolist() if ws else None
+    out["weights_kind"] = weights_kind(runs)
     return out
 
 
@@ -173,7 +200,7 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
     """
     tasks = results.get("tasks", [])
     columns = table_columns(tasks, results.get("config", {}).get("table_metrics"))
-    by_bal = _group(results.get("runs", []), lambda r: r["balancer"])
+    by_bal = _group(results.get("runs", []), variant_of)
     out: dict[str, Any] = {"balancers": {}, "single_task": None}
     for name, runs in by_bal.items():
         out["balancers"][name] = _stats(runs, columns)
@@ -273,9 +300,9 @@ def compare_table(results: Mapping[str, Any], summary: Mapping[str, Any] | None 
     lines.append("")
     head = ["method"]
     for task, metric in columns:
-        arrow = "↑" if HIGHER_IS_BETTER.get(metric, True) else "↓"
+        arrow = "" if metric not in HIGHER_IS_BETTER else "↑" if HIGHER_IS_BETTER[metric] else "↓"
         head.append(f"{task} {METRIC_LABELS.get(metric, metric)} {arrow}")
-    head += ["Δm % ↑", "step ms", "× EW", "epochs", "weights (mean)"]
+    head += ["Δm % ↑", "step ms", "× EW", "epochs", "weights (mean; coef. = coefficients)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     st = summary.get("single_task")
@@ -286,9 +313,10 @@ def compare_table(results: Mapping[str, Any], summary: Mapping[str, Any] | None 
             row.append(fmt_mean_std(mean, std))
         row += ["0 (reference)", "", "", f"{st['epochs'][0]:.1f}", ""]
         lines.append("| " + " | ".join(row) + " |")
-    options_by_bal = {r["balancer"]: r.get("options") for r in results.get("runs", [])}
+    options_by_bal = {variant_of(r): r.get("options") for r in results.get("runs", [])}
+    variants = {r.get("variant") for r in results.get("runs", [])}
     for name, s in summary["balancers"].items():
-        row = [display_name(name, options_by_bal.get(name), level)]
+        row = [name if name in variants else display_name(name, options_by_bal.get(name), level)]
         if s["n"] == 0:
             row += ["failed"] * len(columns) + ["", "", "", "", ""]
             lines.append("| " + " | ".join(row) + " |")
@@ -303,11 +331,13 @@ def compare_table(results: Mapping[str, Any], summary: Mapping[str, Any] | None 
         row.append(f"{s['step_ratio']:.2f}×" if math.isfinite(s["step_ratio"]) else "n/a")
         row.append(f"{s['epochs'][0]:.1f}")
         w = s.get("weights_mean")
-        row.append("[" + ", ".join(f"{x:.2f}" for x in w) + "]" if w else "")
+        coef = "coef. " if s.get("weights_kind") == "coefficients" else ""
+        row.append(coef + "[" + ", ".join(f"{x:.2f}" for x in w) + "]" if w else "")
         if s["failed"]:
             row[0] += f" ({s['failed']} failed)"
         lines.append("| " + " | ".join(row) + " |")
     lines += _paired_lines(results)
+    lines += _tuned_lines(results, summary)
     lines += _footer(results)
     return "\n".join(lines) + "\n"
 
@@ -325,9 +355,9 @@ def paired_vs_equal(results: Mapping[str, Any]) -> dict[str, tuple[float, float,
     which = cfg.get("delta_m_metrics") or {"binary": ["auc"], "regression": ["mse"]}
     tasks = results.get("tasks", [])
     runs = [r for r in results.get("runs", []) if r.get("metrics")]
-    equal = {r["seed"]: r["metrics"] for r in runs if r["balancer"] == "equal"}
+    equal = {r["seed"]: r["metrics"] for r in runs if variant_of(r) == "equal"}
     out: dict[str, tuple[float, float, int, int]] = {}
-    for name, group in _group(runs, lambda r: r["balancer"]).items():
+    for name, group in _group(runs, variant_of).items():
         if name == "equal":
             continue
         ds = [
@@ -347,7 +377,8 @@ def _paired_lines(results: Mapping[str, Any]) -> list[str]:
     if not paired:
         return []
     level = results.get("config", {}).get("train", {}).get("level", "representation")
-    options_by_bal = {r["balancer"]: r.get("options") for r in results.get("runs", [])}
+    options_by_bal = {variant_of(r): r.get("options") for r in results.get("runs", [])}
+    variants = {r.get("variant") for r in results.get("runs", [])}
     lines = [
         "",
         "Paired with EqualWeight (same seed: same initialisation, batch order and split): Δm of "
@@ -358,8 +389,79 @@ def _paired_lines(results: Mapping[str, Any]) -> list[str]:
         "|---|---:|---:|",
     ]
     for name, (mean, std, n, wins) in paired.items():
-        label = display_name(name, options_by_bal.get(name), level)
+        label = name if name in variants else display_name(name, options_by_bal.get(name), level)
         lines.append(f"| {label} | {fmt_mean_std(mean, std, 2, signed=True)} | {wins}/{n} |")
+    return lines
+
+
+TUNED_PREFIX = "static weights (tuned"
+"""Row names of the tuned static-weight baseline start with this (``tune_static.tuned_label``)."""
+
+WITHIN = 1.0
+"""The tolerance (%, relative) of "as good as the tuned static weights" (issue 18's target)."""
+
+
+def vs_tuned(
+    results: Mapping[str, Any], summary: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, dict[str, float]]] | None:
+    """Every row against the tuned static weights: the relative difference of the seed means,
+    per (task, Δm metric), in % (positive = better than the tuned weights).
+
+    Returns ``(tuned row name, {row: {"task metric": %}})``, or ``None`` without a tuned row.
+    """
+    summary = summary or summarize(results)
+    rows = summary["balancers"]
+    tuned = next((name for name in rows if str(name).startswith(TUNED_PREFIX)), None)
+    if tuned is None or rows[tuned]["n"] == 0:
+        return None
+    which = results.get("config", {}).get("delta_m_metrics") or {
+        "binary": ["auc"],
+        "regression": ["mse"],
+    }
+    columns = [(_name(t), m) for t in results.get("tasks", []) for m in which.get(_kind(t), [])]
+    ref = rows[tuned]["metrics"]
+    out: dict[str, dict[str, float]] = {}
+    for name, st in rows.items():
+        if name == tuned or st["n"] == 0:
+            continue
+        gaps: dict[str, float] = {}
+        for task, metric in columns:
+            try:
+                mine, base = st["metrics"][task][metric][0], ref[task][metric][0]
+            except KeyError:
+                continue
+            sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
+            gaps[f"{task} {METRIC_LABELS.get(metric, metric)}"] = (
+                100.0 * sign * (mine - base) / abs(base) if base else float("nan")
+            )
+        out[name] = gaps
+    return tuned, out
+
+
+def _tuned_lines(results: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
+    found = vs_tuned(results, summary)
+    if found is None:
+        return []
+    tuned, gaps = found
+    if not gaps:
+        return []
+    level = results.get("config", {}).get("train", {}).get("level", "representation")
+    variants = {r.get("variant") for r in results.get("runs", [])}
+    cols = list(next(iter(gaps.values())))
+    lines = [
+        "",
+        f"Against the {tuned}: relative difference of the seed means per task, in % "
+        f"(positive = better than the tuned weights); 'within {WITHIN:g} %' when no task is "
+        f"worse by more than {WITHIN:g} %.",
+        "",
+        "| method | " + " | ".join(cols) + f" | within {WITHIN:g} % |",
+        "|---|" + "---:|" * (len(cols) + 1),
+    ]
+    for name, g in gaps.items():
+        label = name if name in variants else display_name(name, None, level)
+        ok = all(math.isfinite(v) and v >= -WITHIN for v in g.values())
+        cells = [f"{g.get(c, float('nan')):+.2f}" for c in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |")
     return lines
 
 
@@ -423,7 +525,8 @@ def sweep_table(results: Mapping[str, Any]) -> str:
         row.append(f"{1e3 * t[0]:.2f}" if math.isfinite(t[0]) else "n/a")
         row.append(f"{s['epochs'][0]:.1f}" if math.isfinite(s["epochs"][0]) else "n/a")
         w = s.get("weights_mean")
-        row.append("[" + ", ".join(f"{x:.2f}" for x in w) + "]" if w else "")
+        coef = "coef. " if s.get("weights_kind") == "coefficients" else ""
+        row.append(coef + "[" + ", ".join(f"{x:.2f}" for x in w) + "]" if w else "")
         if s["failed"]:
             row[0] += f" ({s['failed']} failed)"
         lines.append("| " + " | ".join(row) + " |")

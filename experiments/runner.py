@@ -18,6 +18,7 @@ import torch
 from balancers.registry import _ALIASES as _REGISTRY_ALIASES
 from balancers.registry import BALANCERS, GROUPS, balancer_class, make_balancer
 from mtl import BalancedOptimizer
+from mtl import metrics as mtl_metrics
 from mtl.models import build_model
 from mtl.train import fit
 
@@ -27,13 +28,16 @@ __all__ = [
     "BalancerError",
     "build_inner_optimizer",
     "canonical_balancer",
+    "check_metric_names",
     "environment",
+    "extra_metrics",
     "load_splits",
     "resolve_balancers",
     "run_compare",
     "run_sweep",
     "single_task_splits",
     "train_one",
+    "with_group_metrics",
 ]
 
 Log = Callable[[str], None]
@@ -143,17 +147,20 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Any:
 
     options = dict(cfg.get("data", {}))
     options.setdefault("seed", int(seed))
-    return load_task(cfg["task"], **options)
+    splits = load_task(cfg["task"], **options)
+    check_metric_names(cfg, _has_groups(splits))
+    return splits
 
 
 def single_task_splits(splits: Any, k: int) -> Any:
-    """``splits`` restricted to task ``k`` (same rows and features)."""
+    """``splits`` restricted to task ``k`` (same rows, features and group ids)."""
     from tasks import DataSplits, TabularDataset
 
     def one(ds: Any) -> Any:
         return TabularDataset(
-            ds.x_num, ds.x_cat, ds.y[:, k : k + 1], ds.schema, [ds.tasks[k]], _validate=False
-        )
+            ds.x_num, ds.x_cat, ds.y[:, k : k + 1], ds.schema, [ds.tasks[k]],
+            groups=getattr(ds, "groups", None), _validate=False,
+        )  # fmt: skip
 
     return DataSplits(
         one(splits.train),
@@ -243,6 +250,137 @@ def environment() -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------- group metrics
+#: binary-task metrics the runner adds to what :func:`mtl.train.evaluate` reports: ``gauc``
+#: (:func:`mtl.metrics.gauc`, needs group ids; always added when the data has them) and
+#: ``calibration`` (:func:`mtl.metrics.calibration`; added when a metric list names it).
+EXTRA_BINARY_METRICS = ("gauc", "calibration")
+
+_GROUP_HINT = (
+    "give the data a group column (CSV task: --set data.group_column=COLUMN, e.g. the user or "
+    "query id) or remove 'gauc' from the metric lists"
+)
+
+
+def _has_groups(splits: Any) -> bool:
+    return bool(getattr(splits, "has_groups", False))
+
+
+def _requested(cfg: Mapping[str, Any], kind: str) -> list[str]:
+    """Metric names of task ``kind`` in ``table_metrics`` and ``delta_m_metrics``."""
+    names: list[str] = []
+    for key in ("table_metrics", "delta_m_metrics"):
+        for name in (cfg.get(key) or {}).get(kind, []) or []:
+            if name not in names:
+                names.append(str(name))
+    return names
+
+
+def check_metric_names(cfg: Mapping[str, Any], has_groups: bool) -> None:
+    """Raise :class:`tasks.DataError` (a ``ValueError``) for metrics the run cannot report:
+    ``gauc`` in ``table_metrics``/``delta_m_metrics`` without group ids, or a ``delta_m_metrics``
+    name without a known direction (:data:`experiments.report.HIGHER_IS_BETTER`)."""
+    from tasks import DataError
+
+    for key in ("table_metrics", "delta_m_metrics"):
+        for kind, names in (cfg.get(key) or {}).items():
+            if "gauc" in (names or []) and not has_groups:
+                raise DataError(
+                    f"{key}.{kind} names 'gauc' (group AUC) but the data has no group ids: "
+                    + _GROUP_HINT
+                )
+    for kind, names in (cfg.get("delta_m_metrics") or {}).items():
+        unknown = [n for n in names or [] if n not in report.HIGHER_IS_BETTER]
+        if unknown:
+            raise DataError(
+                f"delta_m_metrics.{kind} names {unknown}, whose direction (higher or lower is "
+                f"better) is unknown; use some of {sorted(report.HIGHER_IS_BETTER)}"
+            )
+
+
+def _extra_names(cfg: Mapping[str, Any], has_groups: bool) -> list[str]:
+    """The :data:`EXTRA_BINARY_METRICS` this run computes."""
+    wanted = _requested(cfg, "binary")
+    return [
+        m
+        for m in EXTRA_BINARY_METRICS
+        if (m == "gauc" and has_groups) or (m == "calibration" and m in wanted)
+    ]
+
+
+def with_group_metrics(cfg: Mapping[str, Any], has_groups: bool) -> dict[str, Any]:
+    """``cfg`` (a shallow copy) whose ``table_metrics.binary`` lists ``gauc`` (after ``auc``)
+    when the data has group ids, so that the tables report GAUC; ``cfg`` unchanged otherwise."""
+    out = dict(cfg)
+    table = dict(out.get("table_metrics") or {"binary": ["auc", "ne"], "regression": ["mse"]})
+    binary = list(table.get("binary") or [])
+    if not has_groups or "gauc" in binary:
+        return out
+    binary.insert(binary.index("auc") + 1 if "auc" in binary else len(binary), "gauc")
+    table["binary"] = binary
+    out["table_metrics"] = table
+    return out
+
+
+def _predict_logits(model: Any, dataset: Any, batch_size: int) -> list[torch.Tensor]:
+    """The K outputs of ``model`` on ``dataset`` in row order, float64 on the CPU."""
+    device = next(model.parameters()).device
+    k = dataset.num_tasks
+    parts: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for features, _ in dataset.batches(int(batch_size)):
+                out = model(features.to(device))
+                for i, o in enumerate(out.task_outputs):
+                    parts[i].append(o.detach().reshape(-1).to("cpu", torch.float64))
+    finally:
+        model.train(was_training)
+    return [torch.cat(p) if p else torch.zeros(0, dtype=torch.float64) for p in parts]
+
+
+def extra_metrics(
+    model: Any, dataset: Any, names: Sequence[str], *, batch_size: int = 4096
+) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` of the binary tasks for ``names`` (some of
+    :data:`EXTRA_BINARY_METRICS`) on ``dataset`` (rows in order; ``gauc`` reads
+    ``dataset.groups``). A metric that is undefined on this data (no group with both classes,
+    no positive label, no rows) is NaN, like AUC on a single-class split."""
+    names = [n for n in names if n in EXTRA_BINARY_METRICS]
+    binary = [k for k, t in enumerate(dataset.tasks) if t.kind == "binary"]
+    if not names or not binary or len(dataset) == 0:
+        return {dataset.tasks[k].name: dict.fromkeys(names, float("nan")) for k in binary}
+    if "gauc" in names and getattr(dataset, "groups", None) is None:
+        from tasks import DataError
+
+        raise DataError("metric 'gauc' (group AUC) needs group ids: " + _GROUP_HINT)
+    logits = _predict_logits(model, dataset, batch_size)
+    targets = dataset.targets
+    out: dict[str, dict[str, float]] = {}
+    for k in binary:
+        y = targets[k].detach().to("cpu", torch.float64)
+        row: dict[str, float] = {}
+        for name in names:
+            try:
+                if name == "gauc":
+                    row[name] = mtl_metrics.gauc(y, logits[k], dataset.groups)
+                else:
+                    row[name] = mtl_metrics.calibration(y, logits[k], from_logits=True)
+            except ValueError:  # undefined on this split (e.g. no group holds both classes)
+                row[name] = float("nan")
+        out[dataset.tasks[k].name] = row
+    return out
+
+
+def _merge(
+    metrics: Mapping[str, Mapping[str, float]] | None, extra: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, float]] | None:
+    if metrics is None:
+        return None
+    return {t: {**m, **extra.get(t, {})} for t, m in metrics.items()}
+
+
 # ---------------------------------------------------------------------------- one run
 def train_one(
     cfg: Mapping[str, Any],
@@ -258,8 +396,12 @@ def train_one(
     """Train one model with one balancer on ``splits``; returns the run record.
 
     The model is initialised after ``torch.manual_seed(seed)``; :func:`mtl.train.fit` seeds
-    the shuffling and dropout with the same seed.
+    the shuffling and dropout with the same seed. Binary tasks also get ``gauc`` when the data
+    has group ids and ``calibration`` when a metric list names it (:func:`extra_metrics`, on
+    the model :func:`~mtl.train.fit` returns); ``gauc`` requested without group ids raises
+    before training (:func:`check_metric_names`).
     """
+    check_metric_names(cfg, _has_groups(splits))
     train_cfg = dict(cfg.get("train", {}))
     name, model_kwargs = _model_kwargs(cfg)
     torch.manual_seed(int(seed))
@@ -292,12 +434,24 @@ def train_one(
         desc=desc,
         regularizer=regularizer,
     )
+    test_metrics: dict[str, dict[str, float]] | None = result.test_metrics
+    valid_metrics: dict[str, dict[str, float]] | None = result.valid_metrics
+    extra_names = _extra_names(cfg, _has_groups(splits))
+    if extra_names:
+        eval_bs = int(train_cfg.get("eval_batch_size", 4096))
+        valid_metrics = _merge(
+            valid_metrics, extra_metrics(model, splits.valid, extra_names, batch_size=eval_bs)
+        )
+        if test_metrics is not None:
+            test_metrics = _merge(
+                test_metrics, extra_metrics(model, splits.test, extra_names, batch_size=eval_bs)
+            )
     record: dict[str, Any] = {
         "balancer": balancer,
         "options": dict(options),
         "seed": int(seed),
-        "metrics": result.test_metrics,
-        "valid_metrics": result.valid_metrics,
+        "metrics": test_metrics,
+        "valid_metrics": valid_metrics,
         "step_time_s": result.step_time_s,
         "step_time_mean_s": result.step_time_mean_s,
         "iter_time_s": result.iter_time_s,
@@ -306,6 +460,7 @@ def train_one(
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "weights_mean": result.weights_mean,
+        "weights_kind": getattr(type(opt), "weights_kind", "weights"),
         "weights_trace": [[s, w] for s, w in result.weights_trace],
         "train_time_s": result.train_time_s,
     }
@@ -452,12 +607,14 @@ def _seed_job(
     runs: list[dict[str, Any]] = []
     for var in variants:
         name, options = var["balancer"], dict(var["options"])
-        label = name if "value" not in var else f"{var.get('param')}={var['value']}"
+        label = var.get("label") or (
+            name if "value" not in var else f"{var.get('param')}={var['value']}"
+        )
         t0 = time.perf_counter()
         try:
             rec = train_one(
                 cfg, splits, name, options, seed, progress=progress,
-                desc=f"{name if 'value' not in var else name + ' ' + label} seed {seed}",
+                desc=f"{label if 'value' not in var else name + ' ' + label} seed {seed}",
             )  # fmt: skip
         except Exception as e:  # keep comparing the others
             rec = _failed(name, options, seed, e)
@@ -473,6 +630,8 @@ def _seed_job(
             )
         if "value" in var:
             rec["value"] = var["value"]
+        if var.get("label"):
+            rec["variant"] = var["label"]  # its own row in the tables (e.g. tuned weights)
         runs.append(rec)
     return {
         "tasks": [{"name": t.name, "kind": t.kind} for t in splits.tasks],
@@ -502,8 +661,12 @@ def run_compare(
     progress: bool | None = None,
     log: Log = _quiet,
     jobs: int = 1,
+    extra_variants: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Every balancer × every seed on the configured task (plus single-task baselines).
+
+    ``extra_variants``: more runs per seed, ``{"balancer", "options", "label"}`` each (e.g. the
+    tuned static weights of :mod:`experiments.tune_static`), listed under their ``label``.
 
     Returns the results dict written to ``results.json``:
     ``{"task", "config", "runs": [...], "single_task": [...], "unavailable": {...}, ...}``.
@@ -512,6 +675,7 @@ def run_compare(
     """
     t_start = time.perf_counter()
     variants = [{"balancer": b, "options": _balancer_options(cfg, b)} for b in balancers]
+    variants += [dict(v) for v in extra_variants]
     parts = run_jobs(
         _seed_job,
         [(cfg, seed, variants, single_task) for seed in seeds],
@@ -519,10 +683,11 @@ def run_compare(
         progress=progress,
         log=log,
     )
+    collected = _collect(parts)
     return {
         "task": cfg["task"],
-        **_collect(parts),
-        "config": cfg,
+        **collected,
+        "config": with_group_metrics(cfg, bool(collected["data"].get("has_groups"))),
         "balancers": list(balancers),
         "seeds": list(seeds),
         "unavailable": dict(unavailable or {}),
@@ -547,6 +712,8 @@ def _json_info(splits: Any) -> dict[str, Any]:
             out[k] = v
         elif k in ("correlation_matrix", "label_correlation", "fractions", "tasks"):
             out[k] = copy.deepcopy(v)
+    if _has_groups(splits):
+        out["has_groups"] = True
     return out
 
 
@@ -577,10 +744,11 @@ def run_sweep(
         progress=progress,
         log=log,
     )
+    collected = _collect(parts)
     return {
         "task": cfg["task"],
-        **_collect(parts),
-        "config": cfg,
+        **collected,
+        "config": with_group_metrics(cfg, bool(collected["data"].get("has_groups"))),
         "balancer": balancer,
         "param": param,
         "values": list(values),

@@ -21,7 +21,11 @@ class BalanceInfo:
     Attributes:
         weights: coefficients ``c`` applied to the task gradients on the shared part: shape
             ``(K,)``, or ``(blocks, K)`` for per-block methods (MultiBalance with several
-            representation tensors, MetaBalance semantics at parameter level).
+            representation tensors, MetaBalance semantics at parameter level). For methods
+            that project gradients (GradOPS, PCGrad; ``weights_kind == "coefficients"`` on the
+            optimizer class) these are the coefficients of the projected update expanded over
+            the original gradients, not weights: they can be negative or large
+            (e.g. ``[26, -105, 1]``).
         losses: detached task losses, shape ``(K,)``, float64 (under DDP: averaged over ranks).
         gram: ``(K, K)`` float64 Gram matrix ``M_ij = <g_i, g_j>`` of the task gradients at the
             balance point, summed over blocks; ``None`` where it was not computed.

@@ -123,6 +123,11 @@ class BalancedOptimizer(Optimizer):
     #: ``sum_k c_k L_k`` (heads included, as in their papers) after the losses reach the host;
     #: no per-task gradient is computed (unless ``compute_gram`` asks for diagnostics).
     uses_gradients: ClassVar[bool] = True
+    #: what ``BalanceInfo.weights`` holds: ``"weights"`` (non-negative task weights of a
+    #: weighted sum) or ``"coefficients"`` (the expansion of a projected update over the
+    #: original task gradients: any sign, any size; GradOPS, PCGrad). Tables and plots label
+    #: them accordingly.
+    weights_kind: ClassVar[str] = "weights"
 
     def __init__(
         self,

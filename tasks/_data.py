@@ -1,7 +1,8 @@
 """Dataset abstraction shared by every task family: task specs, feature schemas, tensors, splits.
 
 Everything here is plain tensors held in memory. A :class:`TabularDataset` stores the whole table
-as three tensors (numeric features, categorical ids, targets) and iterates over mini-batches by
+as three tensors (numeric features, categorical ids, targets), plus optional group ids (user or
+query, for group metrics such as GAUC; never a model input), and iterates over mini-batches by
 slicing them with index tensors, so an epoch costs a few tensor gathers, not a Python loop over
 rows.
 """
@@ -135,6 +136,9 @@ class TabularDataset:
         y: float32 tensor ``(N, K)`` of targets (``(N,)`` is accepted when K = 1).
         schema: the :class:`FeatureSchema` describing the columns.
         tasks: the K :class:`TaskSpec`; binary targets must lie in {0, 1}.
+        groups: optional int64 tensor ``(N,)`` of group ids (the user or query of each row), used
+            by group metrics (:func:`mtl.metrics.gauc`) and never fed to a model; it stays on
+            the CPU (:meth:`to` does not move it). ``None`` (default): no groups.
 
     Raises:
         ValueError: on any shape, dtype-range or schema mismatch (the message names it).
@@ -148,10 +152,12 @@ class TabularDataset:
         schema: FeatureSchema,
         tasks: Sequence[TaskSpec],
         *,
+        groups: Tensor | None = None,
         _validate: bool = True,
     ) -> None:
         self.tasks: list[TaskSpec] = list(tasks)
         self.schema = schema
+        self.groups: Tensor | None = groups
         if not _validate:
             self.x_num, self.x_cat, self.y = x_num, x_cat, y
             return
@@ -163,6 +169,11 @@ class TabularDataset:
                 raise ValueError(f"x_cat must hold integer ids, got dtype {x_cat.dtype}")
             x_cat = x_cat.to(torch.int64)
         y = torch.as_tensor(y).to(torch.float32)
+        if groups is not None:
+            groups = torch.as_tensor(groups)
+            if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+                raise ValueError(f"groups must hold integer ids, got dtype {groups.dtype}")
+            self.groups = groups.to("cpu", torch.int64)
         self.x_num, self.x_cat, self.y = x_num, x_cat, y
         self._validate()
 
@@ -218,6 +229,8 @@ class TabularDataset:
                         f"categorical column {schema.categorical[j]!r} has ids in "
                         f"[{int(lo[j])}, {int(hi[j])}] outside [0, {schema.cardinalities[j]})"
                     )
+        if self.groups is not None and tuple(self.groups.shape) != (n,):
+            raise ValueError(f"groups must have shape (N={n},), got {tuple(self.groups.shape)}")
         if not bool(torch.isfinite(y).all()):
             raise ValueError("y contains non-finite values")
         for j, t in enumerate(self.tasks):
@@ -255,13 +268,16 @@ class TabularDataset:
         return tuple(self.y.t().contiguous().unbind(0))
 
     def subset(self, indices: IndexLike) -> TabularDataset:
-        """Rows ``indices`` (ints, bool mask or slice) as a new dataset with the same schema."""
+        """Rows ``indices`` (ints, bool mask or slice) as a new dataset with the same schema
+        (and the group ids of those rows)."""
         idx = _as_index(indices, len(self))
 
         def take(t: Tensor | None) -> Tensor | None:
             if t is None:
                 return None
-            return t[idx] if isinstance(idx, slice) else t.index_select(0, idx % len(self))
+            if isinstance(idx, slice):
+                return t[idx]
+            return t.index_select(0, idx.to(t.device) % len(self))
 
         y = take(self.y)
         assert y is not None
@@ -271,17 +287,19 @@ class TabularDataset:
             y,
             self.schema,
             self.tasks,
+            groups=take(self.groups),
             _validate=False,
         )
 
     def to(self, device: torch.device | str) -> TabularDataset:
-        """A copy of the dataset on ``device``."""
+        """A copy of the dataset on ``device`` (the group ids stay on the CPU)."""
         return TabularDataset(
             None if self.x_num is None else self.x_num.to(device),
             None if self.x_cat is None else self.x_cat.to(device),
             self.y.to(device),
             self.schema,
             self.tasks,
+            groups=self.groups,
             _validate=False,
         )
 
@@ -388,6 +406,11 @@ class DataSplits:
                 raise ValueError(f"DataSplits: {part} tasks {ds.tasks} differ from train's")
             if ds.schema != self.train.schema:
                 raise ValueError(f"DataSplits: {part} schema differs from train's")
+            if (ds.groups is None) != (self.train.groups is None):
+                raise ValueError(
+                    "DataSplits: either every split has group ids or none does "
+                    f"(train: {self.train.groups is not None}, {part}: {ds.groups is not None})"
+                )
 
     @property
     def tasks(self) -> list[TaskSpec]:
@@ -408,6 +431,11 @@ class DataSplits:
     def schema(self) -> FeatureSchema:
         """The shared feature schema."""
         return self.train.schema
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether the rows carry group ids (``TabularDataset.groups``) for group metrics."""
+        return self.train.groups is not None
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``mtl.models.build_model(name, **splits.model_kwargs())``."""

@@ -22,6 +22,11 @@ has no truth value is an error naming its line and column: a missing, non-numeri
 cell under ``> >= < <=``, a ``nan`` cell compared with a number, a missing or non-finite cell
 of a bare column (labels are never imputed).
 
+A ``group_column`` (the user, query or session of each row) is read as opaque string ids into
+``TabularDataset.groups`` (int64 ids, the same id for the same string in every split) for group
+metrics such as GAUC (:func:`mtl.metrics.gauc`); it is never an input feature (naming it in
+``numeric``/``categorical`` too is an error) and a missing group id is an error naming its line.
+
 Preprocessing is the Census-Income one (:mod:`tasks._preprocess`): numeric features are
 standardized with the train split's mean/std (missing values, ``""`` or ``"?"`` by default, are
 imputed with the train mean, i.e. 0); categorical features get ids ``1..n`` for the categories
@@ -418,6 +423,7 @@ def _checked_options(
     task_kinds: Mapping[str, str] | None,
     invalid_numbers: InvalidNumbers,
     fractions: Sequence[float],
+    group_column: str | None = None,
 ) -> tuple[Path, list[str], list[str], dict[str, str]]:
     """The file, the numeric and categorical column lists and the task-kind overrides, after
     checking the options of :func:`load_csv`."""
@@ -441,6 +447,14 @@ def _checked_options(
         raise DataError(f"task_kinds values must be 'binary' or 'regression', got {bad_kinds}")
     if len(list(fractions)) != 3:
         raise DataError(f"fractions must be (train, valid, test), got {list(fractions)}")
+    if group_column is not None:
+        if not isinstance(group_column, str) or not group_column.strip():
+            raise DataError(f"group_column must be a column name, got {group_column!r}")
+        if group_column in numeric_cols or group_column in categorical_cols:
+            raise DataError(
+                f"group_column {group_column!r} is also an input feature; group ids are only "
+                f"used by group metrics (GAUC): remove it from numeric/categorical"
+            )
     return p, numeric_cols, categorical_cols, kinds
 
 
@@ -489,9 +503,11 @@ def _raw_columns(
     rows: list[list[str]],
     features: list[str],
     exprs: Mapping[str, TaskExpression | None],
+    extra: Sequence[str] = (),
 ) -> dict[str, RawColumn]:
-    """The columns the features and tasks use (every column when a task is a callable)."""
-    used = set(features) | {ex.column for ex in exprs.values() if ex is not None}
+    """The columns the features, the tasks and ``extra`` use (every column when a task is a
+    callable)."""
+    used = set(features) | set(extra) | {ex.column for ex in exprs.values() if ex is not None}
     has_callable = any(ex is None for ex in exprs.values())
     keep = [c for c in header if has_callable or c in used]
     index = {c: i for i, c in enumerate(header)}
@@ -577,6 +593,29 @@ def _targets(
     return np.stack(ys, axis=1).astype(np.float32), specs
 
 
+def _group_ids(
+    p: Path,
+    header: list[str],
+    raw: Mapping[str, RawColumn],
+    group_column: str,
+    missing_values: Sequence[str],
+    locate: Locate,
+) -> tuple[np.ndarray, int]:
+    """The int64 group id of each row (the code of its stripped string) and the number of
+    distinct groups; a missing group id is an error naming its line."""
+    if group_column not in header:
+        raise DataError(f"{p}: group_column {group_column!r} is not in the header {header}")
+    col = raw[group_column]
+    missing = np.array([v in missing_values for v in col.vocab], dtype=bool)
+    r = col.first_row(missing)
+    if r >= 0:
+        raise DataError(
+            f"{locate(r)}, column {group_column!r}: missing group id "
+            f"({col.vocab[col.codes[r]]!r}); drop the row or fill in the id"
+        )
+    return col.codes.astype(np.int64), len(col.vocab)
+
+
 def _split(
     p: Path, y: np.ndarray, specs: Sequence[TaskSpec], fractions: Sequence[float], seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -625,6 +664,7 @@ def load_csv(
     categorical: Sequence[str],
     tasks: Mapping[str, TaskDefinition],
     task_kinds: Mapping[str, str] | None = None,
+    group_column: str | None = None,
     delimiter: str = ",",
     seed: int = 0,
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
@@ -642,6 +682,9 @@ def load_csv(
         tasks: task name -> expression string or callable (see the module docstring); the
             order gives the target columns.
         task_kinds: optional task name -> ``"binary"`` / ``"regression"`` overrides.
+        group_column: optional column of group ids (user, query...): stored as
+            ``TabularDataset.groups`` for group metrics (GAUC); never an input feature. A
+            missing id (a ``missing_values`` token) is an error.
         delimiter: field separator (spaces after it are skipped).
         seed: seed of the stratified split.
         fractions: train/valid/test fractions.
@@ -658,27 +701,34 @@ def load_csv(
 
     Returns:
         :class:`DataSplits`; ``info`` records the file, the task definitions, numeric
-        mean/std and the category list of each categorical column.
+        mean/std, the category list of each categorical column and, with a ``group_column``,
+        its name and the number of groups (``num_groups``).
 
     Raises:
         FileNotFoundError: the file does not exist.
         DataError: (a ``ValueError``) a file that cannot be decoded, decompressed or parsed, a
-            missing column, an unparsable expression, a label column used as a feature, a
+            missing column, an unparsable expression, a label or group column used as a
+            feature, a missing group id, a
             binary task with a single class, a non-numeric or out-of-range value in a numeric
             column, a missing or non-numeric label under a comparison. Messages name the file,
             and the line and column of a bad cell.
     """
     p, numeric, categorical, kinds = _checked_options(
-        path, numeric, categorical, tasks, task_kinds, invalid_numbers, fractions
+        path, numeric, categorical, tasks, task_kinds, invalid_numbers, fractions, group_column
     )
     with gc_paused():  # one list per row: the cyclic GC would rescan them repeatedly
         header, rows, line_of = _read_rows(p, delimiter, encoding)
     locate = _row_locator(p, line_of)
     features = numeric + categorical
     exprs = _task_expressions(p, header, features, tasks)
-    raw = _raw_columns(header, rows, features, exprs)
+    raw = _raw_columns(header, rows, features, exprs, [group_column] if group_column else [])
     n = len(rows)
     del rows
+    groups: torch.Tensor | None = None
+    num_groups = 0
+    if group_column is not None:
+        gids, num_groups = _group_ids(p, header, raw, group_column, missing_values, locate)
+        groups = torch.from_numpy(gids)
 
     y, specs = _targets(p, tasks, exprs, kinds, raw, n, missing_values, locate)
     tr, va, te = _split(p, y, specs, fractions, seed)
@@ -690,7 +740,7 @@ def load_csv(
     schema = FeatureSchema(
         list(numeric), list(categorical), [len(categories[c]) + 1 for c in categorical]
     )
-    full = TabularDataset(x_num_t, x_cat_t, torch.from_numpy(y), schema, specs)
+    full = TabularDataset(x_num_t, x_cat_t, torch.from_numpy(y), schema, specs, groups=groups)
     info: dict[str, Any] = {
         "dataset": "csv",
         "file": str(p),
@@ -706,4 +756,7 @@ def load_csv(
         "numeric_std": std.tolist(),
         "categories": categories,
     }
+    if group_column is not None:
+        info["group_column"] = group_column
+        info["num_groups"] = num_groups
     return DataSplits(full.subset(tr), full.subset(va), full.subset(te), name or p.stem, info)

@@ -302,3 +302,82 @@ def test_paired_vs_equal_weight_table() -> None:
     assert "| MGDA-UB | +2.50 ± 10.61 | 1/2 |" in md
     # one seed only, or no EqualWeight: no paired table
     assert paired_vs_equal({**results, "runs": results["runs"][1:]}) == {}
+
+
+def test_csv_group_column_reports_gauc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A CSV with a user column: group ids on the datasets (not a feature), GAUC in the runs and
+    the table, GAUC equal to mtl.metrics.gauc of the model's logits, errors without groups."""
+    import numpy as np
+
+    from experiments import runner
+    from mtl.metrics import gauc
+    from mtl.models import build_model
+    from tasks import load_csv
+
+    rng = np.random.default_rng(0)
+    lines = ["user,age,city,clicks,bought"]
+    for i in range(150):
+        click, buy = int(rng.random() < 0.4), int(rng.random() < 0.3)
+        lines.append(f"u{i % 10},{30 + i % 7 + 5 * click},{'abc'[i % 3]},{click},{buy}")
+    path = tmp_path / "clicks.csv"
+    path.write_text("\n".join(lines) + "\n")
+    data = {"numeric": ["age"], "categorical": ["city"], "tasks": {"click": "clicks > 0",
+            "buy": "bought"}}  # fmt: skip
+    s = load_csv(path, **data, group_column="user")
+    assert s.has_groups and s.info["group_column"] == "user" and s.info["num_groups"] == 10
+    assert "user" not in s.schema.numeric + s.schema.categorical
+    parts = (s.train, s.valid, s.test)
+    assert all(p.groups is not None and p.groups.shape == (len(p),) for p in parts)
+    assert torch.cat([p.groups for p in parts]).unique().numel() == 10  # type: ignore[misc]
+    assert not load_csv(path, **data).has_groups
+    with pytest.raises(ValueError, match="input feature"):
+        load_csv(path, numeric=["age"], categorical=["user"], tasks=data["tasks"],
+                 group_column="user")  # fmt: skip
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join([*lines[:5], "?,30,a,1,0", *lines[5:]]) + "\n")
+    with pytest.raises(ValueError, match="line 6.*missing group id"):
+        load_csv(bad, **data, group_column="user")
+
+    # the runner's GAUC is mtl.metrics.gauc of the model's logits on the test rows
+    cfg = {"task": "csv", "data": {"path": str(path), **data, "group_column": "user"},
+           "table_metrics": {"binary": ["auc", "calibration"]}}  # fmt: skip
+    splits = runner.load_splits(cfg, 0)
+    single = runner.single_task_splits(splits, 1)
+    assert single.has_groups and torch.equal(single.test.groups, splits.test.groups)
+    torch.manual_seed(0)
+    model = build_model("shared_bottom", **splits.model_kwargs())
+    extra = runner.extra_metrics(model, splits.test, ["gauc", "calibration"])
+    with torch.no_grad():
+        logits = model(splits.test.features).task_outputs
+    for k, name in enumerate(splits.task_names):
+        y = splits.test.targets[k]
+        assert extra[name]["gauc"] == pytest.approx(
+            gauc(y, logits[k].double(), splits.test.groups), abs=1e-12
+        )
+        assert extra[name]["calibration"] == pytest.approx(
+            float(torch.sigmoid(logits[k].double()).mean() / y.double().mean()), rel=1e-9
+        )
+
+    out = tmp_path / "cmp"
+    common = ["--task", "csv", "--data-path", str(path), "--balancers", "equal", "--seeds", "1",
+              "--set", 'data.numeric=["age"]', "--set", 'data.categorical=["city"]',
+              "--set", "data.tasks.click=clicks > 0", "--set", "data.tasks.buy=bought",
+              "--set", "model.name=shared_bottom", "--epochs", "1", "--batch-size", "64",
+              "--no-plots", "--quiet"]  # fmt: skip
+    rc = main(["compare", *common, "--set", "data.group_column=user", "--single-task",
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    res = _load(out / "results.json")
+    assert res["data"]["has_groups"] and res["data"]["group_column"] == "user"
+    assert res["config"]["table_metrics"]["binary"][:2] == ["auc", "gauc"]
+    for rec in [*res["runs"], *res["single_task"]]:
+        for task, m in rec["metrics"].items():
+            assert 0.0 <= m["gauc"] <= 1.0, (task, m)
+            assert "calibration" not in m  # only when a metric list names it
+    assert "click gauc" in (out / "results.md").read_text().lower()
+    # gauc asked for without a group column: a clear error before training
+    capsys.readouterr()
+    rc = main(["compare", *common, "--set", 'table_metrics.binary=["auc", "gauc"]',
+               "--out", str(tmp_path / "nogroups")])  # fmt: skip
+    assert rc != 0
+    assert "no group ids" in capsys.readouterr().err

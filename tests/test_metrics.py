@@ -1,8 +1,10 @@
-"""Tests for mtl.metrics: hand-computed values, brute-force AUC, logits consistency, errors."""
+"""Tests for mtl.metrics: hand-computed values, brute-force AUC, a per-group loop for GAUC,
+logits consistency, errors."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -13,7 +15,9 @@ from hypothesis import strategies as st
 from mtl.metrics import (
     auc,
     binary_metrics,
+    calibration,
     delta_m,
+    gauc,
     log_loss,
     mse,
     normalized_entropy,
@@ -217,3 +221,211 @@ def test_binary_and_regression_metrics() -> None:
     assert out["ne"] == pytest.approx(0.448678, abs=1e-6)
     reg = regression_metrics(np.array([1.0, 3.0]), np.array([2.0, 3.0]))
     assert reg == {"mse": pytest.approx(0.5)}
+
+
+# ------------------------------------------------------------------ GAUC
+
+
+def reference_gauc(
+    y: np.ndarray, s: np.ndarray, g: np.ndarray, w: np.ndarray | None = None
+) -> float:
+    """The straightforward definition: a loop over the groups calling :func:`auc`, groups with
+    one class skipped, weighted by the group size (or the group's summed row weights)."""
+    num = den = 0.0
+    for key in np.unique(g):
+        m = g == key
+        if 0 < y[m].sum() < m.sum():
+            wg = float(m.sum()) if w is None else float(w[m].sum())
+            num += wg * auc(y[m], s[m])
+            den += wg
+    return num / den
+
+
+def test_gauc_hand_example() -> None:
+    # a: [0, 0, 1, 1] scored [.1, .4, .35, .8] → AUC 3/4; b: [1, 0] → 1; c: [1, 1] skipped
+    y = [0, 0, 1, 1, 1, 0, 1, 1]
+    s = [0.1, 0.4, 0.35, 0.8, 0.9, 0.2, 0.5, 0.6]
+    g = ["a"] * 4 + ["b"] * 2 + ["c"] * 2
+    assert gauc(y, s, g) == pytest.approx((4 * 0.75 + 2 * 1.0) / 6, abs=1e-15)
+    # weighted by clicks (weights = labels): a has 2 clicks, b 1 → (2·0.75 + 1) / 3
+    assert gauc(y, s, g, weights=y) == pytest.approx((2 * 0.75 + 1.0) / 3, abs=1e-15)
+    # explicit per-group weights: only b counts
+    w = [0, 0, 0, 0, 1, 1, 5, 5]
+    assert gauc(y, s, g, weights=w) == pytest.approx(1.0, abs=1e-15)
+    # the rows of a group need not be contiguous, and integer / tensor ids work alike
+    perm = [7, 0, 4, 2, 6, 1, 5, 3]
+    gi = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    assert gauc(np.array(y)[perm], np.array(s)[perm], gi[perm]) == pytest.approx(5 / 6)
+
+
+def test_gauc_ties_within_and_across_groups() -> None:
+    # group 0: all tied → 0.5; group 1: [0, 1, 0, 1] on [1, 2, 2, 3] → 3.5 / 4
+    y = [1, 0, 0, 0, 1, 0, 1]
+    s = [2.0, 2.0, 2.0, 1.0, 2.0, 2.0, 3.0]
+    g = [0, 0, 0, 1, 1, 1, 1]
+    assert gauc(y, s, g) == pytest.approx((3 * 0.5 + 4 * 3.5 / 4) / 7, abs=1e-15)
+    # the same score in another group does not tie across groups
+    assert gauc([0, 1, 0, 1], [1.0, 1.0, 1.0, 2.0], [0, 0, 1, 1]) == pytest.approx(0.75)
+
+
+def test_gauc_matches_reference_on_random_data() -> None:
+    rng = np.random.default_rng(0)
+    n = 20_000
+    g = rng.integers(0, 1_000, n)
+    y = (rng.random(n) < 0.2).astype(float)
+    s = np.round(rng.normal(size=n) + y, 1)  # rounded: many ties
+    w = rng.random(n)
+    assert gauc(y, s, g) == pytest.approx(reference_gauc(y, s, g), abs=1e-12)
+    assert gauc(y, s, g, weights=w) == pytest.approx(reference_gauc(y, s, g, w), abs=1e-12)
+    # string ids and float32 tensors give the same value
+    gs = np.array([f"user{k}" for k in g])
+    got = gauc(torch.tensor(y), torch.tensor(s, dtype=torch.float32), gs)
+    ref = reference_gauc(y, s.astype(np.float32).astype(np.float64), g)
+    assert got == pytest.approx(ref, abs=1e-12)
+
+
+def test_gauc_matches_sklearn() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    n = 3_000
+    g = rng.integers(0, 100, n)
+    y = (rng.random(n) < 0.3).astype(int)
+    s = rng.integers(0, 6, n) + y  # heavy ties
+    num = den = 0.0
+    for key in np.unique(g):
+        m = g == key
+        if 0 < y[m].sum() < m.sum():
+            num += m.sum() * metrics.roc_auc_score(y[m], s[m])
+            den += m.sum()
+    assert gauc(y, s, g) == pytest.approx(num / den, abs=1e-12)
+
+
+_rows = st.lists(
+    st.tuples(st.integers(0, 1), st.integers(0, 4), st.integers(0, 5), st.integers(0, 3)),
+    min_size=2,
+    max_size=60,
+)
+
+
+def _has_valid_group(y: np.ndarray, g: np.ndarray) -> bool:
+    return any(0 < y[g == k].sum() < (g == k).sum() for k in np.unique(g))
+
+
+@settings(max_examples=100, deadline=None)
+@given(_rows, st.randoms(use_true_random=False))
+def test_gauc_reference_and_row_permutation(
+    rows: list[tuple[int, int, int, int]], rnd: random.Random
+) -> None:
+    y = np.array([r[0] for r in rows], dtype=float)
+    s = np.array([r[1] for r in rows], dtype=float) / 4.0
+    g = np.array([r[2] for r in rows])
+    w = np.array([r[3] for r in rows], dtype=float)
+    if not _has_valid_group(y, g):
+        with pytest.raises(ValueError, match="both classes"):
+            gauc(y, s, g)
+        return
+    value = gauc(y, s, g)
+    assert value == pytest.approx(reference_gauc(y, s, g), abs=1e-12)
+    perm = list(range(len(rows)))
+    rnd.shuffle(perm)
+    assert gauc(y[perm], s[perm], g[perm]) == pytest.approx(value, abs=1e-12)
+    # relabelling the groups changes nothing
+    assert gauc(y, s, np.array([f"q{9 - k}" for k in g])) == pytest.approx(value, abs=1e-12)
+    # constant row weights are the default (impressions); any scale gives the same value
+    assert gauc(y, s, g, weights=np.full(len(rows), 2.5)) == pytest.approx(value, abs=1e-12)
+    valid_w = sum(w[g == k].sum() for k in np.unique(g) if 0 < y[g == k].sum() < (g == k).sum())
+    if valid_w > 0:
+        assert gauc(y, s, g, weights=w) == pytest.approx(reference_gauc(y, s, g, w), abs=1e-12)
+        assert gauc(y[perm], s[perm], g[perm], w[perm]) == pytest.approx(
+            gauc(y, s, g, w), abs=1e-12
+        )
+    else:
+        with pytest.raises(ValueError, match="sum to 0"):
+            gauc(y, s, g, weights=w)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 1), st.integers(0, 4)), min_size=2, max_size=60),
+    st.integers(-3, 3),
+)
+def test_gauc_single_group_equals_auc(pairs: list[tuple[int, int]], group: int) -> None:
+    y = np.array([a for a, _ in pairs])
+    s = np.array([b for _, b in pairs], dtype=float)
+    g = np.full(len(pairs), group)
+    if y.min() == y.max():
+        with pytest.raises(ValueError, match="both classes"):
+            gauc(y, s, g)
+        return
+    assert gauc(y, s, g) == pytest.approx(auc(y, s), abs=1e-12)
+    assert gauc(y, s, g, weights=np.arange(1, len(pairs) + 1)) == pytest.approx(
+        auc(y, s), abs=1e-12
+    )
+
+
+def test_gauc_is_invariant_to_monotone_maps_of_scores() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 500)
+    x = rng.normal(size=500) + y
+    g = rng.integers(0, 30, 500)
+    assert gauc(y, 1 / (1 + np.exp(-x)), g) == pytest.approx(gauc(y, x, g), abs=1e-12)
+
+
+def test_gauc_errors() -> None:
+    y, s, g = [0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="none of the 2 groups holds both classes"):
+        gauc([0, 0, 1, 1], s, g)
+    with pytest.raises(ValueError, match="groups have different lengths"):
+        gauc(y, s, [0, 0, 1])
+    with pytest.raises(ValueError, match="y_score have different lengths"):
+        gauc(y, s[:3], g)
+    with pytest.raises(ValueError, match="weights have different lengths"):
+        gauc(y, s, g, weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="y_score contains NaN"):
+        gauc(y, [0.1, float("nan"), 0.3, 0.4], g)
+    with pytest.raises(ValueError, match="groups contains NaN"):
+        gauc(y, s, [0.0, float("nan"), 1.0, 1.0])
+    with pytest.raises(ValueError, match="groups contains None"):
+        gauc(y, s, np.array(["a", None, "b", "b"], dtype=object))
+    with pytest.raises(ValueError, match="one sortable type"):
+        gauc(y, s, np.array(["a", 1, "b", 2], dtype=object))
+    with pytest.raises(ValueError, match="groups must be 1-D"):
+        gauc(y, s, np.zeros((4, 1)))
+    with pytest.raises(ValueError, match="0/1"):
+        gauc([0, 2, 0, 1], s, g)
+    with pytest.raises(ValueError, match="non-negative"):
+        gauc(y, s, g, weights=[1.0, -1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="finite"):
+        gauc(y, s, g, weights=[1.0, float("inf"), 1.0, 1.0])
+    with pytest.raises(ValueError, match="weights contains NaN"):
+        gauc(y, s, g, weights=[1.0, float("nan"), 1.0, 1.0])
+    with pytest.raises(ValueError, match="sum to 0"):
+        gauc(y, s, g, weights=[0.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="integer or string ids"):
+        gauc(y, s, torch.zeros(4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="empty"):
+        gauc([], [], [])
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def test_calibration_hand_example_and_logits() -> None:
+    # predicted rate 0.2, observed 0.25
+    assert calibration(Y, P) == pytest.approx(0.8, abs=1e-15)
+    assert calibration(Y, logit(np.array(P)), from_logits=True) == pytest.approx(0.8, abs=1e-12)
+    assert calibration(torch.tensor(Y), torch.tensor(P)) == pytest.approx(0.8, abs=1e-7)
+    assert calibration([1, 0], [0.5, 0.5]) == pytest.approx(1.0)
+    # soft labels: observed rate 0.5; huge logits saturate without overflow
+    assert calibration([0.5, 0.5], [1000.0, -1000.0], from_logits=True) == pytest.approx(1.0)
+
+
+def test_calibration_errors() -> None:
+    with pytest.raises(ValueError, match="no positive label"):
+        calibration([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="from_logits"):
+        calibration([1, 0], [2.0, -1.0])
+    with pytest.raises(ValueError, match="lengths"):
+        calibration([1, 0], [0.5])
+    with pytest.raises(ValueError, match="NaN"):
+        calibration([1, 0], [float("nan"), 0.5])

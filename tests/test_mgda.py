@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -365,3 +366,67 @@ def test_numpy_gradients_agree_with_torch() -> None:
     g = torch.from_numpy(rng.standard_normal((4, 6)))
     _, info = run_parameter_level(g)
     close(info.weights, mgda_weights(g @ g.T)[0], atol=1e-12)
+
+
+# ------------------------------------------------------------------ collapse diagnostic (issue 18)
+def _scale_run(gap: float, steps: int, **options: Any) -> tuple[MGDA, Any]:
+    """Two tasks on one representation, the second loss ``gap`` times larger."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 3, dtype=torch.float64)
+    heads = [torch.nn.Linear(3, 1, dtype=torch.float64) for _ in range(2)]
+    params = [*trunk.parameters(), *(p for h in heads for p in h.parameters())]
+    opt = MGDA(torch.optim.SGD(params, lr=0.0), task_names=["ctr", "watch_time"], **options)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    info = None
+    for _ in range(steps):
+        opt.zero_grad()
+        z = trunk(x)
+        losses = [heads[0](z).square().mean(), gap * heads[1](z).square().mean()]
+        info = opt.backward(losses, representation=z)
+        opt.step()
+    return opt, info
+
+
+def test_collapsed_tasks_hand_case() -> None:
+    from balancers.mgda import collapsed_tasks
+
+    gram = np.diag([1.0, 1e6, 1e-4])
+    c = np.array([1.0, 0.0, 0.0])  # |d| = 1
+    # task 1: weight 0, gradient 1000 |d|, non-zero loss -> collapsed; task 2: small gradient
+    flags = collapsed_tasks(c, gram, np.array([0.3, 80.0, 0.1]))
+    assert flags.tolist() == [False, True, False]
+    # a zero loss is never flagged; a gradient under 10 |d| is never flagged
+    assert not collapsed_tasks(c, gram, np.array([0.3, 0.0, 0.1])).any()
+    assert not collapsed_tasks(c, np.diag([1.0, 99.0, 1.0]), np.ones(3)).any()
+    # a Pareto-stationary point (d = 0) is not a collapse
+    assert not collapsed_tasks(
+        np.array([0.5, 0.5]), np.ones((2, 2)) * [[1, -1], [-1, 1]], np.ones(2)
+    ).any()
+
+
+def test_collapse_on_mismatched_scales_warns_once_naming_the_task() -> None:
+    from balancers.mgda import MGDACollapseWarning
+
+    with pytest.warns(MGDACollapseWarning, match="watch_time.*normalization=") as rec:
+        opt, info = _scale_run(1000.0, steps=25, collapse_steps=20)
+    assert len([r for r in rec if r.category is MGDACollapseWarning]) == 1
+    assert np.asarray(info.extras["collapsed"]).tolist() == [False, True]
+    assert float(np.asarray(info.weights)[1]) < 1e-3
+
+
+def test_no_collapse_warning_with_l2_normalization_or_balanced_scales() -> None:
+    import warnings
+
+    from balancers.mgda import MGDACollapseWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MGDACollapseWarning)
+        _, info = _scale_run(1000.0, steps=25, normalization="l2")
+        assert not np.asarray(info.extras["collapsed"]).any()
+        _scale_run(1.0, steps=25)
+        _scale_run(1000.0, steps=25, collapse_steps=None)
+
+
+def test_collapse_steps_is_validated() -> None:
+    with pytest.raises(ValueError, match="collapse_steps"):
+        MGDA(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), collapse_steps=0)

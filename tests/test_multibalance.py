@@ -6,8 +6,11 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,7 +19,12 @@ from torch import Tensor, nn
 
 from balancers.equal import EqualWeight
 from balancers.mgda import MGDA, mgda_weights
-from balancers.multibalance import MultiBalance, multibalance_weights, update_norm_averages
+from balancers.multibalance import (
+    MultiBalance,
+    MultiBalanceClampWarning,
+    multibalance_weights,
+    update_norm_averages,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import TinyNet, mlp_net  # noqa: E402
@@ -135,10 +143,55 @@ def test_strategy_gating() -> None:
 
 def test_clamp_bounds_weights() -> None:
     m = torch.tensor([1.0, 1e-4, 1e4], dtype=F64)
-    w = multibalance_weights(m, anchor=0, relax_factor=1.0)
+    w = multibalance_weights(m, anchor=0, relax_factor=1.0, clamp=(0.1, 10.0))
     assert w.tolist() == [1.0, 10.0, 0.1]
-    w = multibalance_weights(m, anchor=0, relax_factor=1.0, clamp=None)
+    w = multibalance_weights(m, anchor=0, relax_factor=1.0)  # default: unbounded
     assert w.tolist() == pytest.approx([1.0, 1e4, 1e-4])
+
+
+def _gap_run(gap: float, steps: int = 5, **options: Any) -> tuple[list[np.ndarray], Any]:
+    """Two tasks on one representation whose gradients differ in norm by ``gap``."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 3, dtype=F64)
+    heads = [torch.nn.Linear(3, 1, dtype=F64) for _ in range(2)]
+    params = [*trunk.parameters(), *(p for h in heads for p in h.parameters())]
+    opt = MultiBalance(torch.optim.SGD(params, lr=0.0), **options)
+    x = torch.randn(16, 4, dtype=F64)
+    infos = []
+    for _ in range(steps):
+        opt.zero_grad()
+        z = trunk(x)
+        losses = [heads[0](z).square().mean(), gap * heads[1](z).square().mean()]
+        infos.append(opt.backward(losses, representation=z))
+        opt.step()
+    return [np.asarray(i.weights) for i in infos], infos[-1]
+
+
+def test_default_balances_a_1000x_norm_gap() -> None:
+    """Issue 18: at a 1000x gradient-norm gap the default weights move by far more than 10x
+    (the old clamp capped them at 10x, silently)."""
+    weights, info = _gap_run(1000.0)
+    w = weights[-1]
+    assert w[0] / w[1] > 100.0
+    assert "clamped" not in info.extras
+    n = np.asarray(info.extras["norms"])
+    # balanced: the weighted norms agree to within the relaxation (r = 0.7)
+    assert (w * n).max() / (w * n).min() < 3.0
+
+
+def test_clamp_that_binds_warns_once_and_marks_extras() -> None:
+    with pytest.warns(MultiBalanceClampWarning, match="capped its weights") as rec:
+        weights, info = _gap_run(1000.0, clamp=(0.1, 10.0))
+    assert len([r for r in rec if r.category is MultiBalanceClampWarning]) == 1
+    assert np.asarray(info.extras["clamped"]).tolist() == [True, False]
+    assert weights[-1][0] == 10.0
+
+
+def test_clamp_that_does_not_bind_is_silent() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MultiBalanceClampWarning)
+        _, info = _gap_run(1.5, clamp=(0.1, 10.0))
+    assert not np.asarray(info.extras["clamped"]).any()
 
 
 # ---------------------------------------------------------------------- plumbing identities

@@ -24,9 +24,16 @@ Conventions for degenerate inputs (documented once, used everywhere):
 
 :class:`ConflictTracker` records these metrics every ``every`` steps from the
 :class:`~mtl.BalanceInfo` of the step, optionally with a (costly) parameter-level probe, and
-saves its history as JSON or CSV. See ``docs/diagnostics.md``.
+saves its history as JSON or CSV. Each record also carries rolling-window statistics (the
+conflict rate and the cosine matrix averaged over the last ``window`` sampled steps), and can be
+written to logging sinks as a flat ``{key: float}`` dict: :class:`TensorBoardSink`,
+:class:`DictSink` (W&B, Lightning's ``log_dict``), :class:`CSVSink`, or any :class:`Sink`.
+:class:`BalanceLogger` logs a :class:`~mtl.BalanceInfo`'s weights, losses and extras without a
+tracker. :func:`plot_dashboard` draws the tracker's four-panel figure. See
+``docs/diagnostics.md``.
 """
 
+from ._dashboard import plot_dashboard
 from ._metrics import (
     aligned_condition_number,
     condition_number,
@@ -40,19 +47,38 @@ from ._metrics import (
     update_cosines,
     update_norm,
 )
-from ._records import record_columns
+from ._records import record_columns, record_scalars, scalar_keys
+from ._sinks import (
+    BalanceLogger,
+    CSVSink,
+    DictSink,
+    HeatmapSink,
+    Sink,
+    TensorBoardSink,
+    balance_scalars,
+)
 from ._tracker import ConflictTracker
 
 __all__ = [
+    "BalanceLogger",
+    "CSVSink",
     "ConflictTracker",
+    "DictSink",
+    "HeatmapSink",
+    "Sink",
+    "TensorBoardSink",
     "aligned_condition_number",
+    "balance_scalars",
     "condition_number",
     "conflict_rate",
     "cosine_matrix",
     "magnitude_similarity",
     "magnitude_similarity_summary",
     "pair_values",
+    "plot_dashboard",
     "record_columns",
+    "record_scalars",
+    "scalar_keys",
     "summarize",
     "task_norms",
     "update_cosines",

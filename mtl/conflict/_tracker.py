@@ -1,5 +1,6 @@
 """``ConflictTracker``: task-conflict metrics recorded during training from each step's
-:class:`~mtl.BalanceInfo`, with an optional parameter-level probe; JSON and CSV persistence."""
+:class:`~mtl.BalanceInfo`, with an optional parameter-level probe; rolling-window statistics;
+logging sinks; JSON and CSV persistence."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import csv
 import json
 import math
 import warnings
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -21,14 +23,28 @@ from .._info import BalanceInfo
 from ._metrics import as_gram, summarize, update_cosines, update_norm
 from ._records import (
     GRAM_KEYS,
+    ROLLING_KEY,
     csv_cell,
     decode_record,
     encode,
     pair_key,
     record_columns,
     record_from_csv,
+    record_scalars,
+    rolling_nanmean,
+    scalar_keys,
     summarize_records,
+    window_cosine,
+    window_pair_key,
+    window_row,
+    window_stats,
 )
+from ._sinks import HeatmapSink, Sink, _check_sink
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ._dashboard import DashboardSource
 
 __all__ = ["ConflictTracker"]
 
@@ -67,6 +83,21 @@ class ConflictTracker:
     ``cos[a,b]``. Missing values are NaN. For per-block weights (``(blocks, K)``),
     ``weight[name]`` is the mean over blocks and the update cosines use ``info.block_grams``.
 
+    Rolling windows: every record also holds ``conflict_rate_rolling``, the mean conflict rate
+    of the last ``window`` records of its source (this one included; NaN-aware: steps without a
+    Gram matrix do not count), and per pair ``cos_window[a,b]``, the mean cosine over the same
+    records: the off-diagonal entries of :meth:`window_cosine_matrix`. With two tasks the
+    per-step conflict rate is 0 or 1; the rolling rate is the share of conflicting steps.
+
+    Logging: each record is also written to the ``sinks`` (:class:`~mtl.conflict.TensorBoardSink`,
+    :class:`~mtl.conflict.DictSink`, :class:`~mtl.conflict.CSVSink`, or any object with
+    ``write(step, scalars)`` and ``close()``) as one flat ``{key: float}`` dict per step
+    (:meth:`scalar_keys`, :meth:`to_dict`): ``conflict/...`` and ``balance/...`` keys, and
+    ``probe/...`` for a parameter-level probe of the same step. Sinks get host floats the tracker
+    computed anyway; nothing is read from the device for them. A probe is written with the
+    :meth:`update` of its step (which completes its update cosines); :meth:`close` writes any
+    probe still waiting and closes the sinks.
+
     Args:
         every: sample every ``every`` steps (``step % every == 0``); default 10.
         param_level_every: schedule of :meth:`update_parameter_level` (``step %
@@ -77,6 +108,10 @@ class ConflictTracker:
             (default 0). Nearly orthogonal tasks (``|cos| ~ 0.01``) flip sign from batch to
             batch; a tolerance such as 0.05 keeps that noise out of the rate (the cosines
             themselves are recorded unchanged).
+        window: number of sampled records per rolling window (default 50; with ``every=10``
+            that is the last 500 steps).
+        sinks: logging sinks written on every recorded step (see above); more with
+            :meth:`add_sink`.
     """
 
     def __init__(
@@ -85,8 +120,12 @@ class ConflictTracker:
         param_level_every: int | None = None,
         task_names: Sequence[str] | None = None,
         conflict_tol: float = 0.0,
+        *,
+        window: int = 50,
+        sinks: Iterable[Sink] | None = None,
     ) -> None:
         self.every = _check_every(every, "every")
+        self.window = _check_every(window, "window")
         if isinstance(conflict_tol, bool) or not isinstance(conflict_tol, (int, float)):
             raise TypeError(f"conflict_tol must be a number, got {conflict_tol!r}")
         if not 0.0 <= float(conflict_tol) < 1.0:
@@ -107,6 +146,12 @@ class ConflictTracker:
         self.num_probes = 0  # parameter-level probes
         self._warned_no_gram = False
         self._pending: tuple[int, Tensor, dict[str, Any]] | None = None
+        self.sinks: list[Sink] = [] if sinks is None else [_check_sink(x) for x in sinks]
+        self._unsent: list[dict[str, Any]] = []  # probe records not yet written to the sinks
+        # rolling-window rows of the last `window` records per source (see _append)
+        self._rows: dict[str, deque[np.ndarray]] = {}
+        self._rows_of: list[dict[str, Any]] | None = None
+        self._rows_len = 0
 
     # ------------------------------------------------------------------ schedule
     def is_sampled(self, step: int) -> bool:
@@ -183,6 +228,7 @@ class ConflictTracker:
             if p_step <= step:
                 self._pending = None
         if not self.is_sampled(step):
+            self._emit_probes(step)
             return None
         self.num_sampled += 1
         gram = info.gram
@@ -218,7 +264,8 @@ class ConflictTracker:
                 self._fill_update(rec, m, weights)
             elif info.block_grams is not None and info.block_grams.shape[0] == weights.shape[0]:
                 self._fill_update(rec, as_gram(info.block_grams, allow_blocks=True), weights)
-        self.history.append(rec)
+        self._append(rec)
+        self._emit_probes(step, rec)
         return rec
 
     def update_parameter_level(
@@ -271,8 +318,194 @@ class ConflictTracker:
                 )
                 self._set_vector(rec, "weight", names, w if w.dim() == 1 else w.mean(0))
                 self._fill_update(rec, m, w)
-        self.history.append(rec)
+        self._append(rec)
+        if self.sinks:
+            self._unsent.append(rec)  # written with the update() of its step
         return rec
+
+    # ------------------------------------------------------------------ rolling windows
+    def _recent(self, source: str, window: int) -> list[dict[str, Any]]:
+        """The last ``window`` records of ``source``, oldest first."""
+        out: list[dict[str, Any]] = []
+        hist = self.history
+        i = len(hist)
+        while i > 0 and len(out) < window:
+            i -= 1
+            if hist[i]["source"] == source:
+                out.append(hist[i])
+        out.reverse()
+        return out
+
+    def _append(self, rec: dict[str, Any]) -> None:
+        """Append ``rec`` and fill its rolling-window entries (this record included).
+
+        The last ``window`` rows of each source are kept as small arrays (:func:`window_row`), so
+        a record costs O(window * K^2) float operations, not a walk over dicts; they are rebuilt
+        from the history when it was replaced (``load_state_dict``, ``from_csv``).
+        """
+        names = self.task_names
+        assert names is not None
+        if self._rows_of is not self.history or self._rows_len != len(self.history):
+            self._rows = {
+                src: deque(
+                    (window_row(r, names) for r in self._recent(src, self.window)),
+                    maxlen=self.window,
+                )
+                for src in ("balance", "probe")
+            }
+            self._rows_of = self.history
+        self.history.append(rec)
+        self._rows_len = len(self.history)
+        rows = self._rows[rec["source"]]
+        rows.append(window_row(rec, names))
+        rate, m = window_stats(rows, len(names))
+        rec[ROLLING_KEY] = rate
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                rec[window_pair_key(names[i], names[j])] = float(m[i, j])
+
+    def rolling_conflict_rate(
+        self, window: int | None = None, source: Source = "balance"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, rates)``: at each record of ``source``, the mean conflict rate of the last
+        ``window`` records (default: the tracker's ``window``) up to and including it.
+
+        NaN-aware (records without a Gram matrix are left out of each mean); NaN where a window
+        holds no rate at all. With the tracker's own window this equals the records'
+        ``conflict_rate_rolling`` (up to rounding), also for histories read back from files
+        that predate that key.
+        """
+        w = self.window if window is None else _check_every(window, "window")
+        steps, rates = self.series("conflict_rate", source)
+        return steps, rolling_nanmean(rates, w)
+
+    def window_cosine_matrix(
+        self, window: int | None = None, source: Source = "balance"
+    ) -> np.ndarray:
+        """The mean of the cosine matrices of the last ``window`` records of ``source``.
+
+        Float64 ``(K, K)``: off the diagonal the mean cosine of each pair (the latest record's
+        ``cos_window[a,b]`` with the tracker's window), on it the share of those records where
+        the task's gradient was non-zero (1 unless a task had zero gradients). Records without
+        a Gram matrix are left out; all-NaN when none is left (``(0, 0)`` while the task names
+        are unknown).
+        """
+        w = self.window if window is None else _check_every(window, "window")
+        names = self.task_names or []
+        return window_cosine(self._recent(source, w), names)
+
+    # ------------------------------------------------------------------ sinks
+    def add_sink(self, sink: Sink) -> None:
+        """Write every following record to ``sink`` too."""
+        self.sinks.append(_check_sink(sink))
+
+    def scalar_keys(self, probes: bool | None = None) -> list[str]:
+        """The keys of the dicts written to the sinks, in order (task names must be known).
+
+        ``conflict/rate``, ``conflict/rate_rolling``, ``conflict/min_cosine``,
+        ``conflict/mean_cosine``, ``conflict/magnitude_similarity_min``,
+        ``conflict/magnitude_similarity_mean``, ``conflict/condition_number``,
+        ``conflict/condition_number_aligned``, ``conflict/update_norm``,
+        ``conflict/min_update_cosine``; per task ``conflict/norm/<name>``,
+        ``conflict/update_cos/<name>``; per pair ``conflict/cos/<a>-<b>``,
+        ``conflict/cos_window/<a>-<b>``; per task ``balance/weight/<name>``,
+        ``balance/loss/<name>``; and with ``probes`` the ``probe/...`` keys of the
+        parameter-level probes (the ``conflict/...`` set under ``probe/``). ``probes=None``
+        (default): when probes are in use, i.e. ``param_level_every`` was given or a probe was
+        recorded.
+        """
+        if self.task_names is None:
+            raise ValueError("the task names are not known yet: pass task_names= or update once")
+        keys = scalar_keys(self.task_names, "balance")
+        if self._probes_in_use() if probes is None else probes:
+            keys += scalar_keys(self.task_names, "probe")
+        return keys
+
+    def _probes_in_use(self) -> bool:
+        return self.param_level_every is not None or self.num_probes > 0
+
+    def to_dict(
+        self, record: Mapping[str, Any] | None = None, *, drop_nan: bool = False
+    ) -> dict[str, float]:
+        """A record as the flat ``{key: float}`` dict the sinks get (:meth:`scalar_keys`).
+
+        Default: the latest balance record (``{}`` when there is none), e.g.
+        ``wandb.log(tracker.to_dict(drop_nan=True), step=step)`` or, in a LightningModule,
+        ``self.log_dict(tracker.to_dict(drop_nan=True))``. ``drop_nan`` leaves out missing
+        values.
+        """
+        if record is None:
+            recs = self._recent("balance", 1)
+            if not recs:
+                return {}
+            record = recs[0]
+        return record_scalars(record, self.task_names or [], drop_nan=drop_nan)
+
+    def _emit_probes(self, step: int, rec: dict[str, Any] | None = None) -> None:
+        """Write the waiting probes of steps ``<= step`` and ``rec`` (one dict per step)."""
+        if not self.sinks:
+            self._unsent.clear()
+            return
+        due = [p for p in self._unsent if p["step"] <= step]
+        self._unsent = [p for p in self._unsent if p["step"] > step]
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        for p in due:
+            by_step.setdefault(int(p["step"]), []).append(p)
+        if rec is not None:
+            by_step.setdefault(step, []).insert(0, rec)
+        for s in sorted(by_step):
+            self._write(s, by_step[s])
+
+    def _write(self, step: int, recs: Sequence[Mapping[str, Any]]) -> None:
+        names = self.task_names
+        assert names is not None
+        d: dict[str, float] = dict.fromkeys(scalar_keys(names, "balance"), math.nan)
+        if self._probes_in_use():
+            d.update(dict.fromkeys(scalar_keys(names, "probe"), math.nan))
+        for r in recs:
+            d.update(record_scalars(r, names))
+        for sink in self.sinks:
+            sink.write(step, d)
+        # a balance record is written right after it was appended: it is the latest one
+        has_balance = any(r["source"] == "balance" for r in recs)
+        if has_balance and any(isinstance(sink, HeatmapSink) for sink in self.sinks):
+            rows = self._rows["balance"]
+            matrix = window_stats(rows, len(names))[1]
+            n_ok = sum(not math.isnan(float(r[-1])) for r in rows) if names else 0
+            title = f"Cosine: mean of the last {n_ok} sampled steps (step {step})"
+            for sink in self.sinks:
+                if isinstance(sink, HeatmapSink):
+                    sink.write_heatmap(step, matrix, names, title)
+
+    def flush(self) -> None:
+        """Write the probes still waiting for the :meth:`update` of their step."""
+        if self._unsent:
+            self._emit_probes(max(int(p["step"]) for p in self._unsent))
+
+    def close(self) -> None:
+        """:meth:`flush`, then close every sink (the tracker keeps its history)."""
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> ConflictTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def plot_dashboard(
+        self,
+        *,
+        window: int | None = None,
+        source: DashboardSource = "balance",
+        fig: Figure | None = None,
+    ) -> Figure:
+        """Four panels: window-averaged cosine heatmap, conflict with the rolling rate, task
+        weights, gradient norms (:func:`mtl.conflict.plot_dashboard`; needs matplotlib)."""
+        from ._dashboard import plot_dashboard
+
+        return plot_dashboard(self, window=window, source=source, fig=fig)
 
     def _label(self, k: int) -> str:
         """``task k`` (with its name when known), for error messages."""
@@ -328,6 +561,7 @@ class ConflictTracker:
             "every": self.every,
             "param_level_every": self.param_level_every,
             "conflict_tol": self.conflict_tol,
+            "window": self.window,
             "task_names": None if self.task_names is None else list(self.task_names),
             "num_sampled": self.num_sampled,
             "num_no_gram": self.num_no_gram,
@@ -340,8 +574,8 @@ class ConflictTracker:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (history, counters, task names).
 
-        The schedule (``every``, ``param_level_every``) stays the one this tracker was built
-        with. Raises ``ValueError`` when the saved task names differ from this tracker's.
+        The schedule (``every``, ``param_level_every``), ``window`` and the sinks stay this
+        tracker's. Raises ``ValueError`` when the saved task names differ from this tracker's.
         """
         if state.get("format") != _FORMAT:
             raise ValueError(f"not a ConflictTracker state (format={state.get('format')!r})")
@@ -360,6 +594,7 @@ class ConflictTracker:
         self.num_probes = int(state.get("num_probes", 0))
         self._warned_no_gram = bool(state.get("warned_no_gram", False))
         self._pending = None
+        self._unsent = []
 
     def to_json(self, path: str | PathLike[str]) -> None:
         """Write :meth:`state_dict` as strict JSON (NaN as ``null``, infinities as strings)."""
@@ -378,6 +613,8 @@ class ConflictTracker:
             every=state["every"],
             param_level_every=state.get("param_level_every"),
             task_names=state.get("task_names"),
+            conflict_tol=float(state.get("conflict_tol", 0.0)),
+            window=int(state.get("window", 50)),
         )
         tracker.load_state_dict(state)
         return tracker
@@ -393,19 +630,29 @@ class ConflictTracker:
 
     @classmethod
     def from_csv(
-        cls, path: str | PathLike[str], every: int = 10, param_level_every: int | None = None
+        cls,
+        path: str | PathLike[str],
+        every: int = 10,
+        param_level_every: int | None = None,
+        *,
+        window: int = 50,
     ) -> ConflictTracker:
         """A tracker whose history is read from :meth:`to_csv` output.
 
         Task names are recovered from the ``norm[...]`` columns; the counters are recomputed
-        from the records; the schedule is not stored in the CSV (pass it).
+        from the records; the schedule and the window are not stored in the CSV (pass them).
         """
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)
             header = next(reader)
             rows = list(reader)
         names = [c[5:-1] for c in header if c.startswith("norm[") and c.endswith("]")]
-        tracker = cls(every=every, param_level_every=param_level_every, task_names=names or None)
+        tracker = cls(
+            every=every,
+            param_level_every=param_level_every,
+            task_names=names or None,
+            window=window,
+        )
         tracker.history = [record_from_csv(header, row) for row in rows]
         balance = tracker.records("balance")
         tracker.num_sampled = len(balance)
@@ -420,7 +667,8 @@ class ConflictTracker:
     def __repr__(self) -> str:
         return (
             f"ConflictTracker(every={self.every}, param_level_every={self.param_level_every}, "
-            f"task_names={self.task_names}, records={len(self.history)})"
+            f"window={self.window}, task_names={self.task_names}, records={len(self.history)}, "
+            f"sinks={len(self.sinks)})"
         )
 
 
