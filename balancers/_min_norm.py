@@ -294,19 +294,6 @@ def _warm_start(
     return None
 
 
-def _wolfe(
-    q: np.ndarray | _Problem,
-    max_iter: int,
-    tol: float,
-    warm: bool = True,
-    support: np.ndarray | None = None,
-    exact: bool = False,
-) -> np.ndarray:
-    """Wolfe's min-norm-point algorithm on the Gram matrix ``q``: the weights of
-    :func:`_wolfe_run`."""
-    return _wolfe_run(q, max_iter, tol, warm, support, exact)[0]
-
-
 def _wolfe_run(
     q: np.ndarray | _Problem,
     max_iter: int,
@@ -517,7 +504,7 @@ def _checked_wolfe(
     if not (gap < -slack).any():
         return alpha
     best = (True, value, alpha)
-    raw = _wolfe(prob, max_iter, tol, support=support, exact=True)
+    raw, _ = _wolfe_run(prob, max_iter, tol, support=support, exact=True)
     for cand in (_refine(prob, raw), raw) if refine else (raw,):
         gap, slack, value = prob.gaps(cand, tol)
         key = (bool((gap < -slack).any()), value, cand)

@@ -26,7 +26,6 @@ exactly where the paper's Algorithm applies it (before the next model step).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -38,13 +37,12 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, NonFiniteError
 from mtl._autocast import forward_autocast
-from mtl._checks import check_closure_losses
+from mtl._checks import check_closure_losses, closure_arity_mismatch
 
 from ._learned import (
+    LearnedStateBalancer,
     adam_step,
-    check_adam_state,
-    check_keys,
-    count,
+    check_learned_state,
     float_list,
     loss_level_kwargs,
 )
@@ -142,7 +140,7 @@ def _unwrapped(fn: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- the optimizer
-class FAMO(BalancedOptimizer):
+class FAMO(LearnedStateBalancer):
     """FAMO (Liu et al., NeurIPS 2023): loss-level weights that equalise the losses' decrease rates.
 
     Per step (``D_k = L_k - b_k + eps``, ``z = softmax(xi)``)::
@@ -189,6 +187,8 @@ class FAMO(BalancedOptimizer):
     because a re-evaluated loss was NaN/inf, with ``on_nonfinite="skip"``), ``last_losses``
     (the losses of the last step, awaiting their re-evaluation) and ``pending`` (the
     re-evaluated losses, a device tensor until the next transfer; ``None`` in checkpoints).
+    ``reset_state()`` forgets it all (back to uniform logits, no Adam moments, no pending
+    update).
 
     Args:
         optimizer: the inner optimizer over all model parameters.
@@ -261,15 +261,10 @@ class FAMO(BalancedOptimizer):
         state["_closure"] = None  # the user's callable, valid for one step only
         return state
 
-    def reset_state(self) -> None:
-        """Forget the logits (back to uniform weights), Adam's moments and a pending update."""
-        self.balancer_state = {}
-
     @property
     def logits(self) -> np.ndarray | None:
         """The current logits ``xi`` (a copy), or ``None`` before the first step."""
-        xi = self.balancer_state.get("logits")
-        return None if xi is None else np.array(xi, dtype=np.float64)
+        return self._state_copy("logits")
 
     # ------------------------------------------------------------------ state
     def _bounds(self, k: int) -> np.ndarray:
@@ -297,21 +292,15 @@ class FAMO(BalancedOptimizer):
         ``pending`` (a tensor of K re-evaluated losses, possibly on the device) is checked by
         shape only: reading its values here would synchronize inside a step's rollback.
         """
-        state = check_keys(state, self._KEYS, "FAMO")
-        k = self.num_tasks
-        new: dict[str, Any] = {}
-        if "logits" in state:
-            new["logits"] = float_list(state["logits"], "logits", "FAMO", k)
-            k = len(new["logits"])
-        if state.get("adam") is not None:
-            if self.update != "adam":
-                raise ValueError("FAMO state 'adam' was saved with update='adam'; this uses 'sgd'")
-            new["adam"] = check_adam_state(state["adam"], "adam", "FAMO", k)
-        elif "adam" in state:
-            new["adam"] = None
-        for key in ("num_updates", "num_dropped"):
-            if key in state:
-                new[key] = count(state[key], key, "FAMO")
+        new, k = check_learned_state(
+            state,
+            self._KEYS,
+            "FAMO",
+            self.num_tasks,
+            vector="logits",
+            counts=("num_updates", "num_dropped"),
+            update=self.update,
+        )
         last = state.get("last_losses")
         if "last_losses" in state:
             new["last_losses"] = (
@@ -423,16 +412,11 @@ class FAMO(BalancedOptimizer):
         shared_parameters: Iterable[Tensor] | None = None,
         closure: Closure | None = None,
     ) -> BalanceInfo:
-        """One balanced backward pass (see :meth:`mtl.BalancedOptimizer.backward`).
-
-        Args:
-            losses: K scalar tensors (a sequence, or a 1-D tensor of length K).
-            representation: the balance point (checked; the step is one weighted backward).
-            shared_parameters: or the shared parameters (checked likewise).
-            closure: a zero-argument callable that re-runs the model on the SAME batch and
-                returns the K task losses; :meth:`step` calls it after the model update.
-                Required.
-        """
+        """One balanced backward pass: ``losses``, ``representation`` and
+        ``shared_parameters`` as in :meth:`mtl.BalancedOptimizer.backward` (the balance point
+        is checked; the step is one weighted backward), plus the required ``closure``: a
+        zero-argument callable that re-runs the model on the SAME batch and returns the K task
+        losses; :meth:`step` calls it after the model update."""
         if (representation is None) != (shared_parameters is None):  # else the base says why
             self._check_closure(closure)
         self._closure, self._update_extras = None, None
@@ -460,20 +444,13 @@ class FAMO(BalancedOptimizer):
                 "the losses' change across the step), e.g. closure=lambda: [loss_fn(o, y) for "
                 "o, y in zip(model(x).task_outputs, ys)]"
             )
-        if not callable(closure):
-            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        try:
-            sig = inspect.signature(closure)
-        except (TypeError, ValueError):  # builtins without a signature: trust the caller
-            return
-        try:
-            sig.bind()
-        except TypeError:
+        sig = closure_arity_mismatch(closure, 0)
+        if sig is not None:
             raise TypeError(
                 "FAMO calls closure with no argument (it re-runs the whole model on the same "
                 "batch after the update; a closure of the shifted representation, as MARIGOLD "
                 f"takes at the representation level, does not apply); got signature {sig}"
-            ) from None
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._closure = None  # a discarded window's closure must not run at the next step

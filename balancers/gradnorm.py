@@ -17,15 +17,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from mtl import BalancedOptimizer, NonFiniteError
+from mtl import NonFiniteError
 
 from ._host import check_gram, device_of, host_array, to_torch
-from ._learned import host_vectors
+from ._learned import HostVectorBalancer, finite_vector
 from ._options import check_positive
 
 __all__ = ["GradNorm", "gradnorm_step"]
 
-_STATE_KEYS = ("weights", "initial_losses")
 #: relative tolerance of ``sum(weights) = K`` when a state is loaded
 _SUM_RTOL = 1e-6
 
@@ -152,11 +151,11 @@ def gradnorm_step(
     lr_, alpha_, floor = _check_lr(lr), _check_alpha(alpha), _check_min_weight(min_weight)
     m = check_gram(host_array(gram))
     k = m.shape[0]
-    w = _vector(weights, "weights", k)
+    w = finite_vector(weights, "weights", k)
     if (w <= 0).any():
         raise ValueError(f"weights must be positive, got {w.tolist()}")
-    loss = _vector(losses, "losses", k)
-    initial = _vector(initial_losses, "initial_losses", k)
+    loss = finite_vector(losses, "losses", k)
+    initial = finite_vector(initial_losses, "initial_losses", k)
     if (initial < 0).any():
         raise ValueError(f"initial_losses must be non-negative, got {initial.tolist()}")
     norms = np.sqrt(np.clip(np.diagonal(m), 0.0, None))
@@ -164,19 +163,8 @@ def gradnorm_step(
     return to_torch(out["next_weights"], device_of(gram))
 
 
-def _vector(x: Any, name: str, k: int) -> np.ndarray:
-    """``x`` as a finite float64 host vector of length ``k`` (ValueError naming ``name``)."""
-    try:
-        a = np.array(host_array(x), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {k} finite numbers, got {x!r}") from None
-    if a.shape != (k,) or not np.isfinite(a).all():
-        raise ValueError(f"{name} must be {k} finite numbers, got {a.tolist()}")
-    return a
-
-
 # ---------------------------------------------------------------------- the optimizer
-class GradNorm(BalancedOptimizer):
+class GradNorm(HostVectorBalancer):
     """GradNorm: learnable task weights that balance the weighted gradient norms.
 
     Per step ``t``, with ``M`` the Gram matrix of the task gradients at the balance point
@@ -231,11 +219,13 @@ class GradNorm(BalancedOptimizer):
     State (``balancer_state``; empty before the first step): ``weights`` ``(K,)`` (``w(t+1)``,
     positive, summing to K) and ``initial_losses`` ``(K,)`` (0 = not recorded yet), float64
     NumPy arrays on the host (read without any device access); ``state_dict()`` saves them as
-    CPU float64 tensors.
+    CPU float64 tensors. ``reset_state()``: back to ``w = 1`` and unrecorded ``L(0)``
+    (``initial_losses`` is kept).
     """
 
     requires_gram = True
     per_block = False
+    _STATE_KEYS = ("weights", "initial_losses")
 
     def __init__(
         self,
@@ -272,29 +262,11 @@ class GradNorm(BalancedOptimizer):
     @property
     def weights(self) -> Tensor:
         """The weights the next step applies, ``w(t+1)`` (float64, sum K); a copy."""
-        w = self.balancer_state.get("weights")
-        if w is None:
-            if self.num_tasks is None:
-                raise RuntimeError("the number of tasks is not known yet (pass num_tasks=)")
-            return torch.ones(self.num_tasks, dtype=torch.float64)
-        return torch.from_numpy(host_array(w).copy())
-
-    def reset_state(self) -> None:
-        """Back to ``w = 1`` and unrecorded ``L(0)`` (``initial_losses`` is kept)."""
-        self.balancer_state = {}
+        w = self._state_copy("weights")
+        return torch.from_numpy(np.ones(self._known_num_tasks()) if w is None else w)
 
     # -- state
-    def _balancer_state_dict(self) -> dict[str, Any]:
-        # the host arrays are checkpointed as CPU float64 tensors (loadable with
-        # torch.load(weights_only=True)); the engine clones what this returns
-        return {key: torch.as_tensor(np.asarray(v)) for key, v in self.balancer_state.items()}
-
-    def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
-        """Validate everything, then replace the state (a rejected state changes nothing)."""
-        arrays = host_vectors(state, _STATE_KEYS, self.num_tasks, "GradNorm")
-        if arrays is None:
-            self.balancer_state = {}
-            return
+    def _check_state(self, arrays: dict[str, np.ndarray]) -> None:
         w = arrays["weights"]
         if (w <= 0).any() or abs(w.sum() - w.size) > _SUM_RTOL * w.size:
             raise ValueError(
@@ -305,21 +277,17 @@ class GradNorm(BalancedOptimizer):
                 "GradNorm state 'initial_losses' must be non-negative (0 = not recorded), got "
                 f"{arrays['initial_losses'].tolist()}"
             )
-        self.balancer_state = dict(arrays)
 
     def _state_for(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(w(t), L(0))`` as float64 host vectors (host arrays: no device read)."""
-        st = self.balancer_state
-        if "weights" not in st:
-            initial = np.zeros(k) if self.initial_losses is None else self.initial_losses.copy()
-            if initial.size != k:
-                raise ValueError(f"initial_losses has {initial.size} entries but this step has {k}")
-            return np.ones(k), initial
-        w = host_array(st["weights"])
-        initial = host_array(st["initial_losses"])
-        if w.shape != (k,) or initial.shape != (k,):
-            raise ValueError(f"GradNorm state is for {w.shape[0]} tasks, this step has {k}")
-        return w, initial
+        saved = self._saved_vectors(k)
+        if saved is not None:
+            w, initial = saved
+            return w, initial
+        initial = np.zeros(k) if self.initial_losses is None else self.initial_losses.copy()
+        if initial.size != k:
+            raise ValueError(f"initial_losses has {initial.size} entries but this step has {k}")
+        return np.ones(k), initial
 
     # -- the method
     def _compute_weights(

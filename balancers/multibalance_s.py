@@ -19,16 +19,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from mtl import BalancedOptimizer, NonFiniteError
+from mtl import NonFiniteError
 
 from ._host import check_gram, device_of, host_array, to_torch
-from ._learned import host_vectors
+from ._learned import HostVectorBalancer, finite_vector
 from ._min_norm import _project_simplex_np
 from ._options import check_positive
 
 __all__ = ["MultiBalanceS", "multibalance_s_step"]
 
-_STATE_KEYS = ("norms_ma", "lam")
 #: tolerance of ``sum(lam) = 1`` when a state is loaded
 _SIMPLEX_ATOL = 1e-6
 #: a task whose rescaling ``u_k / ||h_k||`` exceeds this counts as having a zero gradient: its
@@ -127,10 +126,10 @@ def multibalance_s_step(
     g, b, r = _check_gamma(gamma), _check_beta(beta), _check_rho(rho)
     m = check_gram(host_array(gram))
     k = m.shape[0]
-    u = _vector(norms_ma, "norms_ma", k)
+    u = finite_vector(norms_ma, "norms_ma", k)
     if (u < 0).any():
         raise ValueError(f"norms_ma must be non-negative, got {u.tolist()}")
-    lam_ = _vector(lam, "lam", k)
+    lam_ = finite_vector(lam, "lam", k)
     _check_simplex(lam_, "lam")
     out = _multibalance_s_step_np(u, lam_, m, gamma=g, beta=b, rho=r)
     device = device_of(gram)
@@ -141,24 +140,13 @@ def multibalance_s_step(
     )
 
 
-def _vector(x: Any, name: str, k: int) -> np.ndarray:
-    """``x`` as a finite float64 host vector of length ``k`` (ValueError naming ``name``)."""
-    try:
-        a = np.array(host_array(x), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {k} finite numbers, got {x!r}") from None
-    if a.shape != (k,) or not np.isfinite(a).all():
-        raise ValueError(f"{name} must be {k} finite numbers, got {a.tolist()}")
-    return a
-
-
 def _check_simplex(lam: np.ndarray, name: str) -> None:
     if (lam < 0).any() or abs(float(lam.sum()) - 1.0) > _SIMPLEX_ATOL:
         raise ValueError(f"{name} must lie on the simplex (>= 0, sum 1), got {lam.tolist()}")
 
 
 # ---------------------------------------------------------------------- the optimizer
-class MultiBalanceS(BalancedOptimizer):
+class MultiBalanceS(HostVectorBalancer):
     """MultiBalance as a third-party summary describes it [S] -- NOT the paper's method.
 
     Per step, with ``M`` the Gram matrix of the task gradients ``h_k`` at the balance point
@@ -202,11 +190,13 @@ class MultiBalanceS(BalancedOptimizer):
 
     State (``balancer_state``; empty before the first step): ``norms_ma`` ``(K,)`` (``u``) and
     ``lam`` ``(K,)`` (on the simplex), float64 NumPy arrays on the host (read without any device
-    access); ``state_dict()`` saves them as CPU float64 tensors.
+    access); ``state_dict()`` saves them as CPU float64 tensors. ``reset_state()``: back to
+    ``u = 0`` and ``lam = 1/K``.
     """
 
     requires_gram = True
     per_block = False
+    _STATE_KEYS = ("norms_ma", "lam")
 
     def __init__(
         self,
@@ -229,29 +219,14 @@ class MultiBalanceS(BalancedOptimizer):
     @property
     def lam(self) -> Tensor:
         """The current simplex weights ``lam`` (float64); a copy."""
-        v = self.balancer_state.get("lam")
-        if v is None:
-            if self.num_tasks is None:
-                raise RuntimeError("the number of tasks is not known yet (pass num_tasks=)")
-            return torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
-        return torch.from_numpy(host_array(v).copy())
-
-    def reset_state(self) -> None:
-        """Back to ``u = 0`` and ``lam = 1/K``."""
-        self.balancer_state = {}
+        lam = self._state_copy("lam")
+        if lam is None:
+            k = self._known_num_tasks()
+            lam = np.full(k, 1.0 / k)
+        return torch.from_numpy(lam)
 
     # -- state
-    def _balancer_state_dict(self) -> dict[str, Any]:
-        # the host arrays are checkpointed as CPU float64 tensors (loadable with
-        # torch.load(weights_only=True)); the engine clones what this returns
-        return {key: torch.as_tensor(np.asarray(v)) for key, v in self.balancer_state.items()}
-
-    def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
-        """Validate everything, then replace the state (a rejected state changes nothing)."""
-        arrays = host_vectors(state, _STATE_KEYS, self.num_tasks, "MultiBalanceS")
-        if arrays is None:
-            self.balancer_state = {}
-            return
+    def _check_state(self, arrays: dict[str, np.ndarray]) -> None:
         if (arrays["norms_ma"] < 0).any():
             raise ValueError(
                 f"MultiBalanceS state 'norms_ma' must be non-negative, got "
@@ -261,17 +236,13 @@ class MultiBalanceS(BalancedOptimizer):
             _check_simplex(arrays["lam"], "MultiBalanceS state 'lam'")
         except ValueError as exc:
             raise ValueError(str(exc)) from None
-        self.balancer_state = dict(arrays)
 
     def _state_for(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(u, lam)`` as float64 host vectors (host arrays: no device read)."""
-        st = self.balancer_state
-        if "lam" not in st:
+        saved = self._saved_vectors(k)
+        if saved is None:
             return np.zeros(k), np.full(k, 1.0 / k)
-        u = host_array(st["norms_ma"])
-        lam = host_array(st["lam"])
-        if u.shape != (k,) or lam.shape != (k,):
-            raise ValueError(f"MultiBalanceS state is for {lam.shape[0]} tasks, this step has {k}")
+        u, lam = saved
         return u, lam
 
     # -- the method

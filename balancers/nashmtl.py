@@ -14,9 +14,10 @@ import numpy as np
 from torch import Tensor
 from torch.optim import Optimizer
 
-from mtl import BalancedOptimizer, NonFiniteError
+from mtl import NonFiniteError
 
 from ._host import check_gram, device_of, host_array, to_torch
+from ._learned import LearnedStateBalancer, check_state_keys, state_vector
 from ._options import check_positive
 from .upgrad import _cosines
 
@@ -156,7 +157,7 @@ def nashmtl_weights(
     return to_torch(c, device_of(gram))
 
 
-class NashMTL(BalancedOptimizer):
+class NashMTL(LearnedStateBalancer):
     """Nash-MTL: the Nash bargaining solution of the tasks' utilities ``log(g_k . d)``.
 
     Formula (Navon et al. 2022, Theorem 5.1 and Algorithm 1): ``alpha > 0`` solving::
@@ -209,7 +210,9 @@ class NashMTL(BalancedOptimizer):
     State (``balancer_state``, saved by ``state_dict`` and restored when a step is skipped):
     ``alpha``, the last solution before the cap (a list of K floats: reading it back needs no
     torch call, and it loads with ``torch.load(weights_only=True)``; a tensor or array put there
-    is accepted and converted once), and ``step``, the number of calls so far (an int). Cost per update on the host: a few K x K linear solves.
+    is accepted and converted once), and ``step``, the number of calls so far (an int);
+    ``reset_state()`` forgets both (the next call solves afresh). Cost per update on the host: a
+    few K x K linear solves.
 
     ``BalanceInfo.extras``: ``alpha`` (before the cap), ``direction_norm`` (``|d|`` before the
     cap), ``updated`` (whether ``alpha`` was recomputed this call), ``residual``
@@ -243,34 +246,15 @@ class NashMTL(BalancedOptimizer):
             f"{super()._repr_options()}"
         )
 
-    def reset_state(self) -> None:
-        """Forget the last ``alpha`` and the call count (the next call solves afresh)."""
-        self.balancer_state = {}
-
     # -- state
     def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
         """Validate, then replace the state (a rejected state changes nothing)."""
-        if not isinstance(state, dict):
-            raise TypeError(f"NashMTL state must be a dict, got {type(state).__name__}")
-        unknown = sorted(set(state) - set(_STATE_KEYS), key=str)
-        if unknown:
-            raise ValueError(f"NashMTL state has unknown keys {unknown}")
-        if not state:
+        if not check_state_keys(state, _STATE_KEYS, "NashMTL"):
             self.balancer_state = {}
             return
-        missing = [key for key in _STATE_KEYS if key not in state]
-        if missing:
-            raise ValueError(f"NashMTL state is missing the keys {missing}")
-        try:
-            a = np.array(host_array(state["alpha"]), dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError("NashMTL state 'alpha' must be a (K,) float vector") from None
-        k = self.num_tasks
-        if a.ndim != 1 or a.size == 0 or (k is not None and a.size != k):
-            want = "K" if k is None else str(k)
-            raise ValueError(f"NashMTL state 'alpha' must have shape ({want},), got {a.shape}")
-        if not np.isfinite(a).all() or (a < 0).any():
-            raise ValueError(f"NashMTL state 'alpha' must be finite and >= 0, got {a.tolist()}")
+        a = state_vector(state["alpha"], "alpha", "NashMTL", self.num_tasks)
+        if (a < 0).any():
+            raise ValueError(f"NashMTL state 'alpha' must be >= 0, got {a.tolist()}")
         step = state["step"]
         if isinstance(step, Tensor):
             step = int(step.item()) if step.numel() == 1 else step

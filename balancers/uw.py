@@ -24,16 +24,9 @@ from typing import Any, Literal
 import numpy as np
 from torch.optim import Optimizer
 
-from mtl import BalancedOptimizer, NonFiniteError
+from mtl import NonFiniteError
 
-from ._learned import (
-    adam_step,
-    check_adam_state,
-    check_keys,
-    count,
-    float_list,
-    loss_level_kwargs,
-)
+from ._learned import LearnedStateBalancer, adam_step, check_learned_state, loss_level_kwargs
 from ._options import check_choice, check_positive, check_real
 
 __all__ = ["UW", "uw_coefficients", "uw_gradient"]
@@ -72,11 +65,8 @@ def uw_gradient(log_vars: Any, losses: Any, factors: Any = 0.5) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------- shared by the loss-level classes
-
-
 # ---------------------------------------------------------------------- the optimizer
-class UW(BalancedOptimizer):
+class UW(LearnedStateBalancer):
     """Uncertainty weighting (Kendall et al., CVPR 2018): ``c_k = a_k e^{-s_k}``, learnable ``s``.
 
     Objective (``s_k = log sigma_k^2``)::
@@ -104,7 +94,8 @@ class UW(BalancedOptimizer):
 
     State (``balancer_state``, saved by ``state_dict``): ``log_vars`` (``s``, list of K
     floats), ``num_updates``, and with ``update="adam"`` ``adam`` (step, first and second
-    moments). A skipped or rejected step leaves it untouched (the engine's snapshot).
+    moments). A skipped or rejected step leaves it untouched (the engine's snapshot);
+    ``reset_state()`` forgets it (back to ``init``, no Adam moments).
 
     Args:
         optimizer: the inner optimizer over all model parameters.
@@ -168,15 +159,10 @@ class UW(BalancedOptimizer):
             f"{super()._repr_options()}"
         )
 
-    def reset_state(self) -> None:
-        """Forget the learned log-variances (back to ``init``) and the Adam moments."""
-        self.balancer_state = {}
-
     @property
     def log_vars(self) -> np.ndarray | None:
         """The current ``s = log sigma^2`` (a copy), or ``None`` before the first step."""
-        s = self.balancer_state.get("log_vars")
-        return None if s is None else np.array(s, dtype=np.float64)
+        return self._state_copy("log_vars")
 
     def _factors(self, k: int) -> np.ndarray:
         if isinstance(self.variant, str):
@@ -187,21 +173,15 @@ class UW(BalancedOptimizer):
 
     def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
         """Checks every entry first (ValueError naming the key), then replaces the state."""
-        state = check_keys(state, self._KEYS, "UW")
-        k = self.num_tasks
-        new: dict[str, Any] = {}
-        if "log_vars" in state:
-            new["log_vars"] = float_list(state["log_vars"], "log_vars", "UW", k)
-            k = len(new["log_vars"])
-        if "num_updates" in state:
-            new["num_updates"] = count(state["num_updates"], "num_updates", "UW")
-        if state.get("adam") is not None:
-            if self.update != "adam":
-                raise ValueError("UW state 'adam' was saved with update='adam'; this UW uses 'sgd'")
-            new["adam"] = check_adam_state(state["adam"], "adam", "UW", k)
-        elif "adam" in state:
-            new["adam"] = None
-        self.balancer_state = new
+        self.balancer_state, _ = check_learned_state(
+            state,
+            self._KEYS,
+            "UW",
+            self.num_tasks,
+            vector="log_vars",
+            counts=("num_updates",),
+            update=self.update,
+        )
 
     def _compute_weights(
         self, gram: np.ndarray | None, losses: np.ndarray, block_grams: np.ndarray | None

@@ -274,12 +274,17 @@ def _bool(key: str, v: Any) -> Any:
     return v
 
 
-def _text(*, optional: bool = False, choices: Sequence[str] = ()) -> Check:
+def _instance(
+    cls: type, what: str, *, optional: bool = False, choices: Sequence[str] = ()
+) -> Check:
+    """A value of type ``cls`` (``what`` in the message; ``None`` too when ``optional``), one
+    of ``choices`` when given."""
+
     def check(key: str, v: Any) -> Any:
         if v is None and optional:
             return None
-        if not isinstance(v, str):
-            raise ValueError(f"must be a string{' or null' if optional else ''}, got {v!r}")
+        if not isinstance(v, cls):
+            raise ValueError(f"must be {what}{' or null' if optional else ''}, got {v!r}")
         if choices and v not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}, got {v!r}")
         return v
@@ -287,15 +292,12 @@ def _text(*, optional: bool = False, choices: Sequence[str] = ()) -> Check:
     return check
 
 
-def _list(*, optional: bool = False) -> Check:
-    def check(key: str, v: Any) -> Any:
-        if v is None and optional:
-            return None
-        if not isinstance(v, list):
-            raise ValueError(f"must be a JSON list{' or null' if optional else ''}, got {v!r}")
-        return v
+def _text(*, optional: bool = False, choices: Sequence[str] = ()) -> Check:
+    return _instance(str, "a string", optional=optional, choices=choices)
 
-    return check
+
+def _list(*, optional: bool = False) -> Check:
+    return _instance(list, "a JSON list", optional=optional)
 
 
 def _metric_lists(key: str, v: Any) -> Any:

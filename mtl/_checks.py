@@ -6,6 +6,7 @@ None of these reads a tensor's values (no device synchronization): they look at 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from ._graph import GraphAnalysis
 
 __all__ = [
     "check_closure_losses",
+    "closure_arity_mismatch",
     "check_losses",
     "check_parameters",
     "check_reached",
@@ -31,19 +33,11 @@ def check_losses(
     losses: Sequence[Tensor] | Tensor, num_tasks: int | None, name: Namer
 ) -> list[Tensor]:
     """K scalar tensors that require grad (a sequence, or a 1-D tensor of length K)."""
-    if isinstance(losses, Tensor):
-        if losses.dim() != 1:
-            raise ValueError(
-                f"losses given as a tensor must be 1-D of length K, got shape {tuple(losses.shape)}"
-            )
-        items = list(losses.unbind(0))
-    elif isinstance(losses, (list, tuple)):
-        items = list(losses)
-    else:
-        raise TypeError(
-            f"losses must be a sequence of scalar tensors or a 1-D tensor, got "
-            f"{type(losses).__name__}"
-        )
+    items = _items(
+        losses,
+        "losses given as a tensor must be 1-D of length K, got shape {shape}",
+        "losses must be a sequence of scalar tensors or a 1-D tensor, got {type}",
+    )
     if len(items) == 0:
         raise ValueError("losses is empty")
     if num_tasks is not None and len(items) != num_tasks:
@@ -59,6 +53,19 @@ def check_losses(
         if not loss.requires_grad:
             raise ValueError(f"loss of {name(k)} does not require grad")
     return items
+
+
+def _items(value: Any, not_1d: str, not_a_sequence: str) -> list[Any]:
+    """The K entries of a 1-D tensor or a list/tuple of losses; ValueError ``not_1d`` (a
+    template with ``{shape}``) for a tensor of another dimension, TypeError ``not_a_sequence``
+    (with ``{type}``) for anything else."""
+    if isinstance(value, Tensor):
+        if value.dim() != 1:
+            raise ValueError(not_1d.replace("{shape}", str(tuple(value.shape))))
+        return list(value.unbind(0))
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(not_a_sequence.replace("{type}", type(value).__name__))
 
 
 def _where(b: int, n: int) -> str:
@@ -160,20 +167,13 @@ def check_closure_losses(
 ) -> Tensor:
     """What a closure returned (K scalars: a sequence or a 1-D tensor) as a ``(K,)`` float64
     tensor on ``device``, detached; a clear error names ``who`` and the task otherwise."""
-    if isinstance(out, Tensor):
-        if out.dim() != 1:
-            raise ValueError(
-                f"{who} must return K scalar losses (a sequence or a 1-D tensor of length "
-                f"K={k}); got a tensor of shape {tuple(out.shape)}"
-            )
-        items: list[Any] = list(out.unbind(0))
-    elif isinstance(out, (list, tuple)):
-        items = list(out)
-    else:
-        raise TypeError(
-            f"{who} must return K scalar losses (a sequence of scalar tensors or a 1-D "
-            f"tensor); got {type(out).__name__}"
-        )
+    items = _items(
+        out,
+        f"{who} must return K scalar losses (a sequence or a 1-D tensor of length K={k}); got "
+        "a tensor of shape {shape}",
+        f"{who} must return K scalar losses (a sequence of scalar tensors or a 1-D tensor); "
+        "got {type}",
+    )
     if len(items) != k:
         raise ValueError(
             f"{who} returned {len(items)} losses, expected K={k} (one per task, in the "
@@ -188,3 +188,20 @@ def check_closure_losses(
             )
         vals.append(t.reshape(()).to(device=device, dtype=torch.float64))
     return torch.stack(vals)
+
+
+def closure_arity_mismatch(closure: Any, nargs: int) -> inspect.Signature | None:
+    """The signature of ``closure`` when it cannot be called with ``nargs`` positional
+    arguments, for the caller's error message; ``None`` when it can (or has no signature, as
+    some builtins: trusted). :class:`TypeError` when ``closure`` is not callable at all."""
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+    try:
+        sig = inspect.signature(closure)
+    except (TypeError, ValueError):  # builtins without a signature: trust the caller
+        return None
+    try:
+        sig.bind(*[None] * nargs)
+    except TypeError:
+        return sig
+    return None

@@ -10,7 +10,6 @@ unless the ``bench`` extra is installed).
 from __future__ import annotations
 
 import copy
-import io
 import math
 import sys
 import warnings
@@ -39,7 +38,7 @@ from mtl import BalancedOptimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _asserts import assert_no_conflict, assert_permutation_equivariant  # noqa: E402
-from _models import TinyNet, batch, flat  # noqa: E402
+from _models import TinyNet, batch, checkpoint_copy, flat, train_steps  # noqa: E402
 from _sync_count import SyncCounter  # noqa: E402
 
 F64 = torch.float64
@@ -564,14 +563,7 @@ def test_both_levels_apply_the_pure_function(name: str, level: str) -> None:
 
 
 def _train(opt: NashMTL, net: TinyNet, steps: range) -> list[torch.Tensor]:
-    out = []
-    for step in steps:
-        x, y = batch(3, seed=step)
-        losses, z = net.losses(x, y)
-        opt.zero_grad()
-        out.append(opt.backward(losses, representation=z).weights)
-        opt.step()
-    return out
+    return [info.weights for info in train_steps(opt, net, steps)]
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -614,13 +606,10 @@ def test_nashmtl_state_dict_round_trip_continues_identically() -> None:
     net = TinyNet(3)
     opt = NashMTL(torch.optim.Adam(net.parameters(), lr=0.01), 3, update_every=2)
     _train(opt, net, range(3))
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    saved = checkpoint_copy({"model": net.state_dict(), "opt": opt.state_dict()})
     later = _train(opt, net, range(3, 7))
     final = [p.detach().clone() for p in net.parameters()]
 
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
     net2 = TinyNet(3, seed=99)
     net2.load_state_dict(saved["model"])
     opt2 = NashMTL(torch.optim.Adam(net2.parameters(), lr=0.01), 3, update_every=2)

@@ -4,7 +4,6 @@ levels, checkpoint round trips, skipped/rejected steps and the one-transfer budg
 from __future__ import annotations
 
 import copy
-import io
 import math
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _models import TinyNet, batch
+from _models import TinyNet, batch, checkpoint_copy
 from _sync_count import SyncCounter
 from torch import Tensor
 
@@ -58,6 +57,17 @@ def _target(model: TinyNet, z: Tensor, level: str) -> dict[str, Any]:
     return {"shared_parameters": model.shared_parameters()}
 
 
+def _backward_kwargs(
+    opt: BalancedOptimizer, model: TinyNet, z: Tensor, x: Tensor, y: Tensor, level: str
+) -> dict[str, Any]:
+    """The keyword arguments of ``opt.backward`` on batch ``(x, y)``: the balance point, and
+    FAMO's closure."""
+    kwargs = _target(model, z, level)
+    if isinstance(opt, FAMO):
+        kwargs["closure"] = _rerun(model, x, y)
+    return kwargs
+
+
 def _train_step(
     opt: BalancedOptimizer,
     model: TinyNet,
@@ -72,9 +82,7 @@ def _train_step(
     if poison is not None:
         losses = poison(losses, z)
     opt.zero_grad()
-    kwargs = _target(model, z, level)
-    if isinstance(opt, FAMO):
-        kwargs["closure"] = _rerun(model, x, y)
+    kwargs = _backward_kwargs(opt, model, z, x, y, level)
     info = opt.backward(losses, **kwargs)
     opt.step()
     return info
@@ -467,9 +475,7 @@ def test_public_api_one_weighted_backward(name: str, level: str) -> None:
     x, y = batch(K, seed=9)
     losses, z = model.losses(x, y)
     opt.zero_grad()
-    kwargs = _target(model, z, level)
-    if isinstance(opt, FAMO):
-        kwargs["closure"] = _rerun(model, x, y)
+    kwargs = _backward_kwargs(opt, model, z, x, y, level)
     info = opt.backward(losses, **kwargs)
     assert info.gram is None and info.weights.shape == (K,) and not info.skipped
     ref_losses, _ = ref.losses(x, y)
@@ -497,10 +503,7 @@ def test_state_dict_round_trip_continues_identically(name: str) -> None:
     opt = _make(name, model)
     for step in range(3):  # DWA: one step into its second window
         _train_step(opt, model, step, "parameters")
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = checkpoint_copy({"model": model.state_dict(), "opt": opt.state_dict()})
     for step in range(3, 7):
         first = _train_step(opt, model, step, "parameters")
     model2 = TinyNet(K, seed=99)
@@ -551,9 +554,7 @@ def test_one_host_transfer_per_backward(name: str, level: str) -> None:
     x, y = batch(K, seed=1)
     losses, z = model.losses(x, y)
     opt.zero_grad()
-    kwargs = _target(model, z, level)
-    if isinstance(opt, FAMO):
-        kwargs["closure"] = _rerun(model, x, y)
+    kwargs = _backward_kwargs(opt, model, z, x, y, level)
     with SyncCounter() as counter:
         info = opt.backward(losses, **kwargs)
     assert counter.count == 1, counter.calls

@@ -18,8 +18,6 @@ Distributed runs are covered by ``tests/test_distributed.py``.
 from __future__ import annotations
 
 import copy
-import importlib
-import io
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,28 +28,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from balancers.registry import BALANCERS, make_balancer
+from balancers.registry import make_balancer
 from mtl import BalancedOptimizer, NonFiniteError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import TinyNet, batch  # noqa: E402
+from _models import TinyNet, batch, checkpoint_copy, registered_balancers  # noqa: E402
 
 K = 3
 LEVELS = ("representation", "parameters")
 
 
-def _names() -> list[str]:
-    out = []
-    for name, target in BALANCERS.items():
-        try:
-            importlib.import_module(target.split(":")[0])
-        except ImportError:  # pragma: no cover - an optional method
-            continue
-        out.append(name)
-    return out
-
-
-NAMES = _names()
+NAMES = registered_balancers()
 
 #: (name, level, test) -> reason, for cases that fail for reasons outside the balancers
 #: covered here (the engine and MARIGOLD are being changed elsewhere); strict: a fix shows up
@@ -188,13 +175,12 @@ def test_detached_balance_point_raises(name: str, level: str) -> None:
 def test_state_dict_round_trip_resumes_identically(name: str, level: str) -> None:
     net, opt = setup(name)
     train(opt, net, level, range(3))
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    saved = checkpoint_copy(
+        {"model": net.state_dict(), "opt": opt.state_dict()}, weights_only=False
+    )
     expected_weights = train(opt, net, level, range(3, 6))
     expected = params(net)
 
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
     net2, opt2 = setup(name, seed=123)  # a different init: everything comes from the file
     net2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from _models import BatchNet
 from _sync_count import SyncCounter
 from torch import Tensor, nn
 
@@ -66,60 +67,21 @@ def run_linear(opt: MARIGOLD, theta: nn.Parameter, losses, steps: int):
     return info
 
 
-class Net(nn.Module):
-    """Trunk -> z -> K heads; ``losses()`` / ``head_losses(z)`` on a fixed batch."""
-
-    def __init__(
-        self,
-        k: int,
-        dtype=F64,
-        seed: int = 0,
-        d_in: int = 3,
-        width: int = 8,
-        d_z: int = 4,
-        batch: int = 32,
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        layers: list[nn.Module] = [nn.Linear(d_in, width), nn.Tanh()]
-        if dropout:
-            layers.append(nn.Dropout(dropout))
-        layers += [nn.Linear(width, d_z), nn.Tanh()]
-        self.trunk = nn.Sequential(*layers).to(dtype)
-        self.heads = nn.ModuleList(
-            [nn.Sequential(nn.Linear(d_z, 4), nn.Tanh(), nn.Linear(4, 1)) for _ in range(k)]
-        ).to(dtype)
-        self.x = torch.randn(batch, d_in, generator=g, dtype=dtype)
-        w = torch.randn(k, d_in, generator=g, dtype=dtype)
-        self.ys = torch.tanh(self.x @ w.T).T + 0.1 * torch.randn(k, batch, generator=g, dtype=dtype)
-
-    def head_losses(self, z: Tensor) -> list[Tensor]:
-        return [((h(z).squeeze(-1) - y) ** 2).mean() for h, y in zip(self.heads, self.ys)]
-
-    def losses(self) -> list[Tensor]:
-        return self.head_losses(self.trunk(self.x))
-
-    def shared(self) -> list[nn.Parameter]:
-        return list(self.trunk.parameters())
-
-
-def param_gram(net: Net) -> Tensor:
+def param_gram(net: BatchNet) -> Tensor:
     """Exact parameter-level Gram matrix (K backward passes) -- the oracle, never used by MARIGOLD."""
     rows = []
-    for loss in net.losses():
-        gs = torch.autograd.grad(loss, net.shared(), retain_graph=True)
+    for loss in net.batch_losses():
+        gs = torch.autograd.grad(loss, net.shared_parameters(), retain_graph=True)
         rows.append(torch.cat([g.reshape(-1) for g in gs]).to(F64))
     g = torch.stack(rows)
     return g @ g.T
 
 
-def rep_gram(net: Net) -> Tensor:
+def rep_gram(net: BatchNet) -> Tensor:
     z = net.trunk(net.x)
     rows = [
         torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1)
-        for loss in net.head_losses(z)
+        for loss in net.batch_head_losses(z)
     ]
     g = torch.stack(rows).to(F64)
     return g @ g.T
@@ -315,7 +277,7 @@ def test_nonlinear_fixed_model_reaches_exact_mgda_weights() -> None:
     1e-4: linear in fd_step), asserted < 5e-4. Central differences remove the first-order
     term: measured 7.8e-8, asserted < 1e-6.
     """
-    net = Net(3)
+    net = BatchNet(3)
     alpha = mgda_weights(param_gram(net))[0]
     assert float(alpha.min()) > 0.1  # an interior optimum: every weight is tested
     for scheme, tol in (("forward", 5e-4), ("central", 1e-6)):
@@ -324,7 +286,11 @@ def test_nonlinear_fixed_model_reaches_exact_mgda_weights() -> None:
         )
         for _ in range(50):
             opt.zero_grad()
-            info = opt.backward(net.losses(), shared_parameters=net.shared(), closure=net.losses)
+            info = opt.backward(
+                net.batch_losses(),
+                shared_parameters=net.shared_parameters(),
+                closure=net.batch_losses,
+            )
             opt.step()
         assert (info.weights - alpha).abs().max() < tol, (scheme, info.weights, alpha)
 
@@ -336,18 +302,20 @@ def test_nonlinear_training_tracks_mgda_weights() -> None:
     it; measured max gap 7.1e-3 after 250 steps (the plain step without the secant control
     oscillates here: gap 0.03-0.2), asserted < 2e-2.
     """
-    net = Net(3, dtype=torch.float32, seed=3, width=16, d_z=8, batch=64)
+    net = BatchNet(3, dtype=torch.float32, seed=3, width=16, d_z=8, batch=64)
     opt = MARIGOLD(torch.optim.SGD(net.parameters(), lr=0.05), 3)
     for _ in range(250):
         opt.zero_grad()
-        info = opt.backward(net.losses(), shared_parameters=net.shared(), closure=net.losses)
+        info = opt.backward(
+            net.batch_losses(), shared_parameters=net.shared_parameters(), closure=net.batch_losses
+        )
         opt.step()
     alpha = mgda_weights(param_gram(net))[0]
     assert (info.extras["next_weights"] - alpha).abs().max() < 2e-2, (info.weights, alpha)
 
 
 def test_representation_level_reaches_mgda_ub_weights() -> None:
-    net = Net(3, seed=1)
+    net = BatchNet(3, seed=1)
     alpha = mgda_weights(rep_gram(net))[0]
     opt = MARIGOLD(
         torch.optim.SGD(net.parameters(), lr=0.0), 3, lr_weights=0.2, fd_scheme="central"
@@ -355,7 +323,9 @@ def test_representation_level_reaches_mgda_ub_weights() -> None:
     for _ in range(60):
         z = net.trunk(net.x)
         opt.zero_grad()
-        info = opt.backward(net.head_losses(z), representation=z, closure=net.head_losses)
+        info = opt.backward(
+            net.batch_head_losses(z), representation=z, closure=net.batch_head_losses
+        )
         opt.step()
     assert info.level == "representation"
     assert (info.weights - alpha).abs().max() < 1e-6, (info.weights, alpha)
@@ -365,23 +335,25 @@ def test_representation_level_reaches_mgda_ub_weights() -> None:
 def test_representation_level_gradients() -> None:
     """Trunk gets grad of sum lam_k L_k; heads their own unweighted gradient (or lam-weighted)."""
     for weight_heads in (False, True):
-        net = Net(3, seed=2)
+        net = BatchNet(3, seed=2)
         opt = MARIGOLD(torch.optim.SGD(net.parameters(), lr=0.1), 3, weight_heads=weight_heads)
         for _ in range(3):  # move lam away from uniform first
             z = net.trunk(net.x)
             opt.zero_grad()
-            opt.backward(net.head_losses(z), representation=z, closure=net.head_losses)
+            opt.backward(net.batch_head_losses(z), representation=z, closure=net.batch_head_losses)
             opt.step()
         z = net.trunk(net.x)
         opt.zero_grad()
-        info = opt.backward(net.head_losses(z), representation=z, closure=net.head_losses)
+        info = opt.backward(
+            net.batch_head_losses(z), representation=z, closure=net.batch_head_losses
+        )
         lam = info.weights.tolist()
         assert max(lam) - min(lam) > 1e-3
-        ls = net.losses()
+        ls = net.batch_losses()
         expected = torch.autograd.grad(
-            sum(c * loss for c, loss in zip(lam, ls)), net.shared(), retain_graph=True
+            sum(c * loss for c, loss in zip(lam, ls)), net.shared_parameters(), retain_graph=True
         )
-        for p, g in zip(net.shared(), expected):
+        for p, g in zip(net.shared_parameters(), expected):
             assert torch.allclose(p.grad, g, atol=1e-12)
         for k, head in enumerate(net.heads):
             c = lam[k] if weight_heads else 1.0
@@ -392,17 +364,19 @@ def test_representation_level_gradients() -> None:
 
 def test_parameter_level_gradients_and_heads() -> None:
     for weight_heads in (False, True):
-        net = Net(3, seed=4)
+        net = BatchNet(3, seed=4)
         opt = MARIGOLD(torch.optim.SGD(net.parameters(), lr=0.1), 3, weight_heads=weight_heads)
         opt.balancer_state["weights"] = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
-        info = opt.backward(net.losses(), shared_parameters=net.shared(), closure=net.losses)
+        info = opt.backward(
+            net.batch_losses(), shared_parameters=net.shared_parameters(), closure=net.batch_losses
+        )
         lam = info.weights.tolist()
         assert lam == pytest.approx([0.5, 0.3, 0.2])
-        ls = net.losses()
+        ls = net.batch_losses()
         expected = torch.autograd.grad(
-            sum(c * loss for c, loss in zip(lam, ls)), net.shared(), retain_graph=True
+            sum(c * loss for c, loss in zip(lam, ls)), net.shared_parameters(), retain_graph=True
         )
-        for p, g in zip(net.shared(), expected):
+        for p, g in zip(net.shared_parameters(), expected):
             assert torch.allclose(p.grad, g, atol=1e-12)
         for k, head in enumerate(net.heads):
             c = lam[k] if weight_heads else 1.0
@@ -554,11 +528,13 @@ def test_gradient_accumulation_and_exact_direction() -> None:
 
 
 def test_parameters_restored_bit_exactly() -> None:
-    net = Net(2, dtype=torch.float32, seed=5)
+    net = BatchNet(2, dtype=torch.float32, seed=5)
     before = [p.detach().clone() for p in net.parameters()]
     for scheme in ("forward", "central", "forward_closure"):
         opt = MARIGOLD(torch.optim.SGD(net.parameters(), lr=0.1), 2, fd_scheme=scheme, fd_step=0.3)
-        opt.backward(net.losses(), shared_parameters=net.shared(), closure=net.losses)
+        opt.backward(
+            net.batch_losses(), shared_parameters=net.shared_parameters(), closure=net.batch_losses
+        )
         for p, b in zip(net.parameters(), before):
             assert torch.equal(p.detach(), b)
         opt.zero_grad()
@@ -590,17 +566,17 @@ def test_sparse_embedding_shared_parameter() -> None:
 
 
 def test_rng_is_forked_and_identical_across_closure_calls() -> None:
-    net = Net(2, seed=6, dropout=0.5)
+    net = BatchNet(2, seed=6, dropout=0.5)
     draws: list[Tensor] = []
 
     def closure() -> list[Tensor]:
         draws.append(torch.rand(3))
-        return net.losses()
+        return net.batch_losses()
 
     opt = MARIGOLD(torch.optim.SGD(net.parameters(), lr=0.1), 2, fd_scheme="central")
-    losses = net.losses()
+    losses = net.batch_losses()
     state = torch.get_rng_state()
-    info = opt.backward(losses, shared_parameters=net.shared(), closure=closure)
+    info = opt.backward(losses, shared_parameters=net.shared_parameters(), closure=closure)
     assert torch.equal(torch.get_rng_state(), state)  # caller's RNG stream untouched
     assert len(draws) == 2 and torch.equal(draws[0], draws[1])  # same random state per call
     assert net.training
@@ -646,7 +622,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
     ):
 
         def make(options: dict = options):
-            net = Net(3, dtype=torch.float32, seed=7)
+            net = BatchNet(3, dtype=torch.float32, seed=7)
             opt = MARIGOLD(torch.optim.Adam(net.parameters(), lr=1e-2), 3, **options)
             return net, opt
 
@@ -655,7 +631,9 @@ def test_state_dict_round_trip_continues_identically() -> None:
             for _ in range(steps):
                 opt.zero_grad()
                 info = opt.backward(
-                    net.losses(), shared_parameters=net.shared(), closure=net.losses
+                    net.batch_losses(),
+                    shared_parameters=net.shared_parameters(),
+                    closure=net.batch_losses,
                 )
                 opt.step()
                 out.append(info.weights.clone())
@@ -684,8 +662,8 @@ def test_simulated_ddp_reduction(monkeypatch: pytest.MonkeyPatch) -> None:
     h is the mean over ranks, representation-level h and |g_z|^2 are sum_r / W^2, the shift of
     z uses the global norm)."""
 
-    def run(level: str, ddp: bool) -> tuple[list, Net]:
-        net = Net(2, seed=8)
+    def run(level: str, ddp: bool) -> tuple[list, BatchNet]:
+        net = BatchNet(2, seed=8)
         if not ddp:  # the global batch: both ranks' (identical) data
             net.x = torch.cat([net.x, net.x])
             net.ys = torch.cat([net.ys, net.ys], 1)
@@ -699,11 +677,15 @@ def test_simulated_ddp_reduction(monkeypatch: pytest.MonkeyPatch) -> None:
             opt.zero_grad()
             if level == "parameters":
                 info = opt.backward(
-                    net.losses(), shared_parameters=net.shared(), closure=net.losses
+                    net.batch_losses(),
+                    shared_parameters=net.shared_parameters(),
+                    closure=net.batch_losses,
                 )
             else:
                 z = net.trunk(net.x)
-                info = opt.backward(net.head_losses(z), representation=z, closure=net.head_losses)
+                info = opt.backward(
+                    net.batch_head_losses(z), representation=z, closure=net.batch_head_losses
+                )
             opt.step()
             infos.append(info)
         monkeypatch.undo()
@@ -777,11 +759,11 @@ def test_missing_closure_is_explained() -> None:
     opt, theta, losses = linear_problem()
     with pytest.raises(ValueError, match="zero-argument callable"):
         opt.backward(losses(), shared_parameters=[theta])
-    net = Net(2)
+    net = BatchNet(2)
     opt = MARIGOLD(torch.optim.SGD(net.parameters(), lr=0.1), 2)
     z = net.trunk(net.x)
     with pytest.raises(ValueError, match="takes the \\(shifted\\) representation"):
-        opt.backward(net.head_losses(z), representation=z)
+        opt.backward(net.batch_head_losses(z), representation=z)
     assert all(p.grad is None for p in net.parameters())
 
 
@@ -789,13 +771,13 @@ def test_closure_signature_mismatch() -> None:
     opt, theta, losses = linear_problem()
     with pytest.raises(TypeError, match="no argument"):
         opt.backward(losses(), shared_parameters=[theta], closure=lambda z: losses())
-    net = Net(2)
+    net = BatchNet(2)
     opt = MARIGOLD(torch.optim.SGD(net.parameters(), lr=0.1), 2)
     z = net.trunk(net.x)
     with pytest.raises(TypeError, match="one argument"):
-        opt.backward(net.head_losses(z), representation=z, closure=net.losses)
+        opt.backward(net.batch_head_losses(z), representation=z, closure=net.batch_losses)
     with pytest.raises(TypeError, match="callable"):
-        opt.backward(net.head_losses(z), representation=z, closure=3)
+        opt.backward(net.batch_head_losses(z), representation=z, closure=3)
 
 
 @pytest.mark.parametrize(
@@ -859,33 +841,44 @@ def test_bad_options(options: dict, error: type) -> None:
 
 
 def test_bad_inputs() -> None:
-    net = Net(2)
+    net = BatchNet(2)
     opt = MARIGOLD(torch.optim.SGD(net.parameters(), lr=0.1), 2)
     z = net.trunk(net.x)
-    ls = net.head_losses(z)
+    ls = net.batch_head_losses(z)
     with pytest.raises(ValueError, match="exactly one"):
-        opt.backward(ls, closure=net.head_losses)
+        opt.backward(ls, closure=net.batch_head_losses)
     with pytest.raises(ValueError, match="exactly one"):
-        opt.backward(ls, representation=z, shared_parameters=net.shared(), closure=net.losses)
+        opt.backward(
+            ls,
+            representation=z,
+            shared_parameters=net.shared_parameters(),
+            closure=net.batch_losses,
+        )
     with pytest.raises(ValueError, match="expected 2 losses"):
-        opt.backward(ls[:1], representation=z, closure=net.head_losses)
-    detached = [ls[0], net.head_losses(z.detach().requires_grad_())[1]]
+        opt.backward(ls[:1], representation=z, closure=net.batch_head_losses)
+    detached = [ls[0], net.batch_head_losses(z.detach().requires_grad_())[1]]
     with pytest.raises(ValueError, match="does not depend on the representation"):
-        opt.backward(detached, representation=z, closure=net.head_losses)
+        opt.backward(detached, representation=z, closure=net.batch_head_losses)
     rebuilt = z.detach().requires_grad_() * 2.0  # no trainable parameter below it
     with pytest.raises(ValueError, match="no trainable parameter"):
-        opt.backward(net.head_losses(rebuilt), representation=rebuilt, closure=net.head_losses)
+        opt.backward(
+            net.batch_head_losses(rebuilt), representation=rebuilt, closure=net.batch_head_losses
+        )
     other = nn.Parameter(torch.zeros(1, dtype=F64))
     opt2 = MARIGOLD(torch.optim.SGD([*net.parameters(), other], lr=0.1), 2)
-    ls = net.losses()
+    ls = net.batch_losses()
     with pytest.raises(ValueError, match="task 1"):
-        opt2.backward([ls[0], other.sum()], shared_parameters=net.shared(), closure=net.losses)
+        opt2.backward(
+            [ls[0], other.sum()],
+            shared_parameters=net.shared_parameters(),
+            closure=net.batch_losses,
+        )
     amortized = MARIGOLD(
         torch.optim.SGD(net.parameters(), lr=0.1), 2, estimator="amortized", normalize="grad_norm"
     )
     z = net.trunk(net.x)
     with pytest.raises(ValueError, match="shared_parameters"):
-        amortized.backward(net.head_losses(z), representation=z)
+        amortized.backward(net.batch_head_losses(z), representation=z)
 
 
 def test_load_state_dict_checks() -> None:
@@ -931,7 +924,7 @@ def test_one_host_sync_per_backward(level: str, options: dict, weight_heads: boo
     """A steady-state backward (after a warm-up step) reads the device ONCE: the losses, the
     closure losses and the squared norms travel together; lam lives on the host (was 11 calls
     at the representation level and 15 at the parameter level with the default estimator)."""
-    net = Net(3, dtype=torch.float32, seed=2)
+    net = BatchNet(3, dtype=torch.float32, seed=2)
     opt = MARIGOLD(
         torch.optim.SGD(net.parameters(), lr=0.05), 3, weight_heads=weight_heads, **options
     )
@@ -939,11 +932,11 @@ def test_one_host_sync_per_backward(level: str, options: dict, weight_heads: boo
         opt.zero_grad()
         if level == "representation":
             z = net.trunk(net.x)
-            ls = net.head_losses(z)
-            target = {"representation": z, "closure": net.head_losses}
+            ls = net.batch_head_losses(z)
+            target = {"representation": z, "closure": net.batch_head_losses}
         else:
-            ls = net.losses()
-            target = {"shared_parameters": net.shared(), "closure": net.losses}
+            ls = net.batch_losses()
+            target = {"shared_parameters": net.shared_parameters(), "closure": net.batch_losses}
         if step < 2:
             info = opt.backward(ls, **target)
         else:

@@ -48,6 +48,19 @@ def assert_kkt(m: np.ndarray, alpha: np.ndarray) -> None:
     assert_min_norm_kkt(m, alpha, rtol=1e-6)
 
 
+def sym_gram(g: np.ndarray) -> np.ndarray:
+    """``G G^T`` of the rows of ``g``, made exactly symmetric (the float product need not be)."""
+    m = g @ g.T
+    return 0.5 * (m + m.T)
+
+
+def kkt_weights(m: np.ndarray) -> np.ndarray:
+    """``min_norm_weights(m)`` as a numpy array, checked by :func:`assert_kkt`."""
+    alpha = min_norm_weights(m).numpy()
+    assert_kkt(m, alpha)
+    return alpha
+
+
 def oracle(m: np.ndarray) -> tuple[float, np.ndarray]:
     """Brute force: the equality-constrained QP on every support, the best feasible point."""
     k = m.shape[0]
@@ -219,12 +232,12 @@ def _exact_alpha(m: np.ndarray) -> np.ndarray:
 
 
 def test_wide_norm_ratio_example_is_exact() -> None:
-    m = WIDE @ WIDE.T
+    m = sym_gram(WIDE)
     alpha = solve(WIDE)
-    exact = _exact_alpha(0.5 * (m + m.T))
+    exact = _exact_alpha(m)
     np.testing.assert_allclose(exact, [0.999994, 1.8e-12, 6.1e-6], rtol=0.02)
     np.testing.assert_allclose(alpha, exact, rtol=1e-9, atol=0)  # every weight, relatively
-    assert_kkt(0.5 * (m + m.T), alpha)
+    assert_kkt(m, alpha)
     d = alpha @ WIDE
     assert float(WIDE[0] @ d) > 0  # no conflict with task 0 (was cos -0.998)
 
@@ -235,11 +248,9 @@ def test_wide_norm_ratios_match_the_exact_optimum(ratio: float) -> None:
     rational optimum of the same float64 Gram matrix to 1e-9 relative (old: 7e-3 absolute at
     r = 1e4, 0.5 from r = 1e6 on)."""
     g = DIRECTIONS * np.array([[1 / ratio], [ratio], [1.0]])
-    m = g @ g.T
-    m = 0.5 * (m + m.T)
-    alpha = min_norm_weights(m).numpy()
+    m = sym_gram(g)
+    alpha = kkt_weights(m)
     np.testing.assert_allclose(alpha, _exact_alpha(m), rtol=1e-9, atol=0)
-    assert_kkt(m, alpha)
 
 
 def test_wide_norm_ratios_random_sets_match_the_exact_optimum() -> None:
@@ -248,11 +259,9 @@ def test_wide_norm_ratios_random_sets_match_the_exact_optimum() -> None:
         for _ in range(10):
             k = int(rng.integers(3, 5))
             g = rng.standard_normal((k, 6)) * ratio ** rng.uniform(-0.5, 0.5, (k, 1))
-            m = g @ g.T
-            m = 0.5 * (m + m.T)
-            alpha = min_norm_weights(m).numpy()
+            m = sym_gram(g)
+            alpha = kkt_weights(m)
             np.testing.assert_allclose(alpha, _exact_alpha(m), rtol=0, atol=1e-12)
-            assert_kkt(m, alpha)
 
 
 @pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
@@ -324,18 +333,14 @@ def test_nearly_opposite_pair_next_to_a_tiny_gradient_is_exact() -> None:
 @pytest.mark.parametrize("rows", OPPOSITE32, ids=["k6", "k5"])
 def test_nearly_opposite_float32_pairs_satisfy_kkt(rows: list[list[float]]) -> None:
     g = np.array(rows)
-    m = g @ g.T
-    m = 0.5 * (m + m.T)
-    alpha = min_norm_weights(m).numpy()
-    assert_kkt(m, alpha)
+    m = sym_gram(g)
+    alpha = kkt_weights(m)
     if g.shape[0] <= 5:
         np.testing.assert_allclose(alpha, _exact_alpha(m), rtol=1e-9, atol=0)
     for scale in (1e-4, 1e4):  # the same geometry, rescaled rows
         g2 = g.copy()
         g2[1] *= scale
-        m2 = g2 @ g2.T
-        m2 = 0.5 * (m2 + m2.T)
-        assert_kkt(m2, min_norm_weights(m2).numpy())
+        kkt_weights(sym_gram(g2))
 
 
 #: an exactly opposite pair (g_j = -g_i) next to tiny gradients: d = 0 is the optimum, but the
@@ -365,10 +370,8 @@ EXACT_OPPOSITE = [
 @pytest.mark.parametrize("rows", EXACT_OPPOSITE, ids=["collinear", "negated"])
 def test_exactly_opposite_gradients_give_d_zero_in_every_order(rows: list[list[float]]) -> None:
     g = np.array(rows)
-    m = g @ g.T
-    m = 0.5 * (m + m.T)
-    alpha = min_norm_weights(m).numpy()
-    assert_kkt(m, alpha)
+    m = sym_gram(g)
+    alpha = kkt_weights(m)
     d = alpha @ g
     scale = float(alpha @ np.linalg.norm(g, axis=1))
     assert float(d @ d) <= (1e-12 * scale) ** 2  # d = 0 up to round-off of the combination
@@ -398,9 +401,7 @@ def test_merged_near_duplicates_keep_the_kkt_equality() -> None:
             + [-2.999999892949745e-08],
         ]
     )
-    m = g @ g.T
-    m = 0.5 * (m + m.T)
-    assert_kkt(m, min_norm_weights(m).numpy())
+    kkt_weights(sym_gram(g))
 
 
 def test_exact_affine_minimizer() -> None:
@@ -600,7 +601,7 @@ def test_project_simplex_bad_input(y: torch.Tensor) -> None:
 def test_warm_start_gives_the_cold_start_optimum(degenerate: bool) -> None:
     """Wolfe's method started from the drop-the-negatives corral ends at the same point as from
     a single vertex, whatever the support size (full, a few points dropped, a small face)."""
-    from balancers._min_norm import _warm_start, _wolfe
+    from balancers._min_norm import _warm_start, _wolfe_run
 
     rng = np.random.default_rng(7 + degenerate)
     sizes = set()
@@ -617,8 +618,8 @@ def test_warm_start_gives_the_cold_start_optimum(degenerate: bool) -> None:
         if s == 0.0:
             continue
         q = q / s + 1e-12 * np.eye(q.shape[0])
-        warm = _wolfe(q, 50 * k + 100, 1e-14)
-        cold = _wolfe(q, 50 * k + 100, 1e-14, warm=False)
+        warm, _ = _wolfe_run(q, 50 * k + 100, 1e-14)
+        cold, _ = _wolfe_run(q, 50 * k + 100, 1e-14, warm=False)
         assert_on_simplex(warm)
         np.testing.assert_allclose(warm @ q @ warm, cold @ q @ cold, rtol=1e-9, atol=1e-14)
         if not degenerate:  # dependent rows: alpha is unique only up to the ridge's conditioning

@@ -9,10 +9,11 @@ parameter level with ``shared_parameters=``.
 
 from __future__ import annotations
 
-import io
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,10 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from balancers import MGDA, EqualWeight
-from mtl import BalancedOptimizer, BalanceInfo, NonFiniteError
+from mtl import BalancedOptimizer, BalanceInfo, CombinedOptimizer, NonFiniteError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import BlocksNet, NeckNet, checkpoint_copy  # noqa: E402
 
 F64 = torch.float64
 ATOL = 1e-10
@@ -30,44 +34,6 @@ SCALES = (1.0, 4.0, 0.3)  # different task scales: MGDA weights are far from uni
 
 
 # ---------------------------------------------------------------------- a tiny multi-task model
-class Net(nn.Module):
-    """Trunk (and optionally a second trunk block) -> K heads; regression losses."""
-
-    def __init__(
-        self, k: int = K, seed: int = 0, dtype: torch.dtype = F64, two_blocks: bool = False
-    ) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.two_blocks = two_blocks
-        self.trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh())
-        self.trunk2 = nn.Sequential(nn.Linear(4, 3), nn.Tanh()) if two_blocks else None
-        width = 8 if two_blocks else 5
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, 4), nn.Tanh(), nn.Linear(4, 1)) for _ in range(k)
-        )
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
-        self.to(dtype)
-
-    def forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
-        z = self.trunk(x)
-        if self.trunk2 is None:
-            blocks: tuple[torch.Tensor, ...] = (z,)
-            features = z
-        else:
-            z2 = self.trunk2(x)
-            blocks = (z, z2)
-            features = torch.cat([z, z2], dim=1)
-        return blocks, [h(features).squeeze(-1) for h in self.heads]
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        params = list(self.trunk.parameters())
-        if self.trunk2 is not None:
-            params += list(self.trunk2.parameters())
-        return params
-
-
 def make_batch(seed: int, n: int = 8, k: int = K, dtype: torch.dtype = F64) -> tuple:
     gen = torch.Generator().manual_seed(1000 + seed)
     x = torch.randn(n, 4, generator=gen).to(dtype)
@@ -80,7 +46,11 @@ def task_losses(outs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> lis
 
 
 def balanced_backward(
-    opt: BalancedOptimizer, model: Net, x: torch.Tensor, ys: Sequence[torch.Tensor], level: str
+    opt: BalancedOptimizer,
+    model: BlocksNet,
+    x: torch.Tensor,
+    ys: Sequence[torch.Tensor],
+    level: str,
 ) -> BalanceInfo:
     blocks, outs = model(x)
     losses = task_losses(outs, ys)
@@ -91,7 +61,7 @@ def balanced_backward(
 
 
 def expected_grads(
-    model: Net,
+    model: BlocksNet,
     x: torch.Tensor,
     ys: Sequence[torch.Tensor],
     c: torch.Tensor,
@@ -153,8 +123,8 @@ LEVELS = ["representation", "parameters"]
 
 def setup(
     method: str = "mgda", seed: int = 0, two_blocks: bool = False, lr: float = 0.05, **kw: Any
-) -> tuple[Net, BalancedOptimizer]:
-    model = Net(seed=seed, two_blocks=two_blocks)
+) -> tuple[BlocksNet, BalancedOptimizer]:
+    model = BlocksNet(seed=seed, two_blocks=two_blocks)
     opt = METHODS[method](torch.optim.SGD(model.parameters(), lr=lr), **kw)
     return model, opt
 
@@ -194,37 +164,6 @@ def test_blocks_identity(grad_mode: str) -> None:
     assert float((info.gram - h @ h.T).abs().max()) < 1e-12
     assert float((info.block_grams.sum(0) - info.gram).abs().max()) < 1e-12
     assert_grads(model, expected_grads(model, x, ys, info.weights))
-
-
-class NeckNet(nn.Module):
-    """Trunk -> z -> a neck shared by every task -> K heads; ``gated``: each head's output is
-    scaled by a gate that reads a trunk activation below z (the MMoE pattern)."""
-
-    def __init__(self, gated: bool, seed: int = 3) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.gated = gated
-        self.bottom = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
-        self.top = nn.Sequential(nn.Linear(6, 5), nn.Tanh())
-        self.neck = nn.Linear(5, 5)
-        self.heads = nn.ModuleList(nn.Linear(5, 1) for _ in range(K))
-        self.gates = nn.ModuleList(nn.Linear(6, 1) for _ in range(K))
-        with torch.no_grad():
-            for q in self.parameters():
-                q.copy_(torch.randn(q.shape, generator=gen) * 0.7)
-        self.to(F64)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        h = self.bottom(x)
-        z = self.top(h)
-        n = torch.tanh(self.neck(z))
-        outs = [head(n).squeeze(-1) for head in self.heads]
-        if self.gated:
-            outs = [o * torch.sigmoid(g(h)).squeeze(-1) for o, g in zip(outs, self.gates)]
-        return z, outs
-
-    def trunk(self) -> list[nn.Parameter]:
-        return [*self.bottom.parameters(), *self.top.parameters()]
 
 
 @pytest.mark.parametrize("weight_heads", [False, True])
@@ -336,7 +275,7 @@ def test_mgda_ub_weights_are_min_norm_of_representation_grads() -> None:
 
 # ---------------------------------------------------------------------- EqualWeight
 def _plain_sum_grads(seed: int, level_losses: Callable[[list[torch.Tensor]], torch.Tensor]) -> dict:
-    model = Net(seed=seed)
+    model = BlocksNet(seed=seed)
     x, ys = make_batch(seed)
     _, outs = model(x)
     level_losses(task_losses(outs, ys)).backward()
@@ -346,7 +285,7 @@ def _plain_sum_grads(seed: int, level_losses: Callable[[list[torch.Tensor]], tor
 def test_equal_weight_ones_is_plain_sum_bit_for_bit() -> None:
     reference = _plain_sum_grads(7, lambda ls: sum(ls))  # type: ignore[arg-type, return-value]
     for weights in (None, (1.0, 1.0, 1.0)):
-        model = Net(seed=7)
+        model = BlocksNet(seed=7)
         opt = EqualWeight(torch.optim.SGD(model.parameters(), lr=0.1), weights=weights)
         x, ys = make_batch(7)
         opt.zero_grad()
@@ -358,7 +297,7 @@ def test_equal_weight_ones_is_plain_sum_bit_for_bit() -> None:
 
 def test_equal_weight_ones_parameter_level_is_plain_sum() -> None:
     reference = _plain_sum_grads(7, lambda ls: sum(ls))  # type: ignore[arg-type, return-value]
-    model = Net(seed=7)
+    model = BlocksNet(seed=7)
     opt = EqualWeight(torch.optim.SGD(model.parameters(), lr=0.1))
     x, ys = make_batch(7)
     balanced_backward(opt, model, x, ys, "parameters")
@@ -367,7 +306,7 @@ def test_equal_weight_ones_parameter_level_is_plain_sum() -> None:
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_equal_weight_weights_scale_trunk_only(level: str) -> None:
-    model = Net(k=2, seed=8)
+    model = BlocksNet(k=2, seed=8)
     opt = EqualWeight(torch.optim.SGD(model.parameters(), lr=0.1), weights=(2.0, 0.5))
     x, ys = make_batch(8, k=2)
     info = balanced_backward(opt, model, x, ys, level)
@@ -382,14 +321,14 @@ def test_equal_weight_weights_scale_trunk_only(level: str) -> None:
 
 
 def test_equal_weight_weight_heads_is_weighted_sum() -> None:
-    model = Net(k=2, seed=9)
+    model = BlocksNet(k=2, seed=9)
     opt = EqualWeight(
         torch.optim.SGD(model.parameters(), lr=0.1), weights=(2.0, 0.5), weight_heads=True
     )
     x, ys = make_batch(9, k=2)
     info = balanced_backward(opt, model, x, ys, "representation")
     assert info.gram is None
-    reference = Net(k=2, seed=9)
+    reference = BlocksNet(k=2, seed=9)
     _, outs = reference(x)
     l1, l2 = task_losses(outs, ys)
     (2.0 * l1 + 0.5 * l2).backward()
@@ -398,12 +337,12 @@ def test_equal_weight_weight_heads_is_weighted_sum() -> None:
 
 def test_equal_weight_gram_only_on_request() -> None:
     x, ys = make_batch(10)
-    model = Net(seed=10)
+    model = BlocksNet(seed=10)
     info = balanced_backward(
         EqualWeight(torch.optim.SGD(model.parameters(), lr=0.1)), model, x, ys, "representation"
     )
     assert info.gram is None
-    model = Net(seed=10)
+    model = BlocksNet(seed=10)
     opt = EqualWeight(torch.optim.SGD(model.parameters(), lr=0.1), compute_gram=True)
     blocks, outs = model(x)
     losses = task_losses(outs, ys)
@@ -421,7 +360,7 @@ def test_equal_weight_gram_only_on_request() -> None:
 
 # ====================================================================== 4. optimizer contract
 def train(
-    model: Net,
+    model: BlocksNet,
     opt: BalancedOptimizer,
     level: str,
     steps: int,
@@ -440,7 +379,7 @@ def train(
 
 
 def test_is_an_optimizer_that_forwards_to_the_inner_one() -> None:
-    model = Net()
+    model = BlocksNet()
     inner = torch.optim.Adam(model.parameters(), lr=1e-2)
     opt = MGDA(inner, num_tasks=K)
     assert isinstance(opt, torch.optim.Optimizer)
@@ -459,6 +398,43 @@ def test_is_an_optimizer_that_forwards_to_the_inner_one() -> None:
     extra = nn.Parameter(torch.zeros(2, dtype=F64))
     opt.add_param_group({"params": [extra]})
     assert inner.param_groups[-1]["params"][0] is extra
+
+
+def test_combined_optimizer_add_param_group() -> None:
+    """The group lands in the inner optimizer that is named (or the only one), with that
+    optimizer's defaults, shows in ``param_groups`` (also through a balancer) and is stepped;
+    an ambiguous or wrong target, or a parameter another optimizer has, is a clear error."""
+    model = BlocksNet()
+    trunk, heads = model.shared_parameters(), list(model.heads.parameters())
+    sgd = torch.optim.SGD(trunk, lr=0.1)
+    adam = torch.optim.Adam(heads, lr=1e-3)
+    combined = CombinedOptimizer([sgd, adam])
+    opt = MGDA(combined, num_tasks=K)
+    extra = nn.Parameter(torch.ones(2, dtype=F64))
+    with pytest.raises(ValueError, match=r"2 optimizers \(0: SGD, 1: Adam\).*optimizer="):
+        opt.add_param_group({"params": [extra]})  # through the balancer: no target given
+    for bad in (2, -1, True, torch.optim.SGD([extra], lr=0.1)):
+        with pytest.raises(ValueError, match="is not one of its optimizers"):
+            combined.add_param_group({"params": [extra]}, optimizer=bad)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        combined.add_param_group({"params": [trunk[0]]}, optimizer=adam)
+    assert [len(g["params"]) for g in combined.param_groups] == [len(trunk), len(heads)]
+
+    combined.add_param_group({"params": iter([extra])}, optimizer=1)  # any iterable, as torch
+    group = combined.param_groups[-1]
+    assert group is adam.param_groups[-1] and group["params"] == [extra]
+    assert group["lr"] == 1e-3 and group["betas"] == adam.defaults["betas"]
+    assert opt.param_groups[-1] is group and len(sgd.param_groups) == 1
+    extra.grad = torch.ones_like(extra)
+    combined.step()
+    assert torch.all(extra < 1) and extra in combined.state  # stepped by Adam
+    sgd.zero_grad()
+    train(model, opt, "representation", 1)  # the balancer sees the new parameter as managed
+
+    single = CombinedOptimizer([torch.optim.SGD(trunk, lr=0.1)])
+    MGDA(single, num_tasks=K).add_param_group({"params": [extra], "lr": 0.5})
+    assert single.param_groups[-1]["params"] == [extra]
+    assert single.param_groups[-1]["lr"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -481,7 +457,7 @@ def test_lr_scheduler_on_the_wrapper(make_scheduler: Callable, expected: float) 
 
 def test_grad_scaler_and_autocast_bfloat16() -> None:
     torch.manual_seed(0)
-    model = Net(k=2, seed=11, dtype=torch.float32)
+    model = BlocksNet(k=2, seed=11, dtype=torch.float32)
     opt = MGDA(torch.optim.Adam(model.parameters(), lr=2e-2), num_tasks=2)
     scaler = torch.amp.GradScaler("cpu")
     x, ys = make_batch(11, n=32, k=2, dtype=torch.float32)
@@ -516,16 +492,14 @@ def test_clip_grad_norm_after_backward() -> None:
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("method", ["mgda", "equal_weighted", "equal"])
 def test_save_load_round_trip_continues_bit_identically(method: str, level: str) -> None:
-    def make(seed: int) -> tuple[Net, BalancedOptimizer]:
-        model = Net(seed=seed)
+    def make(seed: int) -> tuple[BlocksNet, BalancedOptimizer]:
+        model = BlocksNet(seed=seed)
         return model, METHODS[method](torch.optim.Adam(model.parameters(), lr=1e-2))
 
     model_a, opt_a = make(0)
     train(model_a, opt_a, level, 3)
-    buf = io.BytesIO()
-    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buf)
-    buf.seek(0)
-    checkpoint = torch.load(buf)  # weights_only: the state dict holds no arbitrary objects
+    # weights_only: the state dict holds no arbitrary objects
+    checkpoint = checkpoint_copy({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
     model_b, opt_b = make(123)
     model_b.load_state_dict(checkpoint["model"])
     opt_b.load_state_dict(checkpoint["opt"])
@@ -558,17 +532,17 @@ def test_load_state_dict_errors() -> None:
     model, mgda = setup("mgda")
     train(model, mgda, "representation", 1)
     sd = mgda.state_dict()
-    other = Net()
+    other = BlocksNet()
     equal = EqualWeight(torch.optim.SGD(other.parameters(), lr=0.05))
     with pytest.raises(ValueError, match="saved by MGDA.*EqualWeight"):
         equal.load_state_dict(sd)
-    two = MGDA(torch.optim.SGD(Net().parameters(), lr=0.05), num_tasks=2)
+    two = MGDA(torch.optim.SGD(BlocksNet().parameters(), lr=0.05), num_tasks=2)
     with pytest.raises(ValueError, match="num_tasks=3.*num_tasks=2"):
         two.load_state_dict(sd)
     with pytest.raises(TypeError, match="must be a dict"):
         mgda.load_state_dict([1, 2])  # type: ignore[arg-type]
     # a plain inner-optimizer state dict is accepted
-    fresh = MGDA(torch.optim.SGD(Net().parameters(), lr=0.05), num_tasks=K)
+    fresh = MGDA(torch.optim.SGD(BlocksNet().parameters(), lr=0.05), num_tasks=K)
     fresh.load_state_dict(mgda.optimizer.state_dict())
     assert fresh.num_steps == 0
 
@@ -608,7 +582,7 @@ def test_repr_and_options() -> None:
 
 
 def test_num_tasks_inferred_from_first_call_and_task_names() -> None:
-    model = Net()
+    model = BlocksNet()
     opt = MGDA(torch.optim.SGD(model.parameters(), lr=0.1))
     assert opt.num_tasks is None
     train(model, opt, "representation", 1)
@@ -618,7 +592,9 @@ def test_num_tasks_inferred_from_first_call_and_task_names() -> None:
 
 
 # ====================================================================== 5. bad input
-def _rep_losses(seed: int = 14) -> tuple[Net, BalancedOptimizer, torch.Tensor, list[torch.Tensor]]:
+def _rep_losses(
+    seed: int = 14,
+) -> tuple[BlocksNet, BalancedOptimizer, torch.Tensor, list[torch.Tensor]]:
     model, opt = setup("mgda", seed=seed)
     x, ys = make_batch(seed)
     blocks, outs = model(x)
@@ -741,7 +717,9 @@ def test_zero_times_representation_is_legal(method: str) -> None:
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.trunk.parameters())
 
 
-def expected_grads_zero_task(model: Net, x: torch.Tensor, ys: Sequence, c: torch.Tensor) -> dict:
+def expected_grads_zero_task(
+    model: BlocksNet, x: torch.Tensor, ys: Sequence, c: torch.Tensor
+) -> dict:
     _, outs = model(x)
     losses = task_losses(outs, ys)
     losses[0] = 0.0 * outs[0].sum()
@@ -823,13 +801,13 @@ def test_task_reaching_no_shared_parameter() -> None:
     ],
 )
 def test_constructor_errors(make: Callable, exc: type, match: str) -> None:
-    inner = torch.optim.SGD(Net().parameters(), lr=0.1)
+    inner = torch.optim.SGD(BlocksNet().parameters(), lr=0.1)
     with pytest.raises(exc, match=match):
         make(inner)
 
 
 def test_equal_weight_wrong_number_of_losses() -> None:
-    model = Net()
+    model = BlocksNet()
     opt = EqualWeight(torch.optim.SGD(model.parameters(), lr=0.1), weights=(1.0, 2.0))
     x, ys = make_batch(19)
     with pytest.raises(ValueError, match="expected 2 losses"):
@@ -837,14 +815,14 @@ def test_equal_weight_wrong_number_of_losses() -> None:
 
 
 # ---------------------------------------------------------------------- non-finite values
-def _nan_losses(model: Net, x: torch.Tensor, ys: Sequence, task: int = 1) -> tuple:
+def _nan_losses(model: BlocksNet, x: torch.Tensor, ys: Sequence, task: int = 1) -> tuple:
     blocks, outs = model(x)
     losses = task_losses(outs, ys)
     losses[task] = losses[task] * float("nan")
     return blocks, losses
 
 
-def _inf_grad_losses(model: Net, x: torch.Tensor, ys: Sequence, task: int = 2) -> tuple:
+def _inf_grad_losses(model: BlocksNet, x: torch.Tensor, ys: Sequence, task: int = 2) -> tuple:
     """A finite loss whose gradient is infinite: sqrt at zero."""
     blocks, outs = model(x)
     losses = task_losses(outs, ys)
@@ -882,7 +860,7 @@ def test_nonfinite_raises_naming_the_task(
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("make_losses", [_nan_losses, _inf_grad_losses], ids=["nan", "inf_grad"])
 def test_nonfinite_skip(make_losses: Callable, level: str) -> None:
-    model = Net(seed=21)
+    model = BlocksNet(seed=21)
     opt = MGDA(torch.optim.Adam(model.parameters(), lr=1e-2), num_tasks=K, on_nonfinite="skip")
     train(model, opt, level, 2)  # some optimizer state to protect
     before = params_of(model)
@@ -927,7 +905,7 @@ def test_nonfinite_skip(make_losses: Callable, level: str) -> None:
 
 def test_skip_then_zero_grad_does_not_swallow_the_next_step() -> None:
     """A user who checks ``info.skipped`` and moves on without calling step()."""
-    model = Net(seed=22)
+    model = BlocksNet(seed=22)
     opt = MGDA(torch.optim.SGD(model.parameters(), lr=0.1), num_tasks=K, on_nonfinite="skip")
     x, ys = make_batch(22)
     opt.zero_grad()
@@ -939,7 +917,7 @@ def test_skip_then_zero_grad_does_not_swallow_the_next_step() -> None:
 
 
 def test_nonfinite_gradient_detected_by_equal_weight_with_gram() -> None:
-    model = Net(seed=23)
+    model = BlocksNet(seed=23)
     opt = EqualWeight(torch.optim.SGD(model.parameters(), lr=0.1), compute_gram=True)
     x, ys = make_batch(23)
     blocks, losses = _inf_grad_losses(model, x, ys)
@@ -949,7 +927,7 @@ def test_nonfinite_gradient_detected_by_equal_weight_with_gram() -> None:
 
 # ---------------------------------------------------------------------- gaps found by review, now closed
 def test_equal_weight_fast_path_catches_nonfinite_gradient() -> None:
-    model = Net(seed=24)
+    model = BlocksNet(seed=24)
     opt = EqualWeight(torch.optim.SGD(model.parameters(), lr=0.1))
     x, ys = make_batch(24)
     blocks, losses = _inf_grad_losses(model, x, ys)
@@ -958,14 +936,14 @@ def test_equal_weight_fast_path_catches_nonfinite_gradient() -> None:
 
 
 def test_equal_weight_parameter_level_skips_the_gram() -> None:
-    model = Net(seed=25)
+    model = BlocksNet(seed=25)
     opt = EqualWeight(torch.optim.SGD(model.parameters(), lr=0.1))
     x, ys = make_batch(25)
     assert balanced_backward(opt, model, x, ys, "parameters").gram is None
 
 
 def test_grad_scaler_backs_off_after_overflow() -> None:
-    model = Net(k=2, seed=26, dtype=torch.float32)
+    model = BlocksNet(k=2, seed=26, dtype=torch.float32)
     opt = MGDA(torch.optim.SGD(model.parameters(), lr=0.01), num_tasks=2, on_nonfinite="skip")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # the first steps overflow
     x, ys = make_batch(26, k=2, dtype=torch.float32)
@@ -1032,7 +1010,7 @@ def test_loss_level_method_is_one_weighted_backward(level: str) -> None:
     included), no per-task gradient, one host transfer."""
     from _sync_count import SyncCounter
 
-    model = Net(seed=31)
+    model = BlocksNet(seed=31)
     opt = _InverseLoss(torch.optim.SGD(model.parameters(), lr=0.1), num_tasks=K)
     x, ys = make_batch(31)
     _, outs = model(x)

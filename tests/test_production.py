@@ -3,9 +3,9 @@ embeddings with two optimizers, CPU autocast, torch.compile."""
 
 from __future__ import annotations
 
-import importlib
-import io
 import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,25 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from balancers.registry import BALANCERS, make_balancer
+from balancers.registry import make_balancer
 from mtl.models import Features, SharedBottom
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import checkpoint_copy, registered_balancers  # noqa: E402
 
 K = 2
 LEVELS = ("representation", "parameters")
 
 
-def _names() -> list[str]:
-    out = []
-    for name, target in BALANCERS.items():
-        try:
-            importlib.import_module(target.split(":")[0])
-        except ImportError:
-            continue
-        out.append(name)
-    return out
-
-
-NAMES = _names()
+NAMES = registered_balancers()
 
 
 def _model(seed: int = 0, sparse: bool = False, dropout: float = 0.0) -> SharedBottom:
@@ -87,15 +79,13 @@ def test_checkpoint_resume_is_bit_identical(name: str, level: str) -> None:
     model = _model(dropout=0.1)
     opt = make_balancer(name, torch.optim.Adam(model.parameters(), lr=1e-2), K)
     _train(opt, model, level, range(3))
-    buf = io.BytesIO()
-    torch.save(
-        {"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, buf
+    ckpt = checkpoint_copy(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()},
+        weights_only=False,
     )
     _train(opt, model, level, range(3, 6))
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
     model2 = _model(seed=123, dropout=0.1)  # different init: everything must come from the file
     opt2 = make_balancer(name, torch.optim.Adam(model2.parameters(), lr=1e-2), K)
     model2.load_state_dict(ckpt["model"])
@@ -284,13 +274,12 @@ def test_combined_optimizer_sparse_tables_one_balancer_checkpoint() -> None:
     model, opt, sched = build(0)
     train(model, opt, sched, range(3))
     assert all(g["lr"] == 5e-3 for g in opt.param_groups)  # the scheduler reached both
-    ckpt = {"m": model.state_dict(), "o": opt.state_dict(), "s": sched.state_dict()}
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
+    ckpt = checkpoint_copy(
+        {"m": model.state_dict(), "o": opt.state_dict(), "s": sched.state_dict()},
+        weights_only=False,
+    )
     train(model, opt, sched, range(3, 6))
     model2, opt2, sched2 = build(9)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
     model2.load_state_dict(ckpt["m"])
     opt2.load_state_dict(ckpt["o"])
     sched2.load_state_dict(ckpt["s"])

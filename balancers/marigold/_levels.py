@@ -28,7 +28,7 @@ from ._closure import (
     _stash_grads,
     _unstash_grads,
 )
-from ._functional import Closure
+from ._functional import Closure, Level
 
 if TYPE_CHECKING:
     from ._optimizer import MARIGOLD
@@ -44,16 +44,8 @@ def marigold_parameters(
     k = len(losses)
     lam = opt._coefficients()
     heads = opt._heads(params)
-    perturbed: list[Tensor] = []
-    u = None
-    if opt.estimator == "gaussian":  # F(lam + mu u_j): needs the graph, so before step 2
-        u = opt._directions(k)
-        for j in range(opt.num_perturbations):
-            cs = [c + opt.mu * float(x) for c, x in zip(lam, u[j])]
-            gs = torch.autograd.grad(
-                weighted_sum(losses, cs), params, retain_graph=True, allow_unused=True
-            )
-            perturbed.append(0.5 * _sq_norm([g for g in gs if g is not None], values.device))
+    # F(lam + mu u_j): needs the graph, so before step 2
+    u, perturbed = _perturbed(opt, losses, lam, params, values.device)
     stash = _stash_grads(params + heads)
     try:
         if opt.weight_heads or not heads:
@@ -85,24 +77,14 @@ def marigold_parameters(
     if not math.isfinite(grad_sq) or not np.isfinite(scalars[1:]).all():
         _unstash_grads(stash, keep_new=False)
         return opt._nonfinite("parameters", host_values, "gradient", opt._support())
-    extras: dict[str, Any] = {"fd_step_size": None, "closure_calls": 0}
-    h: np.ndarray | None = None
-    if opt.estimator == "fd":
-        h, extras = opt._fd_estimate(value_sums, raw_sums, grad_sq, world)
-    elif opt.estimator == "gaussian":
-        assert u is not None
-        h = opt._gaussian_from_values(u, scalars[1:], 0.5 * grad_sq)
+    h, extras = _estimate(opt, value_sums, raw_sums, grad_sq, world, u, scalars[1:], grad_sq)
     if h is not None and not np.isfinite(h).all():
         _unstash_grads(stash, keep_new=False)
         return opt._nonfinite(
             "parameters", host_values, "loss at the shifted parameters", opt._bad(h)
         )
     _unstash_grads(stash, keep_new=True)
-    if opt.estimator == "amortized":
-        h = opt._amortized_estimate(host_values)
-    used, diagnostics = opt._finish(host_values, h, grad_sq, extras)
-    opt._remember(host_values, used, grad_sq)
-    return opt._result("parameters", used, host_values, diagnostics)
+    return _conclude(opt, "parameters", host_values, h, grad_sq, extras, remembered=grad_sq)
 
 
 def fd_parameters(
@@ -167,16 +149,7 @@ def marigold_representation(
     else:
         gz, head_grads = gradients_with_heads(opt, losses, blocks, heads, lam)
     local_sq = _sq_norm(gz, values.device)
-    perturbed: list[Tensor] = []
-    u = None
-    if opt.estimator == "gaussian":
-        u = opt._directions(k)
-        for j in range(opt.num_perturbations):
-            cs = [c + opt.mu * float(x) for c, x in zip(lam, u[j])]
-            gj = torch.autograd.grad(
-                weighted_sum(losses, cs), blocks, retain_graph=True, allow_unused=True
-            )
-            perturbed.append(0.5 * _sq_norm([g for g in gj if g is not None], values.device))
+    u, perturbed = _perturbed(opt, losses, lam, blocks, values.device)
     # Under DDP the ranks hold disjoint rows of the global Z: |g_z|^2 of the global batch is
     # sum_r |g_z,r|^2 / W^2, and the single-process shift of rank r's rows is
     # fd_step * g_z,r / sqrt(sum_r |g_z,r|^2). One all-reduce (sum) before the closure, on
@@ -197,14 +170,10 @@ def marigold_representation(
     grad_sq = shift_sq / world**2
     if not np.isfinite(scalars).all():
         return opt._nonfinite("representation", host_values, "gradient", opt._support())
-    extras: dict[str, Any] = {"fd_step_size": None, "closure_calls": 0}
-    h: np.ndarray | None = None
     # representation-level Gram convention under DDP: sum_r / W^2
-    if opt.estimator == "fd":
-        h, extras = opt._fd_estimate(value_sums, raw_sums, shift_sq, world**2)
-    elif opt.estimator == "gaussian":
-        assert u is not None
-        h = opt._gaussian_from_values(u, scalars[1:] / world**2, 0.5 * grad_sq)
+    h, extras = _estimate(
+        opt, value_sums, raw_sums, shift_sq, world**2, u, scalars[1:] / world**2, grad_sq
+    )
     if h is not None and not np.isfinite(h).all():  # NaN on any rank reaches every rank
         return opt._nonfinite(
             "representation", host_values, "loss at the shifted representation", opt._bad(h)
@@ -221,11 +190,70 @@ def marigold_representation(
         finally:
             for hd in handles:
                 hd.remove()
+    return _conclude(opt, "representation", host_values, h, grad_sq, extras, remembered=None)
+
+
+def _perturbed(
+    opt: MARIGOLD,
+    losses: list[Tensor],
+    lam: list[float],
+    inputs: list[Tensor],
+    device: torch.device,
+) -> tuple[np.ndarray | None, list[Tensor]]:
+    """The gaussian estimator's directions ``u`` and, per direction ``j``, half the squared
+    norm of ``d(sum_k (lam_k + mu u_jk) L_k)/d inputs`` (on the device); ``(None, [])`` for the
+    other estimators. Keeps the graph."""
+    if opt.estimator != "gaussian":
+        return None, []
+    u = opt._directions(len(losses))
+    perturbed: list[Tensor] = []
+    for j in range(opt.num_perturbations):
+        cs = [c + opt.mu * float(x) for c, x in zip(lam, u[j])]
+        gs = torch.autograd.grad(
+            weighted_sum(losses, cs), inputs, retain_graph=True, allow_unused=True
+        )
+        perturbed.append(0.5 * _sq_norm([g for g in gs if g is not None], device))
+    return u, perturbed
+
+
+def _estimate(
+    opt: MARIGOLD,
+    value_sums: np.ndarray,
+    raw_sums: np.ndarray,
+    shift_sq: float,
+    divisor: float,
+    u: np.ndarray | None,
+    perturbed: np.ndarray,
+    grad_sq: float,
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """``(h, extras)`` of the ``"fd"`` and ``"gaussian"`` estimators from the step's host
+    copy (``h = None`` for ``"amortized"``, which :func:`_conclude` estimates)."""
+    extras: dict[str, Any] = {"fd_step_size": None, "closure_calls": 0}
+    if opt.estimator == "fd":
+        return opt._fd_estimate(value_sums, raw_sums, shift_sq, divisor)
+    if opt.estimator == "gaussian":
+        assert u is not None
+        return opt._gaussian_from_values(u, perturbed, 0.5 * grad_sq), extras
+    return None, extras
+
+
+def _conclude(
+    opt: MARIGOLD,
+    level: Level,
+    host_values: np.ndarray,
+    h: np.ndarray | None,
+    grad_sq: float,
+    extras: dict[str, Any],
+    *,
+    remembered: float | None,
+) -> BalanceInfo:
+    """The weight update from the estimate ``h`` (the amortized one is made here), the
+    history kept for the next step (``remembered``: the ``|g|^2`` it records) and the info."""
     if opt.estimator == "amortized":
         h = opt._amortized_estimate(host_values)
     used, diagnostics = opt._finish(host_values, h, grad_sq, extras)
-    opt._remember(host_values, used, None)
-    return opt._result("representation", used, host_values, diagnostics)
+    opt._remember(host_values, used, remembered)
+    return opt._result(level, used, host_values, diagnostics)
 
 
 def gradients_with_heads(

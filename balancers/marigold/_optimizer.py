@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -16,7 +15,12 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
 from mtl._autocast import autocast_off, forward_autocast
-from mtl._checks import check_closure_losses, check_reached, check_trunk
+from mtl._checks import (
+    check_closure_losses,
+    check_reached,
+    check_trunk,
+    closure_arity_mismatch,
+)
 from mtl._graph import analyse_graph
 from mtl._window import step_transfer
 
@@ -357,7 +361,7 @@ class MARIGOLD(BalancedOptimizer):
         else:
             level = "parameters"
             targets = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
-        self._check_closure(closure, level, representation)
+        self._check_closure(closure, level)
         if self.estimator == "gaussian" and level == "parameters" and self._group()[0]:
             raise NotImplementedError(
                 "estimator='gaussian' at the parameter level is not supported under "
@@ -382,7 +386,7 @@ class MARIGOLD(BalancedOptimizer):
         return marigold_parameters(self, task_losses, values, targets, closure)
 
     # -- checks
-    def _check_closure(self, closure: Closure | None, level: Level, representation: Any) -> None:
+    def _check_closure(self, closure: Closure | None, level: Level) -> None:
         if self.estimator != "fd":
             return
         if closure is None:
@@ -403,25 +407,18 @@ class MARIGOLD(BalancedOptimizer):
                 f"(one extra forward on the same batch): {how}. Or use estimator='amortized' "
                 "(no extra forward)."
             )
-        if not callable(closure):
-            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        try:
-            sig = inspect.signature(closure)
-        except (TypeError, ValueError):  # builtins without a signature: trust the caller
+        sig = closure_arity_mismatch(closure, 0 if level == "parameters" else 1)
+        if sig is None:
             return
-        args: tuple[Any, ...] = () if level == "parameters" else (representation,)
-        try:
-            sig.bind(*args)
-        except TypeError:
-            if level == "parameters":
-                raise TypeError(
-                    "with shared_parameters= the closure is called with no argument (it re-runs "
-                    f"the model on the same batch); got a closure with signature {sig}"
-                ) from None
+        if level == "parameters":
             raise TypeError(
-                "with representation= the closure is called with one argument, the shifted "
-                f"representation (same structure as representation=); got signature {sig}"
-            ) from None
+                "with shared_parameters= the closure is called with no argument (it re-runs "
+                f"the model on the same batch); got a closure with signature {sig}"
+            )
+        raise TypeError(
+            "with representation= the closure is called with one argument, the shifted "
+            f"representation (same structure as representation=); got signature {sig}"
+        )
 
     def _closure_losses(self, out: Any, k: int, device: torch.device) -> Tensor:
         return check_closure_losses(out, k, device, self._name, who="closure")

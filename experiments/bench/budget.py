@@ -39,6 +39,15 @@ def _rep_rows(sections: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _last_h2h(derived: dict[str, Any]) -> dict[str, Any] | None:
+    """The head-to-head entry at the largest K that has our parameter-level speed-up."""
+    h2h = [e for e in derived.get("h2h", []) if "speedup_vs_param" in e]
+    return h2h[-1] if h2h else None
+
+
+_NO_TORCHJD = "– (TorchJD not available or h2h not run)"
+
+
 # ---------------------------------------------------------------------------- the items
 def _rep_step_item(sections: dict[str, Any], args: argparse.Namespace) -> Item:
     """1. representation-level step."""
@@ -122,16 +131,9 @@ def _torchjd_items(
     """4. TorchJD (same model, dense tables), and 4b. the same comparison with our tables
     declared sparse (TorchJD cannot take sparse gradients): our exact parameter-level MGDA on
     the same model function, same weights."""
-    h2h = [e for e in derived.get("h2h", []) if "speedup_vs_param" in e]
-    if not (h2h and agreement.get("available")):
-        return [
-            _budget_item(
-                "vs TorchJD mtl_backward + MGDA",
-                ">= 5x faster",
-                "– (TorchJD not available or h2h not run)",
-            )
-        ]
-    e = h2h[-1]
+    e = _last_h2h(derived)
+    if e is None or not agreement.get("available"):
+        return [_budget_item("vs TorchJD mtl_backward + MGDA", ">= 5x faster", _NO_TORCHJD)]
     diff = agreement["torchjd_default"]["max_abs_diff"]
     items = [
         _budget_item(
@@ -262,11 +264,10 @@ def _gpu_rep_item(sections: dict[str, Any], args: argparse.Namespace, gpu: str) 
 
 def _gpu_h2h_item(derived: dict[str, Any], args: argparse.Namespace, gpu: str) -> Item:
     """Exact parameter-level MGDA against TorchJD (section h2h, same model and weights)."""
-    h2h = [e for e in derived.get("h2h", []) if "speedup_vs_param" in e]
+    e = _last_h2h(derived)
     label = f"on {gpu}: exact parameter-level MGDA vs TorchJD mtl_backward + MGDA, same model"
-    if not h2h:
-        return _budget_item(label, ">= 2x faster", "– (TorchJD not available or h2h not run)")
-    e = h2h[-1]
+    if e is None:
+        return _budget_item(label, ">= 2x faster", _NO_TORCHJD)
     return _budget_item(
         label,
         ">= 2x faster",

@@ -21,6 +21,24 @@ _MARIGOLD_K_COLUMNS = (
 )
 
 
+def _ratio_fields(prefix: str, r: dict[str, Any]) -> dict[str, Any]:
+    """``{prefix}``, ``{prefix}_min``, ``{prefix}_max``: a row's median ratio and its range."""
+    return {prefix: r["ratio"], f"{prefix}_min": r["ratio_min"], f"{prefix}_max": r["ratio_max"]}
+
+
+def _pair(
+    sections: dict[str, Any], section: str, mode: str, base: str, k: int
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+    """The ratio of ``mode`` over ``base`` (same rounds) and both rows, or ``None`` when any
+    is missing."""
+    pr = pair_ratio(sections, section, mode, base, k)
+    row = find_row(sections, section, mode, k)
+    base_row = find_row(sections, section, base, k)
+    if not pr or row is None or base_row is None:
+        return None
+    return pr, row, base_row
+
+
 def _multibalance(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
     rep = find_row(sections, "param", "rep:multibalance", k)
     par = find_row(sections, "param", "param:multibalance", k)
@@ -39,18 +57,15 @@ def _multibalance(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
 
 
 def _mgda_ub(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
-    pr = pair_ratio(sections, "param", "rep:mgda", "param:mgda", k)
-    rep = find_row(sections, "param", "rep:mgda", k)
-    par = find_row(sections, "param", "param:mgda", k)
-    if not pr or rep is None or par is None:
+    found = _pair(sections, "param", "rep:mgda", "param:mgda", k)
+    if found is None:
         return None
+    pr, rep, par = found
     return {
         "K": k,
         "rep_ms": rep["ms_per_step"],
         "param_ms": par["ms_per_step"],
-        "time_ratio": pr["ratio"],
-        "time_ratio_min": pr["ratio_min"],
-        "time_ratio_max": pr["ratio_max"],
+        **_ratio_fields("time_ratio", pr),
         "time_saved": 1 - pr["ratio"],
         "speedup": 1 / pr["ratio"],
     }
@@ -62,19 +77,16 @@ def _marigold_k(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
         r = find_row(sections, sec, mode, k)
         if r:
             row[f"{key}_ms"] = r["ms_per_step"]
-            row[f"{key}_ratio"] = r["ratio"]
-            row[f"{key}_ratio_min"] = r["ratio_min"]
-            row[f"{key}_ratio_max"] = r["ratio_max"]
+            row.update(_ratio_fields(f"{key}_ratio", r))
     measured = any(f"{key}_ms" in row for key, _, mode in _MARIGOLD_K_COLUMNS if mode != "plain")
     return row if measured else None  # plain steps alone: MARIGOLD and MGDA were not run
 
 
 def _diagnostics(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
-    d = pair_ratio(sections, "rep", "rep:mgda+tracker", "rep:mgda", k)
-    mgda = find_row(sections, "rep", "rep:mgda", k)
-    tracker = find_row(sections, "rep", "rep:mgda+tracker", k)
-    if not d or mgda is None or tracker is None:
+    found = _pair(sections, "rep", "rep:mgda+tracker", "rep:mgda", k)
+    if found is None:
         return None
+    d, tracker, mgda = found
     return {
         "K": k,
         "overhead": d["ratio"] - 1,
@@ -90,9 +102,7 @@ def _h2h(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
     for label, mode in (("param", "param:mgda"), ("rep", "rep:mgda")):
         pr = pair_ratio(sections, "h2h", "torchjd:mgda:emb", mode, k)
         if pr:
-            entry[f"speedup_vs_{label}"] = pr["ratio"]
-            entry[f"speedup_vs_{label}_min"] = pr["ratio_min"]
-            entry[f"speedup_vs_{label}_max"] = pr["ratio_max"]
+            entry.update(_ratio_fields(f"speedup_vs_{label}", pr))
     for mode in ("plain", "param:mgda", "rep:mgda", "torchjd:mgda:emb", "torchjd:mgda:noemb"):
         r = find_row(sections, "h2h", mode, k)
         if r:

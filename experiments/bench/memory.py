@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,49 @@ def memory_plan(
     return setup, k, rows, chosen
 
 
+def _plan_section(
+    section: str, data: dict[str, Any], args: argparse.Namespace, **record: Any
+) -> tuple[dict[str, Any], int, dict[str, dict[str, Any]], list[str]]:
+    """:func:`memory_plan`, recorded in ``data["memory"]`` (with ``record``'s entries)."""
+    setup, k, rows, chosen = memory_plan(section, data, args)
+    data["memory"] = {"K": k, "steps": args.memory_steps, "modes": chosen, **record}
+    return setup, k, rows, chosen
+
+
+def _measure_each(
+    chosen: list[str], progress: Progress, desc: str, measure: Callable[[str], dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """``measure(name)`` for every chosen mode, under a progress bar."""
+    bar = progress(total=len(chosen), desc=desc)
+    results: dict[str, dict[str, Any]] = {}
+    for name in chosen:
+        results[name] = measure(name)
+        bar.update(1)
+    bar.close()
+    return results
+
+
+def _fill_rows(
+    rows: dict[str, dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+    prefix: str,
+    fields: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
+) -> None:
+    """Each mode's measurement into its result row: ``fields(its result, plain's result)``, or
+    ``{prefix}_error`` for a failed one."""
+    base = results.get("plain", {})
+    for name, res in results.items():
+        if "error" in res:
+            rows[name][f"{prefix}_error"] = res["error"]
+        else:
+            rows[name].update(fields(res, base))
+
+
+def _timed_sections(sections: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Every section but ``overhead`` (about time only)."""
+    return [(section, data) for section, data in sections.items() if section != "overhead"]
+
+
 # ---------------------------------------------------------------------------- CPU: children
 def _repo_root() -> Path:
     return Path(__file__).resolve().parent.parent.parent
@@ -113,24 +157,18 @@ def _increment(res: dict[str, Any]) -> int | None:
     return int(res["steps_peak_kb"]) - int(res["rss_before_steps_kb"])
 
 
-def _fill_rss_rows(rows: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]]) -> None:
+def _rss_fields(res: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """``rss_mb``, ``rss_ratio`` (over plain), ``rss_step_mb`` and ``rss_step_ratio``."""
-    base = results.get("plain", {})
-    for name, res in results.items():
-        row = rows[name]
-        if "error" in res:
-            row["rss_error"] = res["error"]
-            continue
-        row["rss_mb"] = res["peak_kb"] / 1024.0
-        row["rss_source"] = res.get("source")
-        if "peak_kb" in base:
-            row["rss_ratio"] = res["peak_kb"] / base["peak_kb"]
-        inc = _increment(res)
-        if inc is not None:
-            row["rss_step_mb"] = inc / 1024.0
-            b_inc = _increment(base) if base and "error" not in base else None
-            if b_inc is not None and b_inc > 0:
-                row["rss_step_ratio"] = inc / b_inc
+    out = {"rss_mb": res["peak_kb"] / 1024.0, "rss_source": res.get("source")}
+    if "peak_kb" in base:
+        out["rss_ratio"] = res["peak_kb"] / base["peak_kb"]
+    inc = _increment(res)
+    if inc is not None:
+        out["rss_step_mb"] = inc / 1024.0
+        b_inc = _increment(base) if base and "error" not in base else None
+        if b_inc is not None and b_inc > 0:
+            out["rss_step_ratio"] = inc / b_inc
+    return out
 
 
 def _measure_rss(
@@ -141,14 +179,12 @@ def _measure_rss(
     progress: Progress,
 ) -> None:
     """One child per chosen mode of ``section``; fills its rows."""
-    setup, k, rows, chosen = memory_plan(section, data, args)
-    data["memory"] = {"K": k, "steps": args.memory_steps, "modes": chosen}
+    setup, k, rows, chosen = _plan_section(section, data, args)
     if not chosen:
         return
-    bar = progress(total=len(chosen), desc=f"memory {section} K={k}")
     specs = {m["name"]: m for m in data["modes"]}
-    results: dict[str, dict[str, Any]] = {}
-    for name in chosen:
+
+    def child(name: str) -> dict[str, Any]:
         spec = {
             "cfg": cfg.to_dict(),
             "section": section,
@@ -160,10 +196,10 @@ def _measure_rss(
             "seed": args.seed,
             "threads": args.threads,
         }
-        results[name] = run_memory_child(spec, args.memory_timeout)
-        bar.update(1)
-    bar.close()
-    _fill_rss_rows(rows, results)
+        return run_memory_child(spec, args.memory_timeout)
+
+    results = _measure_each(chosen, progress, f"memory {section} K={k}", child)
+    _fill_rows(rows, results, "rss", _rss_fields)
 
 
 def run_memory(
@@ -180,9 +216,7 @@ def run_memory(
     if torch.device(cfg.device).type == "cuda":
         run_memory_cuda(sections, args, cfg, progress)
         return
-    for section, data in sections.items():
-        if section == "overhead":
-            continue
+    for section, data in _timed_sections(sections):
         _measure_rss(section, data, args, cfg, progress)
 
 
@@ -232,21 +266,18 @@ def cuda_memory_of_mode(
     return {"peak": int(peak), "before": int(before), "steps": steps}
 
 
-def _fill_cuda_rows(rows: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]]) -> None:
+def _cuda_fields(res: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """``cuda_peak_mb``, ``cuda_peak_ratio`` (over plain), ``cuda_step_mb``, ``cuda_step_ratio``."""
-    base = results.get("plain", {})
-    for name, res in results.items():
-        row = rows[name]
-        if "error" in res:
-            row["cuda_error"] = res["error"]
-            continue
-        row["cuda_peak_mb"] = res["peak"] / 2**20
-        row["cuda_step_mb"] = (res["peak"] - res["before"]) / 2**20
-        if "peak" in base and base["peak"] > 0:
-            row["cuda_peak_ratio"] = res["peak"] / base["peak"]
-            b_inc = base["peak"] - base["before"]
-            if b_inc > 0:
-                row["cuda_step_ratio"] = (res["peak"] - res["before"]) / b_inc
+    out = {
+        "cuda_peak_mb": res["peak"] / 2**20,
+        "cuda_step_mb": (res["peak"] - res["before"]) / 2**20,
+    }
+    if "peak" in base and base["peak"] > 0:
+        out["cuda_peak_ratio"] = res["peak"] / base["peak"]
+        b_inc = base["peak"] - base["before"]
+        if b_inc > 0:
+            out["cuda_step_ratio"] = (res["peak"] - res["before"]) / b_inc
+    return out
 
 
 def _measure_cuda(
@@ -257,21 +288,34 @@ def _measure_cuda(
     progress: Progress,
 ) -> None:
     """:func:`cuda_memory_of_mode` for every chosen mode of ``section``; fills its rows."""
-    setup, k, rows, chosen = memory_plan(section, data, args)
-    data["memory"] = {
-        "K": k,
-        "steps": args.memory_steps,
-        "modes": chosen,
-        "source": "torch.cuda.max_memory_allocated",
-    }
+    setup, k, rows, chosen = _plan_section(
+        section, data, args, source="torch.cuda.max_memory_allocated"
+    )
     if not chosen:
         return
-    bar = progress(total=len(chosen), desc=f"cuda memory {section} K={k}")
+    results = _cuda_results(section, data, args, cfg, progress, setup, k, chosen)
+    gc.collect()  # the section's tables are released by now: return their memory too
+    torch.cuda.empty_cache()
+    _fill_rows(rows, results, "cuda", _cuda_fields)
+
+
+def _cuda_results(
+    section: str,
+    data: dict[str, Any],
+    args: argparse.Namespace,
+    cfg: BenchModelConfig,
+    progress: Progress,
+    setup: dict[str, Any],
+    k: int,
+    chosen: list[str],
+) -> dict[str, dict[str, Any]]:
+    """:func:`cuda_memory_of_mode` of every chosen mode around one set of tables, which are
+    released on return."""
     specs = {m["name"]: ModeSpec.from_dict(m) for m in data["modes"]}
     embedding = make_embedding(cfg, setup["rows"], setup["sparse"], args.seed)
-    results: dict[str, dict[str, Any]] = {}
-    for name in chosen:
-        results[name] = cuda_memory_of_mode(
+
+    def in_process(name: str) -> dict[str, Any]:
+        return cuda_memory_of_mode(
             section,
             cfg,
             specs[name],
@@ -282,12 +326,8 @@ def _measure_cuda(
             args.memory_steps,
             args.seed,
         )
-        bar.update(1)
-    bar.close()
-    del embedding
-    gc.collect()
-    torch.cuda.empty_cache()
-    _fill_cuda_rows(rows, results)
+
+    return _measure_each(chosen, progress, f"cuda memory {section} K={k}", in_process)
 
 
 def run_memory_cuda(
@@ -302,7 +342,5 @@ def run_memory_cuda(
     ``--memory-tasks``); fills ``cuda_peak_mb``, ``cuda_peak_ratio`` (over plain),
     ``cuda_step_mb`` (peak minus allocated before the steps) and ``cuda_step_ratio``.
     """
-    for section, data in sections.items():
-        if section == "overhead":
-            continue
+    for section, data in _timed_sections(sections):
         _measure_cuda(section, data, args, cfg, progress)

@@ -137,39 +137,20 @@ def section_modes(section: str, args: argparse.Namespace, peers: dict[str, Any])
     return modes
 
 
+def _setup(rows: int, sparse: bool, tasks: list[int], repeats: int, steps: int) -> dict[str, Any]:
+    return {"rows": rows, "sparse": sparse, "tasks": tasks, "repeats": repeats, "steps": steps}
+
+
 def section_setup(section: str, args: argparse.Namespace) -> dict[str, Any]:
     """Rows per table, sparse tables or not, the K values, rounds and steps per block."""
     if section == "rep":
-        return {
-            "rows": args.rows,
-            "sparse": True,
-            "tasks": args.tasks,
-            "repeats": args.repeats,
-            "steps": args.steps,
-        }
+        return _setup(args.rows, True, args.tasks, args.repeats, args.steps)
     if section == "overhead":
-        return {
-            "rows": OVERHEAD_MODEL["rows"],
-            "sparse": OVERHEAD_MODEL["sparse"],
-            "tasks": args.tasks,
-            "repeats": args.repeats,
-            "steps": args.overhead_steps,
-        }
+        rows, sparse = OVERHEAD_MODEL["rows"], OVERHEAD_MODEL["sparse"]
+        return _setup(rows, sparse, args.tasks, args.repeats, args.overhead_steps)
     if section == "param":
-        return {
-            "rows": args.param_rows,
-            "sparse": False,
-            "tasks": args.tasks,
-            "repeats": args.param_repeats,
-            "steps": args.param_steps,
-        }
-    return {
-        "rows": args.rows,
-        "sparse": False,
-        "tasks": args.h2h_tasks,
-        "repeats": args.param_repeats,
-        "steps": args.param_steps,
-    }
+        return _setup(args.param_rows, False, args.tasks, args.param_repeats, args.param_steps)
+    return _setup(args.rows, False, args.h2h_tasks, args.param_repeats, args.param_steps)  # h2h
 
 
 # ---------------------------------------------------------------------------- memory guard
