@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -239,62 +239,86 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- config
-def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    task = str(args.task).strip().lower()
-    config = args.config
-    if config is None and task == "census" and args.group is not None:
-        # the group's own configuration, so its description and notes match the data
+class _Flag(NamedTuple):
+    """A command-line flag that sets one configuration entry (``section.key``; ``None``
+    section = top level); the toy task has its own entry, or none (``toy_error``)."""
+
+    attr: str
+    flag: str
+    entry: tuple[str | None, str]
+    toy_entry: tuple[str | None, str] | None = None
+    toy_error: str | None = None
+
+
+_FLAGS: tuple[_Flag, ...] = (
+    _Flag("model", "--model", ("model", "name"), ("model", "name")),
+    _Flag("epochs", "--epochs", ("train", "epochs"),
+          toy_error="the toy task counts steps, not epochs: use --steps"),
+    _Flag("steps", "--steps", ("train", "max_steps"), ("toy", "steps")),
+    _Flag("batch_size", "--batch-size", ("train", "batch_size"), ("train", "batch_size")),
+    _Flag("lr", "--lr", ("optimizer", "lr"), ("toy", "lr")),
+    _Flag("level", "--level", ("train", "level"), ("toy", "level")),
+    _Flag("device", "--device", ("train", "device"), toy_error="the toy task runs on the CPU only"),
+    _Flag("group", "--group", ("data", "group"), ("data", "group")),
+    _Flag("data_path", "--data-path", ("data", "path"), ("data", "path")),
+    _Flag("threads", "--threads", (None, "threads"), (None, "threads")),
+    _Flag("regularizer", "--regularizer", ("regularizer", "name"),
+          toy_error="the toy task has no representation to perturb"),
+)  # fmt: skip
+
+
+def _config_name(task: str, args: argparse.Namespace) -> str | None:
+    """``--config``, else a census group's own configuration (its description and notes
+    match the data), else ``None`` (the task's default)."""
+    if args.config is None and task == "census" and args.group is not None:
         g = str(args.group).strip().lower().replace("-", "_")
-        config = f"census_group{g}" if g.isdigit() else f"census_{g}"
-    try:
-        cfg = cfgmod.load_config(config, task=task, overrides=args.set, validate=False)
-    except cfgmod.ConfigError as e:
-        raise UsageError(str(e)) from e
-    is_toy = task == "toy"
+        return f"census_group{g}" if g.isdigit() else f"census_{g}"
+    return str(args.config) if args.config is not None else None
+
+
+def _check_counts(args: argparse.Namespace) -> None:
     if getattr(args, "jobs", 1) < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     for flag in ("first_seed", "seed"):
         value = getattr(args, flag, None)
         if value is not None and value < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
-    origins: dict[str, str] = {}  # dotted key -> the flag that set it (for error messages)
 
-    def put(section: str | None, key: str, value: Any, flag: str) -> None:
+
+def _apply_flags(cfg: dict[str, Any], args: argparse.Namespace, is_toy: bool) -> dict[str, str]:
+    """Write the flags given on the command line into ``cfg``; returns ``{dotted key: the
+    flag that set it}`` for error messages."""
+    origins: dict[str, str] = {}
+    for f in _FLAGS:
+        value = getattr(args, f.attr, None)
+        if value is None or value is False or value == "":
+            continue
+        entry = f.toy_entry if is_toy else f.entry
+        if entry is None:
+            raise UsageError(f.toy_error or f"{f.flag} does not apply to the toy task")
+        section, key = entry
+        if f.attr == "group":
+            value = cfgmod.parse_value(value)
         node = cfg if section is None else cfg.setdefault(section, {})
+        if node is None and section == "regularizer":  # "regularizer": null in the config
+            node = cfg[section] = {}
         if not isinstance(node, dict):
-            raise UsageError(f"{flag}: configuration key {section!r} is not a section")
+            raise UsageError(f"{f.flag}: configuration key {section!r} is not a section")
         node[key] = value
-        origins[key if section is None else f"{section}.{key}"] = f"{flag} {value}"
+        origins[key if section is None else f"{section}.{key}"] = f"{f.flag} {value}"
+    return origins
 
-    if args.model:
-        put("model", "name", args.model, "--model")
-    if args.epochs is not None:
-        if is_toy:
-            raise UsageError("the toy task counts steps, not epochs: use --steps")
-        put("train", "epochs", args.epochs, "--epochs")
-    if args.steps is not None:
-        put("toy" if is_toy else "train", "steps" if is_toy else "max_steps", args.steps, "--steps")
-    if args.batch_size is not None:
-        put("train", "batch_size", args.batch_size, "--batch-size")
-    if args.lr is not None:
-        put("toy" if is_toy else "optimizer", "lr", args.lr, "--lr")
-    if args.level is not None:
-        put("toy" if is_toy else "train", "level", args.level, "--level")
-    if args.device is not None:
-        if is_toy:
-            raise UsageError("the toy task runs on the CPU only")
-        put("train", "device", args.device, "--device")
-    if args.group is not None:
-        put("data", "group", cfgmod.parse_value(args.group), "--group")
-    if args.data_path is not None:
-        put("data", "path", args.data_path, "--data-path")
-    if args.threads is not None:
-        put(None, "threads", args.threads, "--threads")
-    if getattr(args, "regularizer", None) is not None:
-        if is_toy:
-            raise UsageError("the toy task has no representation to perturb")
-        cfg["regularizer"] = {**dict(cfg.get("regularizer") or {}), "name": args.regularizer}
-        origins["regularizer.name"] = f"--regularizer {args.regularizer}"
+
+def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    task = str(args.task).strip().lower()
+    try:
+        cfg = cfgmod.load_config(
+            _config_name(task, args), task=task, overrides=args.set, validate=False
+        )
+    except cfgmod.ConfigError as e:
+        raise UsageError(str(e)) from e
+    _check_counts(args)
+    origins = _apply_flags(cfg, args, task == "toy")
     try:
         cfgmod.validate_config(cfg, args.set, origins)
     except cfgmod.ConfigError as e:

@@ -8,6 +8,10 @@ Three questions, answered by one walk (:func:`analyse_graph`):
   point), and is that split clean (no head parameter, and no graph node, also lies below it);
 * does anything trainable lie below the balance point (else the trunk gets no gradient).
 
+The walk above the balance point also collects DDP's ``_DDPSink`` nodes, which the per-task
+passes cross (:mod:`mtl._ddp`). A balance-point block may be given as a tensor or as the
+:class:`~torch.autograd.graph.GradientEdge` into the node that computes it.
+
 Node identity. ``tensor.grad_fn`` and ``node.next_functions`` return Python wrappers that torch
 creates on access and may free as soon as the last reference goes; the same autograd node can
 then come back as another object, and a freed object's ``id`` can be reused by an unrelated one.
@@ -20,9 +24,11 @@ tensor that the caller owns), never by their ``AccumulateGrad`` wrapper.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
+
+from ._ddp import Target, is_sink, sink_input, sink_output_error
 
 __all__ = ["GraphAnalysis", "analyse_graph", "depends_on"]
 
@@ -115,26 +121,44 @@ class GraphAnalysis:
             the balance point, as with MMoE gates that read the embeddings, or the walk above
             the balance point meets a leaf the optimizer does not manage).
         trunk_blocks: per block, whether some managed parameter lies below it.
+        targets: the blocks as given to :func:`analyse_graph` (tensors or gradient edges).
+        sinks: the DDP ``_DDPSink`` nodes above the balance point (held alive here).
     """
 
     reaches: list[bool]
     heads: list[list[Tensor]] | None
     trunk_blocks: list[bool]
+    targets: list[Target] = field(default_factory=list)
+    sinks: list[object] = field(default_factory=list)
+
+
+def _edge(target: Target) -> tuple[object, int]:
+    """``(node, output_nr)``: the edge into the node that computes ``target``."""
+    if isinstance(target, Tensor):
+        return target.grad_fn, target.output_nr
+    return target.node, target.output_nr
 
 
 def analyse_graph(
-    losses: Sequence[Tensor], blocks: Sequence[Tensor], managed: set[int]
+    losses: Sequence[Tensor], blocks: Sequence[Target], managed: set[int]
 ) -> GraphAnalysis:
     """Walk the graph once below the balance point and once above it, per task.
 
     Args:
         losses: the K task losses.
-        blocks: the balance-point tensors (non-leaf).
+        blocks: the balance-point tensors (non-leaf), or gradient edges into their nodes
+            (:func:`mtl._ddp.resolve_blocks`).
         managed: ``id`` of every parameter tensor the optimizer manages (tensors are owned by
             the model, so their ids are stable; node wrappers are never keyed by id).
+
+    Raises:
+        ValueError: a task loss does not reach a block that DDP's sink returned (the heads
+            consumed the tensor before the sink; :func:`mtl._ddp.resolve_blocks` looks
+            through it).
     """
-    block_nodes: list[object] = [z.grad_fn for z in blocks]
-    block_edges: set[tuple[object, int]] = {(z.grad_fn, z.output_nr) for z in blocks}
+    edges_in = [_edge(b) for b in blocks]
+    block_nodes: list[object] = [node for node, _ in edges_in]
+    block_edges: set[tuple[object, int]] = set(edges_in)
     below: set[object] = set()  # every node below (and including) some block's grad_fn
     trunk_blocks = []
     for root in block_nodes:
@@ -156,6 +180,7 @@ def analyse_graph(
 
     reaches: list[bool] = []
     heads: list[list[Tensor]] | None = []
+    sinks: list[object] = []
     for loss in losses:
         hit = False
         params: dict[int, Tensor] = {}
@@ -167,6 +192,13 @@ def analyse_graph(
             node, nr = edges.pop()
             if (node, nr) in block_edges:
                 hit = True  # stop at the balance point
+                continue
+            if is_sink(node):  # the identity: on along the input this output passes on
+                if all(node is not s for s in sinks):
+                    sinks.append(node)
+                through = sink_input(node, nr)
+                if through is not None:
+                    edges.append(through)
                 continue
             if node in seen:
                 continue
@@ -186,7 +218,15 @@ def analyse_graph(
         reaches.append(hit)
         if heads is not None:
             heads.append(list(params.values()))
-    return GraphAnalysis(reaches=reaches, heads=heads, trunk_blocks=trunk_blocks)
+    if not all(reaches) and any(isinstance(b, Tensor) and is_sink(b.grad_fn) for b in blocks):
+        raise sink_output_error("this method")  # resolve_blocks looks through the sink
+    return GraphAnalysis(
+        reaches=reaches,
+        heads=heads,
+        trunk_blocks=trunk_blocks,
+        targets=list(blocks),
+        sinks=sinks,
+    )
 
 
 def _reaches_any(root: object, targets: set[tuple[object, int]]) -> bool:

@@ -38,6 +38,7 @@ from ._checks import (
     check_representation,
     check_trunk,
 )
+from ._ddp import is_sink, resolve_blocks
 from ._finite import nonfinite_params
 from ._graph import GraphAnalysis, analyse_graph
 from ._host import to_host
@@ -53,7 +54,9 @@ from ._window import (
     mark_overflow,
     open_window,
     reject,
+    step_flags,
     step_transfer,
+    unsynced,
 )
 
 __all__ = ["BalancedOptimizer"]
@@ -189,7 +192,7 @@ class BalancedOptimizer(Optimizer):
         # a window whose step a fused inner optimizer took with the flags on the device: its
         # verdict reaches the host with the next transfer (or at state_dict())
         self._unsettled: Window | None = None
-        self._rider_layout: tuple[bool, int] = (False, 0)  # what riders() packed
+        self._rider_layout: tuple[int, int] = (0, 0)  # what riders() packed: flags, values
         self._rows_cache: tuple[list[Any], list[Tensor]] | None = None
 
         # param_groups/state/defaults are forwarded to the inner optimizer (properties below)
@@ -245,19 +248,29 @@ class BalancedOptimizer(Optimizer):
         the whole step makes ONE host synchronization. The balancer's rollback (and the raise,
         with ``on_nonfinite="raise"``) then happens in the next ``backward``, from its
         transfer, or in :meth:`state_dict`.
+
+        Under ``torch.distributed`` the same read also tells whether the ranks hold the same
+        gradients (:func:`mtl._window.step_flags`, one max all-reduce): if DDP did not
+        synchronize them (every backward of the window under ``no_sync()``, a forward that
+        bypassed the DDP wrapper...), the step is not taken and a ``RuntimeError`` says why
+        (with a fused optimizer: skipped on the device, raised at the next transfer).
         """
         window, self._window = self._window, None
         if self._skip_next_step:
             self._skip_next_step = False
             return None
-        if window is not None and window.flags is not None:
+        flags = step_flags(self, window)
+        if flags is not None:
             if getattr(self.optimizer, "_step_supports_amp_scaling", False):
-                return fused_step(self, window, closure)
-            bad = to_host(window.flags)[0]
+                return fused_step(self, window, flags, closure)
+            bad = to_host(flags)[0]
             assert bad is not None
-            if bad.any():
+            if bad[0]:
+                assert window is not None
                 reject(self, window, nonfinite_params(window.params))
                 return None
+            if bad[1:].any():
+                raise unsynced(self, window)
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 
     def _deferred_values(self) -> Tensor | None:
@@ -446,7 +459,13 @@ class BalancedOptimizer(Optimizer):
             blocks = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
         if not self.compute_gram and not self.uses_gradients:
             return backward_losses(self, task_losses, values, blocks, level)
-        if not self.compute_gram and self._plain_backward_is_exact():
+        # (the plain path checks the gradient arriving at the representation with a hook on
+        # it, which never sees one behind DDP's sink: the general path looks through it)
+        if (
+            not self.compute_gram
+            and self._plain_backward_is_exact()
+            and not (level == "representation" and any(is_sink(z.grad_fn) for z in blocks))
+        ):
             return backward_plain(self, task_losses, values, blocks, level)
         if level == "representation":
             return backward_representation(self, task_losses, values, blocks)
@@ -485,8 +504,12 @@ class BalancedOptimizer(Optimizer):
         return check_parameters(shared_parameters, self._managed())
 
     def _analyse(self, losses: list[Tensor], blocks: list[Tensor]) -> GraphAnalysis:
-        """One walk of the graph: raises for a trunk without parameters or an unreached loss."""
-        analysis = analyse_graph(losses, blocks, self._managed())
+        """One walk of the graph: raises for a trunk without parameters or an unreached loss.
+
+        A block that DDP's sink returned is looked through (:func:`mtl._ddp.resolve_blocks`):
+        ``analysis.targets`` are where the gradients are taken.
+        """
+        analysis = analyse_graph(losses, resolve_blocks(blocks), self._managed())
         check_trunk(analysis)
         check_reached(analysis.reaches, self._name)
         return analysis
@@ -498,9 +521,16 @@ class BalancedOptimizer(Optimizer):
         ``None`` (use the general path: one backward of the summed losses with a hook at the
         representation) when some part above the balance point also lies below it (e.g. MMoE's
         gates read the embeddings), when it reaches a leaf that the inner optimizer does not
-        manage, under DDP (DDP must see one ordinary backward), or with ``grad_mode="batched"``.
+        manage, under DDP (DDP must see one ordinary backward, through its sink if there is
+        one), with ``grad_mode="batched"``, or when a block is taken at the input of DDP's sink
+        (no tensor to back-propagate from).
         """
-        if self.grad_mode != "loop" or self._group()[0]:
+        if (
+            self.grad_mode != "loop"
+            or self._group()[0]
+            or analysis.sinks
+            or not all(isinstance(t, Tensor) for t in analysis.targets)
+        ):
             return None
         return analysis.heads
 

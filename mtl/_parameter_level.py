@@ -1,7 +1,8 @@
 """The parameter-level step: per-task gradients of the shared parameters (K backward passes)
 copied once into gradient matrices, their Gram matrices, ONE host transfer, and ``sum_k c_k g_k``
 written into the shared ``.grad`` (directly, or through one backward with parameter hooks under
-DDP).
+DDP). On a ``static_graph=True`` first iteration the per-task passes cross DDP's sink, and are
+kept from queueing its delayed all-reduce (:func:`mtl._ddp.quiet_sinks`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._combine import register_grad_hook, replace_grad, sum_backward
+from ._ddp import find_sinks, quiet_sinks
 from ._gram import combine_rows, device_gram, task_rows
 from ._host import to_device
 from ._info import BalanceInfo
@@ -169,7 +171,8 @@ def average_rows(opt: BalancedOptimizer, rows: list[Tensor]) -> list[Tensor]:
 def backward_parameters(
     opt: BalancedOptimizer, losses: list[Tensor], values: Tensor, params: list[Tensor]
 ) -> BalanceInfo:
-    blocks = parameter_rows(opt, losses, params)
+    with quiet_sinks(find_sinks(losses)):
+        blocks = parameter_rows(opt, losses, params)
     average_rows(opt, [blk.rows for blk in blocks])
     # the Gram matrices' blocks: one per parameter tensor for per-block methods (MetaBalance
     # semantics), else one per gradient matrix (their sum is the Gram of all shared params)

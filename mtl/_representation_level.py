@@ -4,17 +4,23 @@ ONE host transfer, and the combination through ONE trunk backward.
 ``h_k = dL_k/dz`` through the heads only (K cheap passes, or one batched pass), copied into a
 ``(K, numel)`` matrix per block; the trunk then receives ``sum_k c_k h_k`` (a trunk-only
 backward when the heads are disjoint from it, else one backward with a hook on ``z``).
+
+For a ``z`` that DDP's sink returned, the gradients are taken, and the hook placed, at the edge
+into the node that computed the sink's input (:mod:`mtl._ddp`); the per-task passes keep the
+sink from queueing DDP's delayed all-reduce (``static_graph=True``, first iteration).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from ._combine import accumulate_head_grads, register_grad_hook, replace_grad, sum_backward
+from ._ddp import Target, quiet_sinks
 from ._gram import device_gram
 from ._host import to_device
 from ._info import BalanceInfo
@@ -32,22 +38,26 @@ def representation_rows(
     losses: list[Tensor],
     blocks: list[Tensor],
     heads: Sequence[Sequence[Tensor]] | None = None,
+    targets: Sequence[Target] | None = None,
 ) -> tuple[list[Tensor], list[tuple[Tensor | None, ...]], list[set[int]]]:
     """``rows[b][k] = dL_k / d blocks[b]`` (flattened, one ``(K, numel)`` matrix per block),
     ``head_grads[k][i] = dL_k / d heads[k][i]`` (the parameters task k reaches above the
     blocks; only with ``grad_mode="loop"``) and, per block, the tasks whose row is zero
-    because their loss does not reach that block.
+    because their loss does not reach that block. The gradients are taken at ``targets``
+    (default: the blocks; see :func:`mtl._ddp.resolve_blocks`).
 
     Loop mode copies each task's gradient into its row as soon as it is computed (while it
     is still in cache) and drops it: no K live gradient tensors and no final stack.
     """
     k_tasks = len(losses)
+    # torch's stub takes tensors or edges, not a mix (the call does)
+    at: list[Any] = list(blocks) if targets is None else list(targets)
     if opt.grad_mode == "batched":
         stacked = torch.stack(losses)
         eye = torch.eye(k_tasks, dtype=stacked.dtype, device=stacked.device)
         per_block = torch.autograd.grad(
             stacked,
-            blocks,
+            at,
             grad_outputs=eye,
             retain_graph=True,
             allow_unused=True,
@@ -64,7 +74,7 @@ def representation_rows(
     zeros: list[set[int]] = [set() for _ in blocks]
     n = len(blocks)
     for k, loss in enumerate(losses):
-        inputs = [*blocks, *heads[k]] if heads is not None else blocks
+        inputs = [*at, *heads[k]] if heads is not None else at
         gs = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
         for b, g in enumerate(gs[:n]):
             if g is None:
@@ -101,7 +111,8 @@ def backward_representation(
     # heads disjoint from the trunk: one pass per task gives both its representation gradient
     # and its heads' gradients, and the final backward runs through the trunk only
     heads = opt._split_heads(analysis)
-    rows, head_grads, zeros = representation_rows(opt, losses, blocks, heads)
+    with quiet_sinks(analysis.sinks):
+        rows, head_grads, zeros = representation_rows(opt, losses, blocks, heads, analysis.targets)
     grams = torch.stack([device_gram(r) for r in rows])
     host_values, host_grams = transfer_grams(opt, values, grams, rows, zeros)
     verdict = opt._decide("representation", host_values, host_grams)
@@ -115,7 +126,7 @@ def backward_representation(
         torch.autograd.backward(blocks, grad_tensors=combined)  # the trunk only
         accumulate_head_grads(heads, head_grads, coef)
     else:
-        handles = [register_grad_hook(z, replace_grad(c)) for z, c in zip(blocks, combined)]
+        handles = [_replace_at(t, c) for t, c in zip(analysis.targets, combined)]
         try:
             sum_backward(losses, coef)
         finally:
@@ -130,3 +141,17 @@ def backward_representation(
         host_grams if len(blocks) > 1 else None,
         extras,
     )
+
+
+def _replace_at(target: Target, grad: Tensor) -> RemovableHandle:
+    """A hook that replaces the gradient arriving at ``target`` by ``grad``: a tensor hook, or,
+    at a gradient edge, a pre-hook on its node that replaces that output's gradient."""
+    if isinstance(target, Tensor):
+        return register_grad_hook(target, replace_grad(grad))
+    nr = target.output_nr
+
+    def hook(grad_outputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+        return (*grad_outputs[:nr], grad, *grad_outputs[nr + 1 :])
+
+    register: Callable[..., RemovableHandle] = target.node.register_prehook
+    return register(hook)

@@ -2,10 +2,12 @@
 
 A *window* is the backward calls since the last ``step``/``zero_grad``. It remembers what a
 rejected step must restore (the ``.grad`` that were ``None``, the balancer state, the step
-count) and the device flags of the gradients it wrote (:func:`mtl._finite.nonfinite_flag`).
-:meth:`mtl.BalancedOptimizer.step` reads those flags once (the ``found_inf`` pattern of
-``torch.amp``) or hands them to a fused optimizer, whose verdict then *rides along* with the next
-step's one host transfer (:func:`riders`, :func:`settle`).
+count) and the device flag of the gradients it wrote (:func:`mtl._finite.nonfinite_flag`).
+:meth:`mtl.BalancedOptimizer.step` turns it into the step's flags (:func:`step_flags`: under
+``torch.distributed`` the flag is max-reduced over the ranks together with a sample of every
+gradient, which tells whether DDP synchronized them) and reads those once (the ``found_inf``
+pattern of ``torch.amp``) or hands them to a fused optimizer, whose verdict then *rides along*
+with the next step's one host transfer (:func:`riders`, :func:`settle`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._ddp import grad_probe, unsynced_error
 from ._finite import nonfinite_flag
 from ._host import to_host
 from ._info import NonFiniteError
@@ -38,7 +41,9 @@ __all__ = [
     "riders",
     "settle",
     "settle_fused",
+    "step_flags",
     "step_transfer",
+    "unsynced",
 ]
 
 
@@ -46,7 +51,9 @@ __all__ = [
 class Window:
     """The backward calls since the last ``step``/``zero_grad``: the parameters whose ``.grad``
     was ``None`` before the first, the balancer state and step count before it, and the device
-    flags of the gradients written (:func:`mtl._finite.nonfinite_flag`) for ``step`` to read."""
+    flag of the gradients written (:func:`mtl._finite.nonfinite_flag`; after a fused step,
+    :func:`step_flags`: under ``torch.distributed`` the ``(non-finite, unsynchronized)`` pair)
+    for ``step`` to read."""
 
     fresh: list[Tensor]
     snapshot: dict[str, Any] | None
@@ -89,34 +96,68 @@ def open_window(opt: BalancedOptimizer) -> Window:
 
 
 def close_window(opt: BalancedOptimizer) -> None:
-    """After the combined gradients are written: one device flag per parameter (no read;
-    :meth:`step` reads it). Under DDP the flags are max-reduced, so every rank decides alike.
-    """
+    """After the combined gradients are written: one device flag for them all (no read, no
+    collective; :meth:`step` reduces it over the ranks and reads it, :func:`step_flags`)."""
     window = open_window(opt)
     params = opt._params()
     grads = [p.grad for p in params]
     if all(g is None for g in grads):
         window.flags, window.params = None, []
         return
-    flags = nonfinite_flag(grads)
+    window.flags, window.params = nonfinite_flag(grads), params
+
+
+def step_flags(opt: BalancedOptimizer, window: Window | None) -> Tensor | None:
+    """The flags ``step()`` decides on, on the device: ``(non-finite, unsynchronized)``, or the
+    non-finite flag alone in a single process, or ``None`` when there is nothing to check.
+
+    Under ``torch.distributed`` every step checks that the ranks hold the same gradients, as
+    DDP's all-reduce leaves them (:func:`mtl._ddp.grad_probe`), in the one collective it makes
+    anyway: the window's non-finite flag, the probe and minus the probe, max-reduced; the
+    probes agree when their maximum is minus the maximum of their negatives (a probe that
+    is not finite is left to the non-finite flag).
+    """
+    flags = None if window is None else window.flags
     active, group = opt._group()
-    if active:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    window.flags, window.params = flags, params
+    probe = grad_probe(opt._params()) if active else None
+    if probe is None:  # the non-finite flag alone
+        return flags
+    bad = probe.new_zeros(1) if flags is None else flags.to(probe.device)
+    packed = torch.cat([bad, probe, -probe])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = packed[1:2], -packed[2:3]
+    # a non-finite gradient is the non-finite flag's to report
+    differ = (hi != lo) & torch.isfinite(hi) & torch.isfinite(lo)
+    return torch.cat([packed[:1], differ.to(packed.dtype)])
 
 
-def fused_step(opt: BalancedOptimizer, window: Window, closure: Callable[[], float] | None) -> Any:
+def unsynced(opt: BalancedOptimizer, window: Window | None) -> RuntimeError:
+    """Gradients DDP did not synchronize: undo the window's balancer updates; the error to
+    raise (the step is not taken)."""
+    if window is not None and window.snapshot is not None:
+        opt._load_balancer_state_dict(window.snapshot)
+        opt.num_steps = window.num_steps
+    return unsynced_error()
+
+
+def fused_step(
+    opt: BalancedOptimizer,
+    window: Window | None,
+    flags: Tensor,
+    closure: Callable[[], float] | None,
+) -> Any:
     """The inner step with ``found_inf`` on the device (the fused kernels skip the update
     and keep their step counts when it is non-zero); the verdict is settled later."""
-    assert window.flags is not None
-    found_inf = window.flags.amax().to(torch.float32)
+    if window is None:  # a step after plain backward passes: the sync check only
+        window = Window(fresh=[], snapshot=None, num_steps=opt.num_steps)
+    found_inf = flags.amax().to(torch.float32)
     inner: Any = opt.optimizer
     inner.found_inf, inner.grad_scale = found_inf, None
     try:
         out = inner.step(closure) if closure is not None else inner.step()
     finally:
         del inner.found_inf, inner.grad_scale
-    window.flags = found_inf.reshape(1)
+    window.flags = flags
     opt._unsettled = window
     return out
 
@@ -136,7 +177,10 @@ def riders(opt: BalancedOptimizer) -> Tensor | None:
     flag = None if opt._unsettled is None else opt._unsettled.flags
     deferred = opt._deferred_values()
     parts = [t.reshape(-1).to(torch.float64) for t in (flag, deferred) if t is not None]
-    opt._rider_layout = (flag is not None, 0 if deferred is None else deferred.numel())
+    opt._rider_layout = (
+        0 if flag is None else flag.numel(),
+        0 if deferred is None else deferred.numel(),
+    )
     if not parts:
         return None
     device = parts[0].device
@@ -146,13 +190,13 @@ def riders(opt: BalancedOptimizer) -> Tensor | None:
 def settle(opt: BalancedOptimizer, host: np.ndarray | None) -> None:
     """Unpack the host copy of :func:`riders`: settle the fused step's verdict, then hand the
     method its deferred values."""
-    has_flag, n = getattr(opt, "_rider_layout", (False, 0))
-    opt._rider_layout = (False, 0)
+    n_flags, n = getattr(opt, "_rider_layout", (0, 0))
+    opt._rider_layout = (0, 0)
     if host is None:
         return
-    settle_fused(opt, host[:1] if has_flag else None)
+    settle_fused(opt, host[: int(n_flags)] if n_flags else None)
     if n:
-        opt._receive_deferred(host[int(has_flag) : int(has_flag) + n])
+        opt._receive_deferred(host[int(n_flags) : int(n_flags) + n])
         window = opt._window
         if window is not None and window.num_steps == opt.num_steps:
             # the update belongs to the step already taken: a skip of this one keeps it
@@ -161,10 +205,17 @@ def settle(opt: BalancedOptimizer, host: np.ndarray | None) -> None:
 
 def settle_fused(opt: BalancedOptimizer, host_flag: np.ndarray | None) -> None:
     """The verdict on the step a fused optimizer took: if it skipped on the device, undo
-    that window's balancer updates here too (and raise with ``on_nonfinite="raise"``)."""
+    that window's balancer updates here too (and raise with ``on_nonfinite="raise"``, or
+    for gradients DDP did not synchronize, :func:`unsynced`)."""
     window, opt._unsettled = opt._unsettled, None
     if window is None or host_flag is None or not host_flag.any():
         return
+    if not host_flag[0] and host_flag[1:].any():  # finite, but not synchronized
+        current = opt._window
+        error = unsynced(opt, window)
+        if current is not None and window.snapshot is not None:  # it starts from there
+            current.snapshot, current.num_steps = clone(window.snapshot), window.num_steps
+        raise error
     if window.snapshot is not None:
         opt._load_balancer_state_dict(window.snapshot)
     opt.num_steps = window.num_steps
