@@ -470,6 +470,7 @@ def train_one(
                 "epoch": h["epoch"],
                 "train_loss": h["train_loss"],
                 "score": h.get("score"),
+                "valid": h.get("valid"),
                 "weights_mean": h["weights_mean"],
                 "step_time_s": h["step_time_s"],
             }

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from .conflict import ConflictTracker, cosine_matrix
+from .conflict._dashboard import draw_cosine_matrix, window_matrix
+from .conflict._records import rolling_nanmean
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,10 +32,14 @@ __all__ = [
     "plot_gradient_norms",
     "plot_toy_trajectories",
     "plot_weights_over_training",
+    "plot_window_cosine_heatmap",
 ]
 
 History = ConflictTracker | Sequence[Mapping[str, Any]]
 SourceChoice = Literal["balance", "probe", "all"]
+RateChoice = Literal["rolling", "step", "both"]
+DEFAULT_WINDOW = 50
+"""The rolling window (sampled steps) of a plain list of records (a tracker has its own)."""
 
 
 # ---------------------------------------------------------------------- helpers
@@ -103,6 +109,14 @@ _STYLE = {"balance": "-", "probe": "--"}
 _SUFFIX = {"balance": "", "probe": " (parameters)"}
 
 
+def _window(history: History, window: int | None) -> int:
+    """``window``, else the tracker's ``window``, else :data:`DEFAULT_WINDOW`."""
+    w = getattr(history, "window", DEFAULT_WINDOW) if window is None else window
+    if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    return int(w)
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, Tensor):
         return x.detach().cpu().to(torch.float64).numpy()
@@ -168,6 +182,53 @@ def plot_cosine_heatmap(
     return fig
 
 
+def plot_window_cosine_heatmap(
+    history: History,
+    *,
+    window: int | None = None,
+    source: Literal["balance", "probe"] = "balance",
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Heatmap of the **window-averaged** cosine matrix: the mean of the cosine matrices of the
+    last ``window`` sampled steps of ``source``
+    (:meth:`~mtl.conflict.ConflictTracker.window_cosine_matrix`), on a fixed ``[-1, 1]`` scale.
+
+    One step's matrix is noise around the mean; the window mean is what the tracker summarises.
+    The matrix is drawn as it is (its diagonal is the share of steps where the task's gradient was
+    non-zero), not renormalised as :func:`plot_cosine_heatmap` does.
+
+    Args:
+        history: a :class:`~mtl.conflict.ConflictTracker` or its ``history``.
+        window: sampled steps averaged (default: the tracker's ``window``; 50 for records).
+        source: ``"balance"`` (default; the balance point) or ``"probe"`` (parameter level).
+        ax: axes to draw on (default: a new figure).
+        title: axes title; default ``"Cosine: mean of the last n sampled steps"`` (``"Cosine
+            (parameters): mean of the last n probes"``) with the number of steps that had a Gram
+            matrix.
+    """
+    if source not in ("balance", "probe"):
+        raise ValueError(f"source must be 'balance' or 'probe', got {source!r}")
+    w = _window(history, window)
+    recs = _records(history)
+    names = list(getattr(history, "task_names", None) or _task_names(recs))
+    matrix, n_ok = window_matrix(recs, names, source, w)
+    k = len(names)
+    fig, ax = _axes(ax, figsize=(1.6 + 0.9 * max(k, 2), 1.0 + 0.8 * max(k, 2)))
+    if title is None:
+        title = (
+            f"Cosine (parameters): mean of the last {n_ok} probes"
+            if source == "probe"
+            else f"Cosine: mean of the last {n_ok} sampled steps"
+        )
+    if k == 0:  # no task names yet: nothing to draw
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        return fig
+    draw_cosine_matrix(ax, matrix, names, title)
+    return fig
+
+
 def plot_conflict_over_training(
     history: History,
     *,
@@ -177,12 +238,16 @@ def plot_conflict_over_training(
     show_rate: bool = True,
     max_pair_labels: int = 6,
     title: str | None = "Gradient conflict",
+    rate: RateChoice = "rolling",
+    window: int | None = None,
 ) -> Figure:
     """Pairwise cosines ``cos[a,b]`` and the conflict rate over training.
 
     Balance-point records are drawn solid, parameter-level probes dashed. The conflict rate (share
     of pairs with negative cosine) is drawn in black on the same ``[-1, 1]`` axis; a zero line
-    marks the conflict threshold.
+    marks the conflict threshold. By default the rate is the **rolling** mean over the last
+    ``window`` sampled steps (:meth:`~mtl.conflict.ConflictTracker.rolling_conflict_rate`): with
+    two tasks the per-step rate is 0 or 1 at every step, a barcode that says little.
 
     Args:
         history: a :class:`~mtl.conflict.ConflictTracker` or its ``history``.
@@ -193,7 +258,15 @@ def plot_conflict_over_training(
             translucent in one colour under a single legend entry.
         show_rate: draw the conflict rate.
         title: axes title.
+        rate: ``"rolling"`` (default): the mean rate of the last ``window`` sampled steps;
+            ``"step"``: the rate of each step; ``"both"``: the rolling rate over faint dots of the
+            per-step rate.
+        window: sampled steps per rolling mean (default: the tracker's ``window``; 50 for a list
+            of records).
     """
+    if rate not in ("rolling", "step", "both"):
+        raise ValueError(f"rate must be 'rolling', 'step' or 'both', got {rate!r}")
+    w = _window(history, window)
     recs = _records(history)
     names = _task_names(recs)
     fig, ax = _axes(ax)
@@ -216,7 +289,14 @@ def plot_conflict_over_training(
                 any_line = True
         if show_rate:
             x, y = _series(recs, "conflict_rate", src)
-            ax.plot(x, y, ls, color="black", label=f"conflict rate{sfx}", lw=1.6)
+            if rate in ("step", "both"):
+                fmt, lw, alpha = (ls, 1.6, 1.0) if rate == "step" else (".", 0.0, 0.35)
+                ax.plot(x, y, fmt, color="black", lw=lw, alpha=alpha, ms=3,
+                        label=f"conflict rate per step{sfx}")  # fmt: skip
+            if rate in ("rolling", "both"):
+                unit = "probes" if src == "probe" else "sampled steps"
+                label = f"conflict rate, mean of last {w} {unit}{sfx}"
+                ax.plot(x, rolling_nanmean(y, w), ls, color="black", label=label, lw=1.8)
             any_line = True
     ax.set_ylim(-1.05, 1.05)
     _finish(ax, title, "cosine / conflict rate", any_line)
@@ -228,6 +308,7 @@ def plot_weights_over_training(
     *,
     ax: Axes | None = None,
     title: str | None = "Task weights",
+    include_zero: bool = True,
 ) -> Figure:
     """The coefficients ``weight[name]`` applied to each task's gradient, over training.
 
@@ -237,6 +318,9 @@ def plot_weights_over_training(
     gradient norms (MultiBalance), or learned state (UW's ``1/(2 sigma_k^2)``, GradNorm's ``w_k``,
     FAMO's ``c_k``...); loss-level methods have no Gram matrix (records ``status="no_gram"``)
     but their weights are plotted all the same. Records of skipped steps have none (gaps).
+
+    With ``include_zero`` (default) the y axis includes 0, so that a jitter of a few percent
+    around a weight of 1 looks like one (matplotlib would zoom in on it).
     """
     recs = _records(history)
     names = _task_names(recs)
@@ -247,6 +331,9 @@ def plot_weights_over_training(
         if x.size and not np.isnan(y).all():
             ax.plot(x, y, "-", color=_task_color(i, len(names)), label=n)
             any_line = True
+    if any_line and include_zero:
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.0), max(hi, 0.0))
     _finish(ax, title, "weight", any_line)
     return fig
 
