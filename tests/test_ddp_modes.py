@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from balancers.registry import make_balancer
+from mtl.models import ModelOutput
 
 WORLD = 2
 K = 3
@@ -60,6 +61,8 @@ class Net(nn.Module):
         z = self.trunk(x)
         self.consumed = z  # the tensor the heads consume (DDP's outputs may be copies of it)
         outs = [h(z).squeeze(-1) for h in self.heads]
+        if self.output == "model_output":  # the toolkit's own models return this
+            return ModelOutput(outs, z)
         return Out(z, outs) if self.output == "dataclass" else (z, outs)
 
 
@@ -109,6 +112,8 @@ CORRECT: list[Case] = [
     *(Case(BUCKET, m, lvl) for m in METHODS for lvl in LEVELS),
     *(Case(STATIC + BUCKET, "mgda", lvl) for lvl in LEVELS),
     Case(STATIC, "mgda", "representation", output="consumed"),
+    # mtl.models.ModelOutput is a registered pytree node: DDP looks into it like a tuple
+    *(Case(STATIC, "mgda", lvl, output="model_output") for lvl in LEVELS),
     Case(UNUSED, "mgda", "representation", output="consumed", unused=True),
     *(Case(UNUSED, "mgda", lvl, output="dataclass", unused=True) for lvl in LEVELS),
     Case(UNUSED, "mgda", "representation", unused=True, float32=True),
@@ -217,7 +222,9 @@ def _train(case: Case, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> An
                     forward = core if (ddp and case.schedule == "bypass") else model
                     out = forward(x[step, m])
                     z, outs = (
-                        (out.representation, out.task_outputs) if isinstance(out, Out) else out
+                        (out.representation, out.task_outputs)
+                        if isinstance(out, (Out, ModelOutput))
+                        else out
                     )
                     losses = [
                         nn.functional.mse_loss(o, y[step, m][:, k]) for k, o in enumerate(outs)
@@ -228,7 +235,7 @@ def _train(case: Case, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> An
 
                         def closure(xs: torch.Tensor = xs, ys: torch.Tensor = ys) -> list[Any]:
                             o = model(xs)
-                            outs = o.task_outputs if isinstance(o, Out) else o[1]
+                            outs = o.task_outputs if isinstance(o, (Out, ModelOutput)) else o[1]
                             return [nn.functional.mse_loss(p, ys[:, k]) for k, p in enumerate(outs)]
 
                         extra["closure"] = closure

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree as _pytree
 from torch import Tensor
 
 __all__ = ["Features", "ModelOutput"]
@@ -59,3 +60,24 @@ class ModelOutput:
     task_outputs: list[Tensor]
     representation: Tensor | tuple[Tensor, ...]
     heads: Callable[[Tensor], list[Tensor]] | None = None
+
+
+def _flatten_output(out: ModelOutput) -> tuple[list[object], object]:
+    return [out.task_outputs, out.representation], out.heads
+
+
+def _unflatten_output(values: Iterable[object], heads: object) -> ModelOutput:
+    task_outputs, representation = values
+    return ModelOutput(task_outputs, representation, heads)  # type: ignore[arg-type]
+
+
+# A pytree node (like a tuple), not a leaf: DistributedDataParallel finds the tensors of a
+# ModelOutput (with static_graph=True its first iteration routes them through its sink node,
+# which then queues the delayed all-reduce; a leaf dataclass would leave the ranks unsynced),
+# and so do torch.compile and torch.export. ``heads`` travels as the node's context.
+_pytree.register_pytree_node(
+    ModelOutput,
+    _flatten_output,
+    _unflatten_output,
+    serialized_type_name="mtl.models.ModelOutput",
+)
