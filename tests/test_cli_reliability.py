@@ -33,20 +33,12 @@ from experiments.cli import main
 from tasks import load_census, load_csv, load_task
 from tasks.registry import DataError
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import TINY_SYNTHETIC  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "--set", "data.num_samples=240",
-    "--set", "data.n_valid=80",
-    "--set", "data.n_test=80",
-    "--set", "data.dim=8",
-    "--set", "data.num_sin=2",
-    "--set", "model.expert_dims=[8]",
-    "--set", "model.tower_dims=[4]",
-    "--set", "model.num_experts=2",
-    "--batch-size", "80",
-    "--epochs", "1",
-]  # fmt: skip
+TINY = [*TINY_SYNTHETIC, "--epochs", "1"]
 
 TOY_COMPARE = ["compare", "--task", "toy", "--balancers", "equal", "--steps", "10", "--quiet"]
 

@@ -21,11 +21,13 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from balancers.registry import make_balancer
 from mtl.models import ModelOutput
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _spawn import spawn_ranks  # noqa: E402
 
 WORLD = 2
 K = 3
@@ -276,23 +278,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available on this platform")
-    tmp = tmp_path_factory.mktemp("ddp_modes")
-    sys.path.insert(0, str(Path(__file__).parent))  # the spawned children import this module
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    ctx = mp.start_processes(
-        _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    for proc in ctx.processes:
-        proc.join(timeout=240)
-    hung = [p for p in ctx.processes if p.is_alive()]
-    for p in hung:
-        p.kill()
-    errors = [f.read_text() for f in sorted(tmp.glob("*.err"))]
-    assert not errors, errors
-    assert not hung, "a rank hung"
-    r0, r1 = (torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    r0, r1 = spawn_ranks(_worker, tmp_path_factory.mktemp("ddp_modes"), WORLD)
     return r0, r1
 
 
