@@ -157,9 +157,33 @@ def analyse_graph(
             through it).
     """
     edges_in = [_edge(b) for b in blocks]
-    block_nodes: list[object] = [node for node, _ in edges_in]
     block_edges: set[tuple[object, int]] = set(edges_in)
-    below: set[object] = set()  # every node below (and including) some block's grad_fn
+    below, trunk_blocks = _walk_below([node for node, _ in edges_in], managed)
+    reaches: list[bool] = []
+    heads: list[list[Tensor]] | None = []
+    sinks: list[object] = []
+    for loss in losses:
+        hit, params = _walk_task(loss, block_edges, below, managed, sinks)
+        reaches.append(hit)
+        if params is None:
+            heads = None
+        elif heads is not None:
+            heads.append(params)
+    if not all(reaches) and any(isinstance(b, Tensor) and is_sink(b.grad_fn) for b in blocks):
+        raise sink_output_error("this method")  # resolve_blocks looks through the sink
+    return GraphAnalysis(
+        reaches=reaches,
+        heads=heads,
+        trunk_blocks=trunk_blocks,
+        targets=list(blocks),
+        sinks=sinks,
+    )
+
+
+def _walk_below(block_nodes: Sequence[object], managed: set[int]) -> tuple[set[object], list[bool]]:
+    """Every node below (and including) some block's node, and per block whether a managed
+    parameter lies below it."""
+    below: set[object] = set()
     trunk_blocks = []
     for root in block_nodes:
         found = False
@@ -177,56 +201,54 @@ def analyse_graph(
             stack.extend(_children(node))
         below |= seen
         trunk_blocks.append(found)
+    return below, trunk_blocks
 
-    reaches: list[bool] = []
-    heads: list[list[Tensor]] | None = []
-    sinks: list[object] = []
-    for loss in losses:
-        hit = False
-        params: dict[int, Tensor] = {}
-        seen = set()
-        edges: list[tuple[object, int]] = (
-            [(loss.grad_fn, loss.output_nr)] if loss.grad_fn is not None else []
-        )
-        while edges:
-            node, nr = edges.pop()
-            if (node, nr) in block_edges:
-                hit = True  # stop at the balance point
-                continue
-            if is_sink(node):  # the identity: on along the input this output passes on
-                if all(node is not s for s in sinks):
-                    sinks.append(node)
-                through = sink_input(node, nr)
-                if through is not None:
-                    edges.append(through)
-                continue
-            if node in seen:
-                continue
-            seen.add(node)
-            if node in below:
-                heads = None  # the heads share graph with the trunk
-                hit = hit or _reaches_any(node, block_edges)
-                continue
-            var = _leaf_variable(node)
-            if var is not None:
-                if id(var) in managed:
-                    params[id(var)] = var
-                else:
-                    heads = None  # an unmanaged leaf above the balance point
-                continue
-            edges.extend(_edges(node))
-        reaches.append(hit)
-        if heads is not None:
-            heads.append(list(params.values()))
-    if not all(reaches) and any(isinstance(b, Tensor) and is_sink(b.grad_fn) for b in blocks):
-        raise sink_output_error("this method")  # resolve_blocks looks through the sink
-    return GraphAnalysis(
-        reaches=reaches,
-        heads=heads,
-        trunk_blocks=trunk_blocks,
-        targets=list(blocks),
-        sinks=sinks,
+
+def _walk_task(
+    loss: Tensor,
+    block_edges: set[tuple[object, int]],
+    below: set[object],
+    managed: set[int],
+    sinks: list[object],
+) -> tuple[bool, list[Tensor] | None]:
+    """One task's walk above the balance point: whether its loss reaches a block, and the
+    managed parameters it reaches on the way (``None`` when the split is not clean). DDP sink
+    nodes met on the way are appended to ``sinks`` (once each)."""
+    hit = False
+    clean = True
+    params: dict[int, Tensor] = {}
+    seen: set[object] = set()
+    edges: list[tuple[object, int]] = (
+        [(loss.grad_fn, loss.output_nr)] if loss.grad_fn is not None else []
     )
+    while edges:
+        node, nr = edges.pop()
+        if (node, nr) in block_edges:
+            hit = True  # stop at the balance point
+            continue
+        if is_sink(node):  # the identity: on along the input this output passes on
+            if all(node is not s for s in sinks):
+                sinks.append(node)
+            through = sink_input(node, nr)
+            if through is not None:
+                edges.append(through)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in below:
+            clean = False  # the heads share graph with the trunk
+            hit = hit or _reaches_any(node, block_edges)
+            continue
+        var = _leaf_variable(node)
+        if var is not None:
+            if id(var) in managed:
+                params[id(var)] = var
+            else:
+                clean = False  # an unmanaged leaf above the balance point
+            continue
+        edges.extend(_edges(node))
+    return hit, list(params.values()) if clean else None
 
 
 def _reaches_any(root: object, targets: set[tuple[object, int]]) -> bool:

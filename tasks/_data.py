@@ -127,6 +127,33 @@ def _as_index(indices: IndexLike, n: int) -> Tensor | slice:
     return idx
 
 
+def _check_features(
+    x: Tensor | None, n: int, width: int, name: str, width_name: str, kind: str
+) -> None:
+    """``x`` is ``(n, width)``, or ``None`` when the schema lists no column of this kind."""
+    if x is None:
+        if width:
+            raise ValueError(f"schema lists {width} {kind} columns but {name} is None")
+    elif x.dim() != 2 or x.shape != (n, width):
+        raise ValueError(
+            f"{name} must have shape (N={n}, {width_name}={width}), got {tuple(x.shape)}"
+        )
+
+
+def _check_category_ids(x_cat: Tensor, schema: FeatureSchema) -> None:
+    """Every categorical id lies in ``[0, cardinality)`` of its column."""
+    lo = x_cat.amin(0)
+    hi = x_cat.amax(0)
+    card = torch.tensor(schema.cardinalities, dtype=torch.int64)
+    bad = ((lo < 0) | (hi >= card)).nonzero().flatten().tolist()
+    if bad:
+        j = bad[0]
+        raise ValueError(
+            f"categorical column {schema.categorical[j]!r} has ids in "
+            f"[{int(lo[j])}, {int(hi[j])}] outside [0, {schema.cardinalities[j]})"
+        )
+
+
 class TabularDataset:
     """An in-memory multi-task table: features plus K targets.
 
@@ -178,59 +205,40 @@ class TabularDataset:
         self._validate()
 
     def _validate(self) -> None:
-        x_num, x_cat, y, schema = self.x_num, self.x_cat, self.y, self.schema
+        schema = self.schema
         if not isinstance(schema, FeatureSchema):
             raise TypeError(f"schema must be a FeatureSchema, got {type(schema).__name__}")
+        self._validate_tasks()
+        n = self.y.shape[0]
+        if self.x_num is None and self.x_cat is None:
+            raise ValueError("a dataset needs numeric or categorical features (both are None)")
+        _check_features(self.x_num, n, schema.num_numeric, "x_num", "n_num", "numeric")
+        _check_features(self.x_cat, n, schema.num_categorical, "x_cat", "n_cat", "categorical")
+        if self.x_cat is not None and n and schema.num_categorical:
+            _check_category_ids(self.x_cat, schema)
+        if self.groups is not None and tuple(self.groups.shape) != (n,):
+            raise ValueError(f"groups must have shape (N={n},), got {tuple(self.groups.shape)}")
+        self._validate_targets()
+
+    def _validate_tasks(self) -> None:
+        """The task list and the ``(N, K)`` target matrix (a 1-D ``y`` with one task is
+        reshaped)."""
         if not self.tasks or not all(isinstance(t, TaskSpec) for t in self.tasks):
             raise ValueError("tasks must be a non-empty sequence of TaskSpec")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate task names: {names}")
         k = len(self.tasks)
-        if y.dim() == 1 and k == 1:
-            y = self.y = y.unsqueeze(1)
-        if y.dim() != 2:
-            raise ValueError(f"y must have shape (N, K), got {tuple(y.shape)}")
-        if y.shape[1] != k:
-            raise ValueError(f"y has {y.shape[1]} target columns but {k} tasks were given")
-        n = y.shape[0]
-        if x_num is None and x_cat is None:
-            raise ValueError("a dataset needs numeric or categorical features (both are None)")
-        if x_num is None:
-            if schema.num_numeric:
-                raise ValueError(
-                    f"schema lists {schema.num_numeric} numeric columns but x_num is None"
-                )
-        else:
-            if x_num.dim() != 2 or x_num.shape != (n, schema.num_numeric):
-                raise ValueError(
-                    f"x_num must have shape (N={n}, n_num={schema.num_numeric}), "
-                    f"got {tuple(x_num.shape)}"
-                )
-        if x_cat is None:
-            if schema.num_categorical:
-                raise ValueError(
-                    f"schema lists {schema.num_categorical} categorical columns but x_cat is None"
-                )
-        else:
-            if x_cat.dim() != 2 or x_cat.shape != (n, schema.num_categorical):
-                raise ValueError(
-                    f"x_cat must have shape (N={n}, n_cat={schema.num_categorical}), "
-                    f"got {tuple(x_cat.shape)}"
-                )
-            if n and schema.num_categorical:
-                lo = x_cat.amin(0)
-                hi = x_cat.amax(0)
-                card = torch.tensor(schema.cardinalities, dtype=torch.int64)
-                bad = ((lo < 0) | (hi >= card)).nonzero().flatten().tolist()
-                if bad:
-                    j = bad[0]
-                    raise ValueError(
-                        f"categorical column {schema.categorical[j]!r} has ids in "
-                        f"[{int(lo[j])}, {int(hi[j])}] outside [0, {schema.cardinalities[j]})"
-                    )
-        if self.groups is not None and tuple(self.groups.shape) != (n,):
-            raise ValueError(f"groups must have shape (N={n},), got {tuple(self.groups.shape)}")
+        if self.y.dim() == 1 and k == 1:
+            self.y = self.y.unsqueeze(1)
+        if self.y.dim() != 2:
+            raise ValueError(f"y must have shape (N, K), got {tuple(self.y.shape)}")
+        if self.y.shape[1] != k:
+            raise ValueError(f"y has {self.y.shape[1]} target columns but {k} tasks were given")
+
+    def _validate_targets(self) -> None:
+        """Finite targets; 0/1 for binary tasks."""
+        y, n = self.y, self.y.shape[0]
         if not bool(torch.isfinite(y).all()):
             raise ValueError("y contains non-finite values")
         for j, t in enumerate(self.tasks):

@@ -161,13 +161,23 @@ def parse_task_expression(expr: str, columns: Sequence[str] = ()) -> TaskExpress
     if not rest:
         return TaskExpression(column)
     if rest[0][0] == "op":
-        if len(rest) != 2:
-            raise ValueError(f"task expression {expr!r}: expected `column OP literal`")
-        value = _literal(rest[1], expr)
-        op = rest[0][1]
-        if op not in ("==", "!=") and isinstance(value, str):
-            raise ValueError(f"task expression {expr!r}: {op} needs a number")
-        return TaskExpression(column, op, (value,))
+        return _comparison(column, rest, expr)
+    return _membership(column, rest, expr)
+
+
+def _comparison(column: str, rest: list[tuple[str, str]], expr: str) -> TaskExpression:
+    """``column OP literal`` (``rest`` = the tokens after the column)."""
+    if len(rest) != 2:
+        raise ValueError(f"task expression {expr!r}: expected `column OP literal`")
+    value = _literal(rest[1], expr)
+    op = rest[0][1]
+    if op not in ("==", "!=") and isinstance(value, str):
+        raise ValueError(f"task expression {expr!r}: {op} needs a number")
+    return TaskExpression(column, op, (value,))
+
+
+def _membership(column: str, rest: list[tuple[str, str]], expr: str) -> TaskExpression:
+    """``column [not] in (lit, ...)`` (``rest`` = the tokens after the column)."""
     words = [t[1] for t in rest[:2]]
     if words[:1] == ["in"]:
         op, rest = "in", rest[1:]
@@ -180,10 +190,9 @@ def parse_task_expression(expr: str, columns: Sequence[str] = ()) -> TaskExpress
         )
     if len(rest) < 3 or rest[0] != ("punct", "(") or rest[-1] != ("punct", ")"):
         raise ValueError(f"task expression {expr!r}: expected a parenthesized list after {op!r}")
-    inner = rest[1:-1]
     values: list[str | float] = []
     expect_value = True
-    for tok in inner:
+    for tok in rest[1:-1]:
         if expect_value:
             values.append(_literal(tok, expr))
         elif tok != ("punct", ","):

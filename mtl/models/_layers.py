@@ -100,6 +100,29 @@ class Tower(nn.Module):
         return logit.squeeze(-1)
 
 
+def _parts(x: Features | Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``(numeric, categorical)`` of a model input: :class:`Features`, a ``(numeric,
+    categorical)`` pair, or a float tensor of numeric columns."""
+    if isinstance(x, Features):
+        numeric, categorical = x.numeric, x.categorical
+    elif isinstance(x, Tensor):
+        numeric, categorical = x, None
+    elif isinstance(x, (tuple, list)) and len(x) == 2:
+        # a plain (numeric, categorical) pair, e.g. after a collate that dropped the type
+        numeric, categorical = x[0], x[1]
+    else:
+        raise TypeError(
+            "model input must be mtl.models.Features, a (numeric, categorical) pair or a "
+            f"float Tensor, got {type(x).__name__}"
+        )
+    for part, label in ((numeric, "numeric"), (categorical, "categorical")):
+        if part is not None and not isinstance(part, Tensor):
+            raise TypeError(
+                f"{label} features must be a torch.Tensor or None, got {type(part).__name__}"
+            )
+    return numeric, categorical
+
+
 class FeatureEmbedding(nn.Module):
     """Turn tabular inputs into one dense vector per example.
 
@@ -148,24 +171,13 @@ class FeatureEmbedding(nn.Module):
         return torch.cat(parts, dim=1)
 
     def _split(self, x: Features | Tensor) -> tuple[Tensor | None, Tensor | None]:
-        if isinstance(x, Features):
-            numeric, categorical = x.numeric, x.categorical
-        elif isinstance(x, Tensor):
-            numeric, categorical = x, None
-        elif isinstance(x, (tuple, list)) and len(x) == 2:
-            # a plain (numeric, categorical) pair, e.g. after a collate that dropped the type
-            numeric, categorical = x[0], x[1]
-        else:
-            raise TypeError(
-                "model input must be mtl.models.Features, a (numeric, categorical) pair or a "
-                f"float Tensor, got {type(x).__name__}"
-            )
-        for part, label in ((numeric, "numeric"), (categorical, "categorical")):
-            if part is not None and not isinstance(part, Tensor):
-                raise TypeError(
-                    f"{label} features must be a torch.Tensor or None, got {type(part).__name__}"
-                )
-        batch: int | None = None
+        numeric, categorical = _parts(x)
+        batch = self._check_numeric(numeric)
+        self._check_categorical(categorical, batch)
+        return numeric, categorical
+
+    def _check_numeric(self, numeric: Tensor | None) -> int | None:
+        """The numeric block against ``num_numeric``; its batch size (``None`` without one)."""
         if self.num_numeric > 0:
             if numeric is None:
                 raise ValueError(
@@ -176,38 +188,41 @@ class FeatureEmbedding(nn.Module):
                     f"numeric features must have shape (B, {self.num_numeric}), "
                     f"got {tuple(numeric.shape)}"
                 )
-            batch = int(numeric.shape[0])
-        elif numeric is not None and numeric.numel() > 0:
+            return int(numeric.shape[0])
+        if numeric is not None and numeric.numel() > 0:
             raise ValueError(
                 f"the model was built with num_numeric=0 but got numeric features of shape "
                 f"{tuple(numeric.shape)}"
             )
-        if self.cardinalities:
-            n_cat = len(self.cardinalities)
-            if categorical is None:
+        return None
+
+    def _check_categorical(self, categorical: Tensor | None, batch: int | None) -> None:
+        """The categorical ids against ``cardinalities`` (and the numeric batch size)."""
+        if not self.cardinalities:
+            if categorical is not None and categorical.numel() > 0:
                 raise ValueError(
-                    f"the model expects {n_cat} categorical column(s) but got none "
-                    "(pass mtl.models.Features(numeric, categorical))"
+                    "the model was built without categorical columns but got categorical "
+                    f"features of shape {tuple(categorical.shape)}"
                 )
-            if categorical.dim() != 2 or categorical.shape[1] != n_cat:
-                raise ValueError(
-                    f"categorical features must have shape (B, {n_cat}), "
-                    f"got {tuple(categorical.shape)}"
-                )
-            if categorical.is_floating_point() or categorical.is_complex():
-                raise ValueError(
-                    f"categorical features must be integer ids, got dtype {categorical.dtype}"
-                )
-            if batch is not None and categorical.shape[0] != batch:
-                raise ValueError(
-                    f"numeric and categorical batch sizes differ: {batch} vs {categorical.shape[0]}"
-                )
-        elif categorical is not None and categorical.numel() > 0:
+            return
+        n_cat = len(self.cardinalities)
+        if categorical is None:
             raise ValueError(
-                "the model was built without categorical columns but got categorical features of "
-                f"shape {tuple(categorical.shape)}"
+                f"the model expects {n_cat} categorical column(s) but got none "
+                "(pass mtl.models.Features(numeric, categorical))"
             )
-        return numeric, categorical
+        if categorical.dim() != 2 or categorical.shape[1] != n_cat:
+            raise ValueError(
+                f"categorical features must have shape (B, {n_cat}), got {tuple(categorical.shape)}"
+            )
+        if categorical.is_floating_point() or categorical.is_complex():
+            raise ValueError(
+                f"categorical features must be integer ids, got dtype {categorical.dtype}"
+            )
+        if batch is not None and categorical.shape[0] != batch:
+            raise ValueError(
+                f"numeric and categorical batch sizes differ: {batch} vs {categorical.shape[0]}"
+            )
 
 
 # --------------------------------------------------------------------------- base model
