@@ -147,7 +147,8 @@ class MGDA(BalancedOptimizer):
             *collapsed* (:func:`collapsed_tasks`: ``c_k ~ 0`` while its gradient is 10x larger
             than the update and its loss is not zero) for this many consecutive steps (default 20; ``None``
             never warns). This is MGDA's documented behaviour under mismatched loss scales,
-            not an error: the message points to ``normalization=``.
+            not an error: the message points to ``normalization="l2",
+            normalized_update=True``.
         **kwargs: options of :class:`mtl.BalancedOptimizer`.
 
     ``BalanceInfo.extras``: ``alpha`` (simplex weights), ``scales`` and ``collapsed`` (the mask
@@ -232,8 +233,11 @@ class MGDA(BalancedOptimizer):
                 "the update: the min-norm point ignores the task with the largest gradient, "
                 "which happens when the losses have different scales (a raw-unit regression "
                 "next to a BCE). This is MGDA's documented behaviour; to balance the scales "
-                f"pass normalization='l2' (or 'loss+') (now {self.normalization!r}), or use "
-                "MultiBalance / IMTL-G.",
+                "pass normalization='l2', normalized_update=True (the normalised gradients "
+                f"enter the update; now normalization={self.normalization!r}, "
+                f"normalized_update={self.normalized_update}), or use Nash-MTL, IMTL-G or "
+                "CAGrad (docs/choosing.md). normalization='l2' alone only changes alpha and "
+                "leaves the scales unbalanced.",
                 MGDACollapseWarning,
                 stacklevel=2,
             )
