@@ -10,19 +10,48 @@ import copy
 import platform
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from balancers.registry import _ALIASES as _REGISTRY_ALIASES
-from balancers.registry import BALANCERS, GROUPS, balancer_class, make_balancer
-from mtl import BalancedOptimizer
-from mtl import metrics as mtl_metrics
+from balancers.registry import make_balancer
 from mtl.models import build_model
 from mtl.train import fit
 
 from . import report
+
+# names re-exported from the modules they moved to: other code and tests import them from here
+from ._balancers import (  # noqa: F401
+    _ALIASES,
+    BalancerError,
+    _takes_seed,
+    accepts_closure,
+    balancer_status,
+    canonical_balancer,
+    resolve_balancers,
+)
+from ._build import (  # noqa: F401
+    _OPTIMIZERS,
+    _SCHEDULERS,
+    _model_kwargs,
+    build_inner_optimizer,
+    build_regularizer,
+    build_scheduler,
+)
+from ._jobs import Log, _in_worker, _quiet, _worker_init, run_jobs  # noqa: F401
+from ._metrics import (  # noqa: F401
+    _GROUP_HINT,
+    EXTRA_BINARY_METRICS,
+    _extra_names,
+    _has_groups,
+    _merge,
+    _predict_logits,
+    _requested,
+    check_metric_names,
+    extra_metrics,
+    with_group_metrics,
+)
 
 __all__ = [
     "BalancerError",
@@ -39,101 +68,6 @@ __all__ = [
     "train_one",
     "with_group_metrics",
 ]
-
-Log = Callable[[str], None]
-
-#: spellings accepted for registry names: the registry's own (``nash-mtl``, ``multibalance-s``...)
-#: and these
-_ALIASES = {
-    **_REGISTRY_ALIASES,
-    "equalweight": "equal",
-    "ew": "equal",
-    "mgda-ub": "mgda",
-    "mgda_ub": "mgda",
-}
-
-
-class BalancerError(ValueError):
-    """An unknown balancer, or one whose module is not available."""
-
-
-def _quiet(_msg: str) -> None:
-    return None
-
-
-# ---------------------------------------------------------------------------- balancers
-def canonical_balancer(name: str) -> str:
-    """The registry key of ``name`` (case-insensitive, aliases resolved)."""
-    key = str(name).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in BALANCERS:
-        raise BalancerError(f"unknown balancer {name!r}; choose from {', '.join(BALANCERS)}")
-    return key
-
-
-def balancer_status(name: str) -> str | None:
-    """``None`` when the balancer imports, else why it does not."""
-    try:
-        balancer_class(name)
-    except ModuleNotFoundError as e:
-        return f"module {e.name!r} not found (not written yet?)"
-    except Exception as e:  # a module that exists but fails to import
-        return f"import failed: {type(e).__name__}: {e}"
-    return None
-
-
-def resolve_balancers(spec: str | Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """Balancer names to run and the unavailable ones (``{name: reason}``).
-
-    ``"all"`` means every registered balancer, and a group name (``balancers.registry.GROUPS``:
-    ``core``, ``loss``, ``baselines``) its members; balancers brought in that way whose module
-    cannot be imported (or that are not registered) are returned as unavailable (the caller
-    reports and skips them). Explicitly named balancers must exist and import, else
-    :class:`BalancerError`.
-    """
-    if isinstance(spec, str):
-        items = [s for s in (x.strip() for x in spec.split(",")) if s]
-    else:
-        items = [str(s).strip() for s in spec]
-    if not items:
-        raise BalancerError("no balancer given")
-    # (name, strict): balancers brought in by "all" or a group may be missing; named ones may not
-    candidates: list[tuple[str, bool]] = []
-    for s in items:
-        if s.lower() == "all":
-            candidates += [(b, False) for b in BALANCERS]
-        elif s.lower() in GROUPS:
-            candidates += [(b, False) for b in GROUPS[s.lower()]]
-        else:
-            candidates.append((s, True))
-    names: list[str] = []
-    unavailable: dict[str, str] = {}
-    for raw, strict in candidates:
-        if not strict and str(raw).strip().lower() not in BALANCERS:
-            # a group member that is not registered yet (GROUPS may list it ahead of its module)
-            unavailable.setdefault(str(raw).strip().lower(), "not registered (not written yet?)")
-            continue
-        key = canonical_balancer(raw)
-        if key in names or (key in unavailable and not strict):
-            continue
-        why = balancer_status(key)
-        if why is None:
-            names.append(key)
-        elif strict:
-            raise BalancerError(f"balancer {raw!r} is not available: {why}")
-        else:
-            unavailable[key] = why
-    return names, unavailable
-
-
-def _takes_seed(balancer: str) -> bool:
-    """Whether the balancer's constructor takes a ``seed`` (class flag ``accepts_seed``)."""
-    return bool(balancer_class(balancer).accepts_seed)
-
-
-def accepts_closure(optimizer: Any) -> bool:
-    """Whether ``optimizer.backward`` wants a ``closure`` (class flag ``needs_closure``)."""
-    return isinstance(optimizer, BalancedOptimizer) and bool(type(optimizer).needs_closure)
 
 
 # ---------------------------------------------------------------------------- data and models
@@ -171,74 +105,6 @@ def single_task_splits(splits: Any, k: int) -> Any:
     )
 
 
-_OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-    "adagrad": torch.optim.Adagrad,
-    "rmsprop": torch.optim.RMSprop,
-}
-
-
-def build_inner_optimizer(cfg: Mapping[str, Any], params: Iterable[Any]) -> torch.optim.Optimizer:
-    """The inner ``torch.optim`` optimizer of ``cfg["optimizer"]`` (``name`` + options)."""
-    opts = dict(cfg.get("optimizer", {"name": "adam"}))
-    name = str(opts.pop("name", "adam")).lower()
-    if name not in _OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(_OPTIMIZERS)}")
-    inner: torch.optim.Optimizer = _OPTIMIZERS[name](params, **opts)
-    return inner
-
-
-_SCHEDULERS = ("cosine", "step", "none")
-
-
-def build_scheduler(cfg: Mapping[str, Any], inner: torch.optim.Optimizer) -> Any:
-    """The per-epoch LR scheduler of ``cfg["scheduler"]`` (``None`` when absent).
-
-    ``{"name": "cosine"}``: cosine annealing over ``train.epochs`` down to ``eta_min``
-    (default 0); ``{"name": "step", "step_size": 10, "gamma": 0.5}``; ``"none"``/``null``.
-    """
-    spec = cfg.get("scheduler")
-    if spec is None:
-        return None
-    opts = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name = str(opts.pop("name", "none")).lower()
-    if name == "none":
-        return None
-    if name == "cosine":
-        opts.setdefault("T_max", max(1, int(cfg.get("train", {}).get("epochs", 10))))
-        return torch.optim.lr_scheduler.CosineAnnealingLR(inner, **opts)
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(inner, **opts)
-    raise ValueError(f"unknown scheduler {name!r}; choose from {_SCHEDULERS}")
-
-
-def build_regularizer(cfg: Mapping[str, Any], seed: int) -> Any:
-    """LSPR / SCR from the config's ``regularizer`` section (``{"name": "lspr", ...options}``),
-    seeded with the run's seed; ``None`` for ``"none"`` or no section."""
-    spec = dict(cfg.get("regularizer") or {})
-    name = str(spec.pop("name", "none")).lower()
-    if name in ("none", ""):
-        return None
-    from balancers import LSPR, SCR
-
-    classes = {"lspr": LSPR, "scr": SCR}
-    if name not in classes:
-        raise ValueError(f"unknown regularizer {name!r}; choose none, scr or lspr")
-    spec.setdefault("seed", seed)
-    return classes[name](**spec)
-
-
-def _model_kwargs(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    m = dict(cfg.get("model", {}))
-    name = m.pop("name", "mmoe")
-    for key, value in list(m.items()):
-        if isinstance(value, list):
-            m[key] = tuple(value)
-    return str(name), m
-
-
 def environment() -> dict[str, Any]:
     """Versions and thread settings recorded with every result file."""
     return {
@@ -248,137 +114,6 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
     }
-
-
-# ---------------------------------------------------------------------------- group metrics
-#: binary-task metrics the runner adds to what :func:`mtl.train.evaluate` reports: ``gauc``
-#: (:func:`mtl.metrics.gauc`, needs group ids; always added when the data has them) and
-#: ``calibration`` (:func:`mtl.metrics.calibration`; added when a metric list names it).
-EXTRA_BINARY_METRICS = ("gauc", "calibration")
-
-_GROUP_HINT = (
-    "give the data a group column (CSV task: --set data.group_column=COLUMN, e.g. the user or "
-    "query id) or remove 'gauc' from the metric lists"
-)
-
-
-def _has_groups(splits: Any) -> bool:
-    return bool(getattr(splits, "has_groups", False))
-
-
-def _requested(cfg: Mapping[str, Any], kind: str) -> list[str]:
-    """Metric names of task ``kind`` in ``table_metrics`` and ``delta_m_metrics``."""
-    names: list[str] = []
-    for key in ("table_metrics", "delta_m_metrics"):
-        for name in (cfg.get(key) or {}).get(kind, []) or []:
-            if name not in names:
-                names.append(str(name))
-    return names
-
-
-def check_metric_names(cfg: Mapping[str, Any], has_groups: bool) -> None:
-    """Raise :class:`tasks.DataError` (a ``ValueError``) for metrics the run cannot report:
-    ``gauc`` in ``table_metrics``/``delta_m_metrics`` without group ids, or a ``delta_m_metrics``
-    name without a known direction (:data:`experiments.report.HIGHER_IS_BETTER`)."""
-    from tasks import DataError
-
-    for key in ("table_metrics", "delta_m_metrics"):
-        for kind, names in (cfg.get(key) or {}).items():
-            if "gauc" in (names or []) and not has_groups:
-                raise DataError(
-                    f"{key}.{kind} names 'gauc' (group AUC) but the data has no group ids: "
-                    + _GROUP_HINT
-                )
-    for kind, names in (cfg.get("delta_m_metrics") or {}).items():
-        unknown = [n for n in names or [] if n not in report.HIGHER_IS_BETTER]
-        if unknown:
-            raise DataError(
-                f"delta_m_metrics.{kind} names {unknown}, whose direction (higher or lower is "
-                f"better) is unknown; use some of {sorted(report.HIGHER_IS_BETTER)}"
-            )
-
-
-def _extra_names(cfg: Mapping[str, Any], has_groups: bool) -> list[str]:
-    """The :data:`EXTRA_BINARY_METRICS` this run computes."""
-    wanted = _requested(cfg, "binary")
-    return [
-        m
-        for m in EXTRA_BINARY_METRICS
-        if (m == "gauc" and has_groups) or (m == "calibration" and m in wanted)
-    ]
-
-
-def with_group_metrics(cfg: Mapping[str, Any], has_groups: bool) -> dict[str, Any]:
-    """``cfg`` (a shallow copy) whose ``table_metrics.binary`` lists ``gauc`` (after ``auc``)
-    when the data has group ids, so that the tables report GAUC; ``cfg`` unchanged otherwise."""
-    out = dict(cfg)
-    table = dict(out.get("table_metrics") or {"binary": ["auc", "ne"], "regression": ["mse"]})
-    binary = list(table.get("binary") or [])
-    if not has_groups or "gauc" in binary:
-        return out
-    binary.insert(binary.index("auc") + 1 if "auc" in binary else len(binary), "gauc")
-    table["binary"] = binary
-    out["table_metrics"] = table
-    return out
-
-
-def _predict_logits(model: Any, dataset: Any, batch_size: int) -> list[torch.Tensor]:
-    """The K outputs of ``model`` on ``dataset`` in row order, float64 on the CPU."""
-    device = next(model.parameters()).device
-    k = dataset.num_tasks
-    parts: list[list[torch.Tensor]] = [[] for _ in range(k)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for features, _ in dataset.batches(int(batch_size)):
-                out = model(features.to(device))
-                for i, o in enumerate(out.task_outputs):
-                    parts[i].append(o.detach().reshape(-1).to("cpu", torch.float64))
-    finally:
-        model.train(was_training)
-    return [torch.cat(p) if p else torch.zeros(0, dtype=torch.float64) for p in parts]
-
-
-def extra_metrics(
-    model: Any, dataset: Any, names: Sequence[str], *, batch_size: int = 4096
-) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` of the binary tasks for ``names`` (some of
-    :data:`EXTRA_BINARY_METRICS`) on ``dataset`` (rows in order; ``gauc`` reads
-    ``dataset.groups``). A metric that is undefined on this data (no group with both classes,
-    no positive label, no rows) is NaN, like AUC on a single-class split."""
-    names = [n for n in names if n in EXTRA_BINARY_METRICS]
-    binary = [k for k, t in enumerate(dataset.tasks) if t.kind == "binary"]
-    if not names or not binary or len(dataset) == 0:
-        return {dataset.tasks[k].name: dict.fromkeys(names, float("nan")) for k in binary}
-    if "gauc" in names and getattr(dataset, "groups", None) is None:
-        from tasks import DataError
-
-        raise DataError("metric 'gauc' (group AUC) needs group ids: " + _GROUP_HINT)
-    logits = _predict_logits(model, dataset, batch_size)
-    targets = dataset.targets
-    out: dict[str, dict[str, float]] = {}
-    for k in binary:
-        y = targets[k].detach().to("cpu", torch.float64)
-        row: dict[str, float] = {}
-        for name in names:
-            try:
-                if name == "gauc":
-                    row[name] = mtl_metrics.gauc(y, logits[k], dataset.groups)
-                else:
-                    row[name] = mtl_metrics.calibration(y, logits[k], from_logits=True)
-            except ValueError:  # undefined on this split (e.g. no group holds both classes)
-                row[name] = float("nan")
-        out[dataset.tasks[k].name] = row
-    return out
-
-
-def _merge(
-    metrics: Mapping[str, Mapping[str, float]] | None, extra: Mapping[str, Mapping[str, float]]
-) -> dict[str, dict[str, float]] | None:
-    if metrics is None:
-        return None
-    return {t: {**m, **extra.get(t, {})} for t, m in metrics.items()}
 
 
 # ---------------------------------------------------------------------------- one run
@@ -537,52 +272,6 @@ def _attach_delta_m(
 
 def _balancer_options(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
     return dict((cfg.get("balancers") or {}).get(name) or {})
-
-
-# ---------------------------------------------------------------------------- jobs
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(max(1, int(threads)))
-
-
-def _in_worker(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, list[str]]:
-    lines: list[str] = []
-    return fn(*args, progress=False, log=lines.append), lines
-
-
-def run_jobs(
-    fn: Callable[..., Any],
-    arg_list: Sequence[tuple[Any, ...]],
-    *,
-    jobs: int = 1,
-    progress: bool | None = None,
-    log: Log = _quiet,
-) -> list[Any]:
-    """``[fn(*args, progress=..., log=...) for args in arg_list]``, in ``jobs`` processes.
-
-    With ``jobs > 1`` the calls run in spawned worker processes (one torch thread each, no
-    progress bars); their log lines are printed when a call finishes. Results keep the order
-    of ``arg_list``.
-    """
-    if jobs <= 1 or len(arg_list) <= 1:
-        return [fn(*args, progress=progress, log=log) for args in arg_list]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    ctx = multiprocessing.get_context("spawn")
-    results: list[Any] = [None] * len(arg_list)
-    with ProcessPoolExecutor(
-        max_workers=min(jobs, len(arg_list)),
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(torch.get_num_threads(),),
-    ) as pool:
-        futures = {pool.submit(_in_worker, fn, args): i for i, args in enumerate(arg_list)}
-        for fut in as_completed(futures):
-            value, lines = fut.result()
-            for line in lines:
-                log(line)
-            results[futures[fut]] = value
-    return results
 
 
 def _seed_job(
