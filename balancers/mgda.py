@@ -197,7 +197,7 @@ class MGDA(BalancedOptimizer):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """:func:`_mgda_weights_np` on the host copy of the Gram matrix and the losses.
 
-        Returns ``(c, {"alpha": alpha, "scales": s})``.
+        Returns ``(c, {"alpha": alpha, "scales": s, "collapsed": mask})``.
         """
         assert gram is not None  # requires_gram: the engine always passes the Gram matrix
         c, alpha, scales = _mgda_weights_np(
@@ -216,7 +216,7 @@ class MGDA(BalancedOptimizer):
         """Count consecutive collapsed steps per task; warn once per task at ``collapse_steps``."""
         if self.collapse_steps is None:
             return
-        run = getattr(self, "_collapse_run", None)
+        run = getattr(self, "_collapse_run", None)  # absent in an optimizer pickled before it
         if run is None or run.shape != collapsed.shape:
             run = np.zeros(collapsed.shape, dtype=np.int64)
         run = np.where(collapsed, run + 1, 0)

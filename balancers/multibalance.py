@@ -398,10 +398,11 @@ class MultiBalance(BalancedOptimizer):
         super().__init__(optimizer, num_tasks, **kwargs)
         self.anchor = _check_anchor(anchor, self.num_tasks)
         self._host_state: dict[str, tuple[Tensor, np.ndarray]] = {}
+        self._clamp_warned = False  # MultiBalanceClampWarning: once per optimizer
 
     def _warn_clamped(self, raw: np.ndarray, clamped: np.ndarray) -> None:
         """Warn once per optimizer the first time the clamp changes a weight."""
-        if not clamped.any() or getattr(self, "_clamp_warned", False):
+        if not clamped.any() or getattr(self, "_clamp_warned", False):  # absent in old pickles
             return
         self._clamp_warned = True
         assert self.clamp is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,6 +76,19 @@ def variant_of(run: Mapping[str, Any]) -> str:
     """The table row of a run: its ``variant`` label (tuned static weights, ...) when it has
     one, else its balancer name."""
     return str(run.get("variant") or run["balancer"])
+
+
+def _row_namer(results: Mapping[str, Any], level: str) -> Callable[[str], str]:
+    """The table label of a row key: a variant's own label (tuned static weights, ...), else
+    the balancer's display name with its options."""
+    runs = results.get("runs", [])
+    options = {variant_of(r): r.get("options") for r in runs}
+    variants = {r.get("variant") for r in runs}
+
+    def name(key: str) -> str:
+        return key if key in variants else display_name(key, options.get(key), level)
+
+    return name
 
 
 def weights_kind(runs: Sequence[Mapping[str, Any]]) -> str:
@@ -313,10 +326,9 @@ def compare_table(results: Mapping[str, Any], summary: Mapping[str, Any] | None 
             row.append(fmt_mean_std(mean, std))
         row += ["0 (reference)", "", "", f"{st['epochs'][0]:.1f}", ""]
         lines.append("| " + " | ".join(row) + " |")
-    options_by_bal = {variant_of(r): r.get("options") for r in results.get("runs", [])}
-    variants = {r.get("variant") for r in results.get("runs", [])}
+    row_name = _row_namer(results, level)
     for name, s in summary["balancers"].items():
-        row = [name if name in variants else display_name(name, options_by_bal.get(name), level)]
+        row = [row_name(name)]
         if s["n"] == 0:
             row += ["failed"] * len(columns) + ["", "", "", "", ""]
             lines.append("| " + " | ".join(row) + " |")
@@ -377,8 +389,7 @@ def _paired_lines(results: Mapping[str, Any]) -> list[str]:
     if not paired:
         return []
     level = results.get("config", {}).get("train", {}).get("level", "representation")
-    options_by_bal = {variant_of(r): r.get("options") for r in results.get("runs", [])}
-    variants = {r.get("variant") for r in results.get("runs", [])}
+    row_name = _row_namer(results, level)
     lines = [
         "",
         "Paired with EqualWeight (same seed: same initialisation, batch order and split): Δm of "
@@ -389,13 +400,20 @@ def _paired_lines(results: Mapping[str, Any]) -> list[str]:
         "|---|---:|---:|",
     ]
     for name, (mean, std, n, wins) in paired.items():
-        label = name if name in variants else display_name(name, options_by_bal.get(name), level)
-        lines.append(f"| {label} | {fmt_mean_std(mean, std, 2, signed=True)} | {wins}/{n} |")
+        lines.append(
+            f"| {row_name(name)} | {fmt_mean_std(mean, std, 2, signed=True)} | {wins}/{n} |"
+        )
     return lines
 
 
 TUNED_PREFIX = "static weights (tuned"
-"""Row names of the tuned static-weight baseline start with this (``tune_static.tuned_label``)."""
+"""Row names of the tuned static-weight baseline start with this (:func:`tuned_label`)."""
+
+
+def tuned_label(num_runs: int) -> str:
+    """The row name of the tuned static-weight baseline (:mod:`experiments.tune_static`)."""
+    return f"{TUNED_PREFIX}, {num_runs} runs)"
+
 
 WITHIN = 1.0
 """The tolerance (%, relative) of "as good as the tuned static weights" (issue 18's target)."""
@@ -446,7 +464,7 @@ def _tuned_lines(results: Mapping[str, Any], summary: Mapping[str, Any]) -> list
     if not gaps:
         return []
     level = results.get("config", {}).get("train", {}).get("level", "representation")
-    variants = {r.get("variant") for r in results.get("runs", [])}
+    row_name = _row_namer(results, level)
     cols = list(next(iter(gaps.values())))
     lines = [
         "",
@@ -458,10 +476,9 @@ def _tuned_lines(results: Mapping[str, Any], summary: Mapping[str, Any]) -> list
         "|---|" + "---:|" * (len(cols) + 1),
     ]
     for name, g in gaps.items():
-        label = name if name in variants else display_name(name, None, level)
         ok = all(math.isfinite(v) and v >= -WITHIN for v in g.values())
         cells = [f"{g.get(c, float('nan')):+.2f}" for c in cols]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |")
+        lines.append(f"| {row_name(name)} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |")
     return lines
 
 

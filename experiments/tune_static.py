@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report, runner
+from .report import tuned_label
 
 __all__ = [
     "DEFAULT_GRID",
@@ -75,11 +76,6 @@ def static_weight_grid(
         w.insert(anchor, 1.0)
         out.append(w)
     return out
-
-
-def tuned_label(num_runs: int) -> str:
-    """The row name of the tuned baseline in the comparison table."""
-    return f"static weights (tuned, {num_runs} runs)"
 
 
 def _merged(records: Sequence[Mapping[str, Any]], key: str) -> dict[int, dict[str, Any]]:
