@@ -18,8 +18,6 @@ and the losses; the plumbing lives here once.
 
 from __future__ import annotations
 
-import copy
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -31,6 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._autocast import autocast_off
+from ._checkpoint import balanced_state_dict, load_balanced_state
 from ._checks import (
     check_losses,
     check_parameters,
@@ -42,20 +41,19 @@ from ._ddp import is_sink, resolve_blocks
 from ._finite import nonfinite_params
 from ._graph import GraphAnalysis, analyse_graph
 from ._host import to_host
-from ._info import BalanceInfo, NonFiniteError
+from ._info import BalanceInfo
 from ._parameter_level import backward_parameters
 from ._representation_level import backward_representation
 from ._single_pass import backward_losses, backward_plain
+from ._verdict import decide, reject_step
+from ._weights import balance_info, block_weights, head_coefficients, host_weights
 from ._window import (
     Window,
-    clone,
     close_window,
     fused_step,
-    mark_overflow,
     open_window,
     reject,
     step_flags,
-    step_transfer,
     unsynced,
 )
 
@@ -65,7 +63,6 @@ __all__ = ["BalancedOptimizer"]
 WeightsResult: TypeAlias = "tuple[np.ndarray, Mapping[str, Any]] | np.ndarray"
 
 _NONFINITE_MODES = ("raise", "skip")
-_BALANCER_KEYS = ("method", "num_tasks", "num_steps", "num_skipped", "state")
 _GRAD_MODES = ("loop", "batched")
 _PARAM_UPDATES = ("auto", "direct", "backward")
 
@@ -301,79 +298,18 @@ class BalancedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict plus a ``"balancer"`` entry with the balancer state."""
-        if self._unsettled is not None or self._deferred_values() is not None:
-            step_transfer(self)  # a checkpoint holds settled state
-        sd = self.optimizer.state_dict()
-        sd["balancer"] = {
-            "method": type(self).__name__,
-            "num_tasks": self.num_tasks,
-            "num_steps": self.num_steps,
-            "num_skipped": self.num_skipped,
-            "skip_next_step": self._skip_next_step,
-            "state": clone(self._balancer_state_dict()),
-        }
-        return sd
+        """The inner optimizer's state dict plus a ``"balancer"`` entry with the balancer state
+        (:func:`mtl._checkpoint.balanced_state_dict`)."""
+        return balanced_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned (a plain inner-optimizer dict is accepted too).
 
         All or nothing: the ``"balancer"`` entry is checked first (missing keys are named), and
         if loading the balancer state or the inner optimizer's state fails, both are put back
-        as they were before the call.
+        as they were before the call (:func:`mtl._checkpoint.load_balanced_state`).
         """
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        sd = dict(state_dict)
-        bal = sd.pop("balancer", None)
-        if bal is not None:
-            self._check_balancer_entry(bal)
-        old_inner = copy.deepcopy(self.optimizer.state_dict())
-        old_state = clone(self._balancer_state_dict())
-        try:
-            if bal is not None:
-                self._load_balancer_state_dict(clone(bal["state"]))
-            self.optimizer.load_state_dict(sd)
-        except Exception:
-            self._load_balancer_state_dict(old_state)
-            self.optimizer.load_state_dict(old_inner)
-            raise
-        if bal is not None:
-            if bal["num_tasks"] is not None:
-                self.num_tasks = int(bal["num_tasks"])
-            self.num_steps = int(bal["num_steps"])
-            self.num_skipped = int(bal["num_skipped"])
-            self._skip_next_step = bool(bal.get("skip_next_step", False))
-        self._window = self._unsettled = None
-
-    def _check_balancer_entry(self, bal: Any) -> None:
-        if not isinstance(bal, dict):
-            raise TypeError(f"state_dict['balancer'] must be a dict, got {type(bal).__name__}")
-        missing = [key for key in _BALANCER_KEYS if key not in bal]
-        if missing:
-            raise ValueError(f"state_dict['balancer'] is missing the keys {missing}")
-        if bal["method"] != type(self).__name__:
-            raise ValueError(
-                f"state_dict was saved by {bal['method']}, cannot load into {type(self).__name__}"
-            )
-        for key in ("num_steps", "num_skipped"):
-            if isinstance(bal[key], bool) or not isinstance(bal[key], int) or bal[key] < 0:
-                raise ValueError(
-                    f"state_dict['balancer'][{key!r}] must be an int >= 0, got {bal[key]!r}"
-                )
-        k = bal["num_tasks"]
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(
-                f"state_dict['balancer']['num_tasks'] must be a positive int, got {k!r}"
-            )
-        if k is not None and self.num_tasks is not None and k != self.num_tasks:
-            raise ValueError(
-                f"state_dict has num_tasks={k} but this optimizer has num_tasks={self.num_tasks}"
-            )
-        if not isinstance(bal["state"], dict):
-            raise TypeError(
-                f"state_dict['balancer']['state'] must be a dict, got {type(bal['state']).__name__}"
-            )
+        load_balanced_state(self, state_dict)
 
     def _balancer_state_dict(self) -> dict[str, Any]:
         """Balancer state to checkpoint; override when it holds more than ``balancer_state``."""
@@ -545,39 +481,9 @@ class BalancedOptimizer(Optimizer):
         what: str,
         bad: list[int],
     ) -> BalanceInfo:
-        """Raise, or skip the step without touching the balancer state.
-
-        No further backward pass is run. When skipping, the ``.grad`` of the smallest parameter
-        of the inner optimizer is set to NaN (a cheap marker; no dense gradient for an
-        embedding table): ``torch.amp.GradScaler`` then sees the overflow and lowers its scale,
-        and the next :meth:`step` is a no-op in any case. ``zero_grad()`` clears it. Balancer
-        updates of earlier backward calls of the same accumulation window are undone.
-        """
-        names = ", ".join(self._name(k) for k in bad) if bad else "the summed tasks"
-        window = self._open_window()  # the whole window is rejected: its updates are undone
-        if window.snapshot is not None:  # undo earlier backward calls and drawn numbers
-            self._load_balancer_state_dict(window.snapshot)
-        self.num_steps = window.num_steps
-        self._window = None
-        if self.on_nonfinite == "raise":
-            for p in window.fresh:
-                p.grad = None
-            raise NonFiniteError(
-                f"non-finite {what} for {names}; pass on_nonfinite='skip' to skip such steps"
-            )
-        if self.num_tasks is None:
-            self.num_tasks = values.shape[0]
-        mark_overflow(self._params())
-        self.num_skipped += 1
-        self._skip_next_step = True
-        return BalanceInfo(
-            weights=torch.zeros(values.shape[0], dtype=torch.float64),
-            losses=torch.from_numpy(np.array(values, dtype=np.float64)),
-            gram=None,
-            level=level,
-            skipped=True,
-            extras={"reason": f"non-finite {what} for {names}"},
-        )
+        """Raise, or skip the step without touching the balancer state
+        (:func:`mtl._verdict.reject_step`)."""
+        return reject_step(self, level, values, what, bad)
 
     def _decide(
         self,
@@ -586,22 +492,9 @@ class BalancedOptimizer(Optimizer):
         block_grams: np.ndarray | None,
         grad_finite: bool = True,
     ) -> BalanceInfo | None:
-        """The host-side verdict on a step: ``None`` to go on, else the skip (or a raise).
-
-        Non-finite losses are named first, then tasks with a non-finite gradient (diagonal of
-        the Gram), then a non-finite gradient of the summed tasks.
-        """
-        bad = [k for k in range(values.shape[0]) if not math.isfinite(float(values[k]))]
-        if bad:
-            return self._nonfinite(level, values, "loss", bad)
-        if block_grams is not None:
-            diag = np.diagonal(block_grams, axis1=-2, axis2=-1).sum(0)
-            bad = [k for k in range(values.shape[0]) if not math.isfinite(float(diag[k]))]
-            if bad or not np.isfinite(block_grams).all():
-                return self._nonfinite(level, values, "gradient", bad or list(range(len(diag))))
-        if not grad_finite:
-            return self._nonfinite(level, values, "gradient", [])
-        return None
+        """The host-side verdict on a step: ``None`` to go on, else the skip (or a raise); see
+        :mod:`mtl._verdict`."""
+        return decide(self, level, values, block_grams, grad_finite)
 
     # -- distributed
     def _group(self) -> tuple[bool, Any]:
@@ -611,42 +504,18 @@ class BalancedOptimizer(Optimizer):
         group = None if self.process_group == "auto" else self.process_group
         return dist.get_world_size(group) > 1, group
 
-    # -- weights
+    # -- weights (:mod:`mtl._weights`)
     def _weights(
         self, values: np.ndarray, block_grams: np.ndarray | None, num_blocks: int
     ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-        gram = None if block_grams is None else block_grams.sum(0)
-        result = self._compute_weights(gram, values, block_grams)
-        if isinstance(result, tuple):
-            raw, extras = result
-        else:  # TRANSITIONAL: balancers not yet converted report extras via _extras()
-            raw, extras = result, getattr(self, "_extras", dict)()
-        if isinstance(raw, Tensor):  # a subclass written against torch tensors
-            raw = raw.detach().to("cpu", torch.float64).numpy()
-        weights = np.asarray(raw, dtype=np.float64)
-        k = values.shape[0]
-        if weights.shape not in ((k,), (num_blocks, k)):
-            raise RuntimeError(
-                f"{type(self).__name__}._compute_weights returned shape {weights.shape}, "
-                f"expected ({k},) or ({num_blocks}, {k})"
-            )
-        if not np.isfinite(weights).all():
-            raise NonFiniteError(f"{type(self).__name__} produced non-finite weights {weights}")
-        return weights, gram, _host_extras(extras)
+        return host_weights(self, values, block_grams, num_blocks)
 
     @staticmethod
     def _block_weights(weights: np.ndarray, num_blocks: int) -> np.ndarray:
-        return (
-            np.broadcast_to(weights, (num_blocks, weights.shape[-1]))
-            if weights.ndim == 1
-            else weights
-        )
+        return block_weights(weights, num_blocks)
 
     def _head_coefficients(self, weights: np.ndarray) -> list[float] | None:
-        """Coefficients of the task losses in the head backward (None = plain sum)."""
-        if not self.weight_heads:
-            return None
-        return [float(c) for c in (weights if weights.ndim == 1 else weights.mean(0))]
+        return head_coefficients(weights, self.weight_heads)
 
     def _info(
         self,
@@ -660,14 +529,7 @@ class BalancedOptimizer(Optimizer):
         self.num_steps += 1
         if self.num_tasks is None:
             self.num_tasks = values.shape[0]
-        return BalanceInfo(
-            weights=torch.from_numpy(np.array(weights, dtype=np.float64)),
-            losses=torch.from_numpy(np.array(values, dtype=np.float64)),
-            gram=None if gram is None else torch.from_numpy(np.array(gram, dtype=np.float64)),
-            level=level,
-            block_grams=None if block_grams is None else torch.from_numpy(block_grams.copy()),
-            extras=extras,
-        )
+        return balance_info(level, weights, values, gram, block_grams, extras)
 
     # -- representation level
     def _plain_backward_is_exact(self) -> bool:
@@ -678,18 +540,6 @@ class BalancedOptimizer(Optimizer):
         weights are all one. Overridden by EqualWeight.
         """
         return False
-
-    # -- loss level
-    # -- parameter level
-
-
-# ---------------------------------------------------------------------- helpers
-def _host_extras(extras: Mapping[str, Any]) -> dict[str, Any]:
-    """A method's diagnostics as ``BalanceInfo.extras``: arrays become (copied) host tensors."""
-    return {
-        name: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray | np.generic) else v
-        for name, v in extras.items()
-    }
 
 
 def init_optimizer_hooks(opt: Optimizer) -> None:
