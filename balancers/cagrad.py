@@ -61,6 +61,30 @@ def _bracketed_root(f: Callable[[float], float], a: float, b: float, fa: float, 
     return 0.5 * (a + b)
 
 
+def _root_in(f: Callable[[float], float], a: float, b: float) -> float:
+    """A root of the continuous non-decreasing ``f`` in ``[a, b]``: an end of the bracket where
+    ``f`` already has the right sign there (round-off at the bracket's end), otherwise
+    :func:`_bracketed_root`."""
+    fa, fb = f(a), f(b)
+    if fb <= 0.0:  # round-off at the bracket's end: f(b) = 0
+        return b
+    if fa >= 0.0:
+        return a
+    return _bracketed_root(f, a, b, fa, fb)
+
+
+def _gram_norm(q: np.ndarray, w: np.ndarray) -> float:
+    """``|sum_k w_k g_k|`` from the Gram matrix ``q`` (a negative round-off square gives 0)."""
+    return math.sqrt(max(float(w @ q @ w), 0.0))
+
+
+def _dual_cone_projection(q: np.ndarray, one: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(v, |G^T v - g_0|)``: the coefficients ``v`` of the projection of ``g_0 = G^T one``
+    onto the dual cone ``{x : g_k . x >= 0 for all k}`` and its distance from ``g_0``."""
+    v = _dual_cone_weights_np(q, one)
+    return v, _gram_norm(q, v - one)
+
+
 def _cagrad_np(
     gram: np.ndarray, c: float = 0.5, rescale: bool = False
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -88,7 +112,7 @@ def _cagrad_np(
             else:  # the same hull scaled by 1/lam (same weights), without overflow
                 shifted = g0sq / (lam * lam) + (b[:, None] + b[None, :]) / lam + q
             w = _min_norm_weights_np(check_gram(shifted), ridge=0.0)
-            cache[lam] = (math.sqrt(max(float(w @ q @ w), 0.0)), w)
+            cache[lam] = (_gram_norm(q, w), w)
         return cache[lam]
 
     def psi(log_lam: float) -> float:
@@ -98,10 +122,9 @@ def _cagrad_np(
     def toward_cone() -> tuple[np.ndarray, np.ndarray, float]:
         """``g_w`` is 0 to working precision: move from ``g_0`` toward its projection onto the
         dual cone, by at most ``c |g_0|`` (the whole way is optimal when it fits the ball)."""
-        v = _dual_cone_weights_np(q, one)
-        gap = v - one
-        dist = math.sqrt(max(float(gap @ q @ gap), 0.0))
+        v, dist = _dual_cone_projection(q, one)
         t = 1.0 if dist <= phi else phi / dist
+        gap = v - one
         return (one + t * gap) * scale, w_min, math.inf
 
     def negligible(r: float, w: np.ndarray) -> bool:
@@ -109,7 +132,7 @@ def _cagrad_np(
         return bool(r * r <= 8.0 * k * _EPS * float(w @ norms) ** 2)
 
     w_min = _min_norm_weights_np(q, ridge=0.0)
-    r_min = math.sqrt(max(float(w_min @ q @ w_min), 0.0))
+    r_min = _gram_norm(q, w_min)
     lo = phi / (2.0 * float(norms.max()))  # lam |g_w(lam)| <= lam max|g_k| < phi
     if not negligible(r_min, w_min):
         hi = phi / r_min  # |g_w(lam)| >= r_min, so psi(hi) >= 0
@@ -117,9 +140,8 @@ def _cagrad_np(
         # 0 is in the convex hull: the best worst-case improvement is at most 0. If the
         # projection of g_0 onto the dual cone lies in the ball, it attains 0 and is the optimum
         # closest to g_0; otherwise lam |g_w(lam)| still exceeds c |g_0| for a finite lam.
-        v = _dual_cone_weights_np(q, one)
-        gap = v - one
-        if math.sqrt(max(float(gap @ q @ gap), 0.0)) <= phi:
+        v, dist = _dual_cone_projection(q, one)
+        if dist <= phi:
             return v * scale, w_min, math.inf
         hi = max(lo, 1.0)
         for _ in range(_MAX_DOUBLINGS):
@@ -128,15 +150,7 @@ def _cagrad_np(
             hi *= 2.0
         else:  # not reached in exact arithmetic
             return toward_cone()
-    a, z = math.log(lo), math.log(hi)
-    fa, fz = psi(a), psi(z)
-    if fz <= 0.0:  # round-off at the bracket's end: psi(hi) = 0
-        root = z
-    elif fa >= 0.0:
-        root = a
-    else:
-        root = _bracketed_root(psi, a, z, fa, fz)
-    r, w = solve(math.exp(root))
+    r, w = solve(math.exp(_root_in(psi, math.log(lo), math.log(hi))))
     if negligible(r, w):  # g_w cancels to round-off (nearly opposite gradients)
         return toward_cone()
     lam = phi / r

@@ -169,6 +169,46 @@ def _leverage_threshold(evals: np.ndarray, null: np.ndarray, rcond: float) -> fl
     return max(rcond * rcond, min(noise * noise, 1.0))
 
 
+def _conflicting(m: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The tasks among ``idx`` (the non-zero gradients) with a negative inner product with
+    another of them (``only_if_conflict``), as a ``(K,)`` mask."""
+    sub = m[np.ix_(idx, idx)].copy()
+    np.fill_diagonal(sub, 0.0)
+    projected = np.zeros(m.shape[0], dtype=bool)
+    projected[idx] = (sub < 0).any(axis=1)
+    return projected
+
+
+def _normalised_projections(
+    evals: np.ndarray, evecs: np.ndarray, null: np.ndarray, targets: np.ndarray, rcond: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The projections of the unit gradients ``u_i = g_i/|g_i|`` marked by ``targets``, from the
+    eigendecomposition ``(evals, evecs)`` of the normalised Gram matrix ``C`` (``null``: its
+    numerical null space).
+
+    Returns ``(pc, gone, r2)``: ``pc[i, k]`` the coefficient of ``u_k`` in ``u_i'`` (row ``e_i``
+    for a task not projected, 0 for a vanished one), ``gone`` the targets whose projection
+    vanishes, ``r2`` the squared ratios ``|u_i'|^2`` of the surviving targets (0 elsewhere).
+    """
+    n = evals.size
+    pc = np.eye(n)
+    # C^+ on the numerical range; e_i's weight in the numerical null space says whether
+    # u_i = g_i/|g_i| takes part in a linear dependency (then g_i lies in the span of
+    # the others and g_i' = 0)
+    keep = ~null
+    cplus = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
+    cplus = 0.5 * (cplus + cplus.T)
+    leverage = (evecs[:, null] ** 2).sum(axis=1)
+    gone = targets & (leverage > _leverage_threshold(evals, null, rcond))
+    live = targets & ~gone
+    inv_diag = np.diag(cplus)
+    pc[live] = cplus[live] / inv_diag[live, None]
+    pc[gone] = 0.0
+    r2 = np.zeros(n)
+    r2[live] = 1.0 / inv_diag[live]
+    return pc, gone, r2
+
+
 def _projections(
     m: np.ndarray, only_if_conflict: bool, solver: str, rcond: float, eps: float
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -186,12 +226,7 @@ def _projections(
     idx = np.flatnonzero(~zero)
     n = idx.size
 
-    projected = ~zero
-    if only_if_conflict and n > 0:
-        sub = m[np.ix_(idx, idx)].copy()
-        np.fill_diagonal(sub, 0.0)
-        projected = np.zeros(k, dtype=bool)
-        projected[idx] = (sub < 0).any(axis=1)
+    projected = _conflicting(m, idx) if only_if_conflict and n > 0 else ~zero
 
     p = np.zeros((k, k))
     ratios = np.zeros(k)
@@ -217,26 +252,13 @@ def _projections(
                 "gradients are linearly dependent, use solver='lstsq' or 'auto'"
             )
         targets = projected[idx]
-        pc = np.eye(n)
         if targets.any():
             used = "closed_form" if well and solver != "lstsq" else "lstsq"
-            # C^+ on the numerical range; e_i's weight in the numerical null space says whether
-            # u_i = g_i/|g_i| takes part in a linear dependency (then g_i lies in the span of
-            # the others and g_i' = 0)
-            keep = ~null
-            cplus = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
-            cplus = 0.5 * (cplus + cplus.T)
-            leverage = (evecs[:, null] ** 2).sum(axis=1)
-            gone = targets & (leverage > _leverage_threshold(evals, null, rcond))
-            live = targets & ~gone
-            inv_diag = np.diag(cplus)
-            pc[live] = cplus[live] / inv_diag[live, None]
-            pc[gone] = 0.0
+            pc, gone, r2 = _normalised_projections(evals, evecs, null, targets, rcond)
             vanished[idx[gone]] = True
-            r2 = np.zeros(n)
-            r2[live] = 1.0 / inv_diag[live]
             ratios[idx] = np.where(targets, np.sqrt(np.clip(r2, 0.0, 1.0)), 1.0)
         else:
+            pc = np.eye(n)
             ratios[idx] = 1.0
         pc *= np.outer(norms, 1.0 / norms)
         if n == k:
