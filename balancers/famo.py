@@ -25,7 +25,6 @@ exactly where the paper's Algorithm applies it (before the next model step).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -47,6 +46,7 @@ from ._learned import (
     loss_level_kwargs,
 )
 from ._options import check_choice, check_positive
+from ._rerun import cuda_indices, replay_autocast
 
 __all__ = ["FAMO", "famo_logit_gradient", "famo_update", "famo_weights"]
 
@@ -474,20 +474,8 @@ class FAMO(LearnedStateBalancer):
         over the ranks under ``torch.distributed``."""
         k = len(self.balancer_state.get("last_losses") or []) or self.num_tasks or 0
         device = self._device or torch.device("cpu")
-        cuda = sorted(
-            {
-                p.device.index if p.device.index is not None else torch.cuda.current_device()
-                for p in self._params()
-                if p.device.type == "cuda"
-            }
-        )
-        with (
-            torch.random.fork_rng(devices=cuda),
-            torch.no_grad(),
-            contextlib.ExitStack() as amp,
-        ):
-            for device_type, dtype in self._amp:
-                amp.enter_context(torch.autocast(device_type=device_type, dtype=dtype))
+        cuda = cuda_indices(self._params())
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), replay_autocast(self._amp):
             out = closure()
         values = self._closure_losses(out, k, device)
         active, group = self._group()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from mtl._gram import rescaled_gram
 
+from .._rerun import cuda_indices
 from ._functional import _TINY
 
 
@@ -122,12 +123,8 @@ class _Shift:
             self._copy_back()
 
 
-def _cuda_indices(tensors: Sequence[Tensor]) -> list[int]:
-    idx = set()
-    for t in tensors:
-        if t.device.type == "cuda":
-            idx.add(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return sorted(idx)
+#: the CUDA devices whose random state a closure call forks (one home: :mod:`balancers._rerun`)
+_cuda_indices = cuda_indices
 
 
 @contextmanager

@@ -19,9 +19,9 @@ from mtl._combine import (
     weighted_sum,
 )
 
+from .._rerun import cuda_indices
 from ._closure import (
     _NOARG,
-    _cuda_indices,
     _Shift,
     _shift_size,
     _sq_norm,
@@ -29,6 +29,7 @@ from ._closure import (
     _unstash_grads,
 )
 from ._functional import Closure, Level
+from ._update import amortized_estimate, fd_estimate, finish, remember
 
 if TYPE_CHECKING:
     from ._optimizer import MARIGOLD
@@ -102,7 +103,7 @@ def fd_parameters(
     result is not used)."""
     a = _shift_size(grad_sq, opt.fd_step)
     shifts = [_Shift(p, g, a) for p, g in zip(params, grads) if g is not None]
-    cuda = _cuda_indices(params)
+    cuda = cuda_indices(params)
 
     def at(sign: float) -> Callable[[], Any]:
         def setup() -> Any:
@@ -230,7 +231,7 @@ def _estimate(
     copy (``h = None`` for ``"amortized"``, which :func:`_conclude` estimates)."""
     extras: dict[str, Any] = {"fd_step_size": None, "closure_calls": 0}
     if opt.estimator == "fd":
-        return opt._fd_estimate(value_sums, raw_sums, shift_sq, divisor)
+        return fd_estimate(opt, value_sums, raw_sums, shift_sq, divisor)
     if opt.estimator == "gaussian":
         assert u is not None
         return opt._gaussian_from_values(u, perturbed, 0.5 * grad_sq), extras
@@ -250,9 +251,9 @@ def _conclude(
     """The weight update from the estimate ``h`` (the amortized one is made here), the
     history kept for the next step (``remembered``: the ``|g|^2`` it records) and the info."""
     if opt.estimator == "amortized":
-        h = opt._amortized_estimate(host_values)
-    used, diagnostics = opt._finish(host_values, h, grad_sq, extras)
-    opt._remember(host_values, used, remembered)
+        h = amortized_estimate(opt, host_values)
+    used, diagnostics = finish(opt, host_values, h, grad_sq, extras)
+    remember(opt, host_values, used, remembered)
     return opt._result(level, used, host_values, diagnostics)
 
 
@@ -297,7 +298,7 @@ def fd_representation(
     a = _shift_size(shift_sq, opt.fd_step)
     base_z = [z.detach() for z in blocks]
     scaled = [a.to(device=g.device, dtype=g.dtype) * g for g in gz]
-    cuda = _cuda_indices(blocks)
+    cuda = cuda_indices(blocks)
 
     def at(sign: float) -> Callable[[], Any]:
         def setup() -> Any:

@@ -1,8 +1,13 @@
-"""The ``MARIGOLD`` optimizer class [R] (the math: :mod:`._functional`; one step: :mod:`._levels`)."""
+"""The ``MARIGOLD`` optimizer class [R]: its options, its state hooks and one ``backward``.
+
+The class ties the package together: the math is in :mod:`._functional`, one step at each level
+in :mod:`._levels`, the closure plumbing in :mod:`._closure`, the checks of the options and of a
+call's arguments in :mod:`._validation`, the state and its checkpoint in :mod:`._state`, and the
+host half of a step (estimate, weight update, diagnostics) in :mod:`._update`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -15,30 +20,14 @@ from torch.optim import Optimizer
 
 from mtl import BalancedOptimizer, BalanceInfo, depends_on
 from mtl._autocast import autocast_off, forward_autocast
-from mtl._checks import (
-    check_closure_losses,
-    check_reached,
-    check_trunk,
-    closure_arity_mismatch,
-)
+from mtl._checks import check_closure_losses, check_reached, check_trunk
 from mtl._graph import analyse_graph
 from mtl._window import step_transfer
 
-from .._options import check_choice, check_positive
-from .._rng import pcg64, rng_from_state, rng_from_torch_state
-from ._closure import (
-    _NOARG,
-    _check_modules,
-    _closure_scope,
-)
+from .._rerun import replay_autocast
+from .._rng import pcg64
+from ._closure import _NOARG, _closure_scope
 from ._functional import (
-    _ESTIMATORS,
-    _FD_SCHEMES,
-    _MIN_MOVE,
-    _NORMALIZE,
-    _PARAMETRIZATIONS,
-    _STEP_CONTROLS,
-    _TINY,
     DEFAULT_FD_STEP,
     DEFAULT_LR_WEIGHTS,
     Closure,
@@ -48,15 +37,19 @@ from ._functional import (
     Normalize,
     Parametrization,
     StepControl,
-    _check_lam,
-    _host_vector,
-    _normalize_np,
-    _step_np,
-    _to_numpy_tree,
-    _to_torch_tree,
     gaussian_estimate_np,
 )
 from ._levels import marigold_parameters, marigold_representation
+from ._state import balancer_state_dict, host_state, init_state, load_balancer_state
+from ._validation import (
+    check_closure,
+    check_eval_modules,
+    check_integers,
+    check_level,
+    check_modes,
+    check_sizes,
+    refuse_compute_gram,
+)
 
 __all__ = ["MARIGOLD"]
 
@@ -164,36 +157,13 @@ class MARIGOLD(BalancedOptimizer):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("compute_gram"):
-            raise ValueError(
-                "MARIGOLD never computes per-task gradients, so compute_gram=True is not "
-                "supported (use MGDA for Gram diagnostics)"
-            )
-        kwargs.pop("compute_gram", None)
-        check_choice("estimator", estimator, _ESTIMATORS)
-        check_choice("parametrization", parametrization, _PARAMETRIZATIONS)
-        check_choice("normalize", normalize, _NORMALIZE)
-        check_choice("fd_scheme", fd_scheme, _FD_SCHEMES)
-        check_choice("step_control", step_control, _STEP_CONTROLS)
-        min_step_scale = check_positive("min_step_scale", min_step_scale)
-        if min_step_scale > 1:
-            raise ValueError(f"min_step_scale must be in (0, 1], got {min_step_scale}")
-        lr_weights = check_positive("lr_weights", lr_weights, allow_zero=True)
-        fd_step = check_positive("fd_step", fd_step)
-        mu = check_positive("mu", mu)
-        if isinstance(num_perturbations, bool) or not isinstance(num_perturbations, int):
-            raise TypeError(f"num_perturbations must be an int, got {num_perturbations!r}")
-        if num_perturbations < 1:
-            raise ValueError(f"num_perturbations must be >= 1, got {num_perturbations}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        modules = _check_modules(eval_mode_closure)
-        if modules and fd_scheme == "forward":
-            raise ValueError(
-                "eval_mode_closure needs fd_scheme='forward_closure' or 'central': with "
-                "'forward' the baseline l(theta) is the losses passed to backward(), computed in "
-                "training mode, while the shifted losses would be computed in eval mode"
-            )
+        refuse_compute_gram(kwargs)
+        check_modes(estimator, parametrization, normalize, fd_scheme, step_control)
+        min_step_scale, lr_weights, fd_step, mu = check_sizes(
+            min_step_scale, lr_weights, fd_step, mu
+        )
+        check_integers(num_perturbations, seed)
+        modules = check_eval_modules(eval_mode_closure, fd_scheme)
         super().__init__(optimizer, num_tasks, compute_gram=False, **kwargs)
         self.lr_weights = lr_weights
         self.fd_step = fd_step
@@ -231,23 +201,8 @@ class MARIGOLD(BalancedOptimizer):
             raise RuntimeError("the number of tasks is not known yet (pass num_tasks=)")
         return torch.from_numpy(self._state()["weights"].copy())
 
-    def _normalization(self) -> str:
-        if self.normalize != "auto":
-            return self.normalize
-        return "max_abs" if self.estimator == "amortized" else "grad_norm"
-
     def _init_state(self, k: int) -> None:
-        st = self.balancer_state
-        if "weights" in st:
-            return
-        st["parametrization"] = self.parametrization
-        st["weights"] = np.full(k, 1.0 / k)
-        if self.parametrization == "softmax":
-            st["logits"] = np.zeros(k)
-        st["num_updates"] = 0
-        st["step_scale"] = 1.0  # secant step control: multiplier of lr_weights
-        st["moves"] = []  # secant step control: the last weight moves awaiting their check
-        st["previous"] = None  # amortized: losses, lr and |g|^2 of the previous call
+        init_state(self.balancer_state, k, self.parametrization)
 
     def reset_state(self) -> None:
         """Forget the learned weights (back to uniform) and the amortized history."""
@@ -257,34 +212,12 @@ class MARIGOLD(BalancedOptimizer):
             self._init_state(self.num_tasks)
 
     def _balancer_state_dict(self) -> dict[str, Any]:
-        # the host arrays are saved as CPU float64 tensors (the checkpoint format is unchanged
-        # and loads with torch.load(weights_only=True)); the round trip is exact
-        st: dict[str, Any] = _to_torch_tree(dict(self._state()))
-        if self.estimator == "gaussian":
-            # a plain dict of str and int (PCG64's 128-bit state and increment)
-            st["rng_state"] = self._generator.bit_generator.state
-        return st
+        return balancer_state_dict(self)
 
     def _load_balancer_state_dict(self, state: dict[str, Any]) -> None:
         """Checks everything first (parametrization, lam on its domain, the generator), then
         replaces the state: a rejected state leaves the optimizer as it was."""
-        state = _to_numpy_tree(dict(state))
-        rng = state.pop("rng_state", None)
-        saved = state.get("parametrization")
-        if saved is not None and saved != self.parametrization:
-            raise ValueError(
-                f"state_dict was saved with parametrization={saved!r}, this optimizer uses "
-                f"{self.parametrization!r}"
-            )
-        if "weights" in state:
-            _check_lam(state, self.parametrization, self.num_tasks)
-        generator = self._generator
-        if isinstance(rng, np.ndarray):  # an older checkpoint's torch.Generator state
-            generator = rng_from_torch_state(torch.from_numpy(rng.astype(np.uint8)), "MARIGOLD")
-        elif rng is not None:
-            generator = rng_from_state(rng, "MARIGOLD")
-        self.balancer_state = state
-        self._generator = generator
+        load_balancer_state(self, state)
 
     # ------------------------------------------------------------------ backward
     def backward(
@@ -361,21 +294,8 @@ class MARIGOLD(BalancedOptimizer):
         else:
             level = "parameters"
             targets = self._check_parameters(shared_parameters)  # type: ignore[arg-type]
-        self._check_closure(closure, level)
-        if self.estimator == "gaussian" and level == "parameters" and self._group()[0]:
-            raise NotImplementedError(
-                "estimator='gaussian' at the parameter level is not supported under "
-                "torch.distributed; use 'fd' or 'amortized', or representation="
-            )
-        if (
-            self.estimator == "amortized"
-            and level == "representation"
-            and (self.normalize == "grad_norm")
-        ):
-            raise ValueError(
-                "normalize='grad_norm' with estimator='amortized' needs the norm of the "
-                "parameter gradient: pass shared_parameters=, or use normalize='max_abs'"
-            )
+        check_closure(closure, self.estimator, level)
+        check_level(self, level)
         if level == "representation":
             check_reached(analysis.reaches, self._name)
             heads = self._split_heads(analysis) if self.estimator != "gaussian" else None
@@ -386,69 +306,17 @@ class MARIGOLD(BalancedOptimizer):
         return marigold_parameters(self, task_losses, values, targets, closure)
 
     # -- checks
-    def _check_closure(self, closure: Closure | None, level: Level) -> None:
-        if self.estimator != "fd":
-            return
-        if closure is None:
-            if level == "parameters":
-                how = (
-                    "at the parameter level pass a zero-argument callable that re-runs the model "
-                    "on the same batch and returns the K task losses, e.g. "
-                    "closure=lambda: [loss_fn(p, y) for p, y in zip(model(x).task_outputs, ys)]"
-                )
-            else:
-                how = (
-                    "at the representation level pass a callable that takes the (shifted) "
-                    "representation and returns the K task losses computed by the heads, e.g. "
-                    "closure=lambda z: [loss_fn(head(z), y) for head, y in zip(heads, ys)]"
-                )
-            raise ValueError(
-                "estimator='fd' needs closure= to evaluate the task losses at a shifted point "
-                f"(one extra forward on the same batch): {how}. Or use estimator='amortized' "
-                "(no extra forward)."
-            )
-        sig = closure_arity_mismatch(closure, 0 if level == "parameters" else 1)
-        if sig is None:
-            return
-        if level == "parameters":
-            raise TypeError(
-                "with shared_parameters= the closure is called with no argument (it re-runs "
-                f"the model on the same batch); got a closure with signature {sig}"
-            )
-        raise TypeError(
-            "with representation= the closure is called with one argument, the shifted "
-            f"representation (same structure as representation=); got signature {sig}"
-        )
-
     def _closure_losses(self, out: Any, k: int, device: torch.device) -> Tensor:
         return check_closure_losses(out, k, device, self._name, who="closure")
 
     # -- helpers
     def _state(self) -> dict[str, Any]:
-        """The balancer state, its vectors as float64 NumPy arrays on the host.
-
-        MARIGOLD keeps ``lam`` and its history on the host (the weight update is host math on the
-        step's one transfer). A tensor put into ``balancer_state`` from outside (a user, an
-        older pickled optimizer) is copied to the host here, once.
-        """
-        st = self.balancer_state
-        for key in ("weights", "logits"):
-            if isinstance(st.get(key), Tensor):
-                st[key] = _host_vector(st[key])
-        moves = st.get("moves")
-        if moves and any(isinstance(v, Tensor) for m in moves for v in m.values()):
-            st["moves"] = [_to_numpy_tree(m) for m in moves]
-        prev = st.get("previous")
-        if prev and any(isinstance(v, Tensor) for v in prev.values()):
-            st["previous"] = _to_numpy_tree(prev)
-        return st
+        """The balancer state, its vectors as float64 NumPy arrays on the host (see
+        :func:`._state.host_state`)."""
+        return host_state(self.balancer_state)
 
     def _coefficients(self) -> list[float]:
         return [float(c) for c in self._state()["weights"]]
-
-    def _lr(self) -> float:
-        group = self.param_groups[0]
-        return float(group["lr"]) if "lr" in group else 1.0
 
     def _heads(self, shared: list[Tensor]) -> list[Tensor]:
         ids = {id(p) for p in shared}
@@ -491,10 +359,8 @@ class MARIGOLD(BalancedOptimizer):
         out = []
         with (
             _closure_scope(self.eval_mode_closure, cuda) as reset_rng,
-            contextlib.ExitStack() as amp,
+            replay_autocast(self._amp),
         ):
-            for device_type, dtype in self._amp:
-                amp.enter_context(torch.autocast(device_type=device_type, dtype=dtype))
             for setup in points:
                 arg = setup()
                 reset_rng()
@@ -513,122 +379,6 @@ class MARIGOLD(BalancedOptimizer):
         host_sums, host_scalars = step_transfer(self, summed, torch.stack(scalars))
         assert host_sums is not None and host_scalars is not None
         return host_sums[:k], host_sums[k:].reshape(-1, k), host_scalars
-
-    def _fd_estimate(
-        self, value_sums: np.ndarray, raw: np.ndarray, shift_sq: float, divisor: float
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        """``h`` from the host sums of the losses and the closure losses (``raw``: one row per
-        call), with ``a = fd_step / sqrt(shift_sq)``; the estimate of the sums is divided by
-        ``divisor`` (``W`` at the parameter level: the mean; ``W^2`` at the representation
-        level). A squared norm at or below 1e-30 gives ``h = 0`` (no information)."""
-        k = value_sums.shape[0]
-        extras: dict[str, Any] = {"fd_step_size": None, "closure_calls": int(raw.shape[0])}
-        if not shift_sq > _TINY:
-            return np.zeros(k), extras
-        a = self.fd_step / math.sqrt(shift_sq)
-        extras["fd_step_size"] = a
-        if self.fd_scheme == "forward":
-            h = (value_sums - raw[0]) / a
-        elif self.fd_scheme == "forward_closure":
-            h = (raw[0] - raw[1]) / a
-            world = self._world()
-            extras["baseline_gap"] = torch.from_numpy((raw[0] - value_sums) / world)
-        else:
-            h = (raw[0] - raw[1]) / (2 * a)
-        return (h / divisor if divisor != 1 else h), extras
-
-    def _finish(
-        self,
-        values: np.ndarray,
-        h: np.ndarray | None,
-        grad_sq: float,
-        extras: dict[str, Any],
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Normalise and update lam (when there is an estimate), on the host. Returns the
-        weights used for this step and the step's diagnostics (``BalanceInfo.extras``)."""
-        st = self._state()
-        used = st["weights"].copy()
-        mode = self._normalization()
-        h_norm = None
-        if h is not None:
-            h = np.array(h, dtype=np.float64)
-            gsq: float | None = grad_sq
-            at = used  # the weights whose M lam the estimate measures
-            if self.estimator == "amortized":
-                prev = st["previous"]
-                at = prev["weights"]
-                gsq = prev.get("grad_norm_sq")
-                gsq = float("nan") if gsq is None else float(gsq)
-            if self.step_control == "secant":
-                self._control_step(h, at)
-            h_norm = _normalize_np(h, mode, gsq if mode == "grad_norm" else None)
-            new, logits = _step_np(
-                used,
-                h_norm,
-                self.lr_weights * float(st["step_scale"]),
-                self.parametrization,
-                st.get("logits"),
-            )
-            if self.step_control == "secant":
-                move = new - used
-                q = float(h @ move)
-                if q < 0 and float(np.abs(move).max()) > _MIN_MOVE:
-                    # a descent move of F: remember it to measure the overshoot later
-                    pending = [m for m in st["moves"] if not np.array_equal(m["to"], new)]
-                    st["moves"] = [*pending, {"to": new.copy(), "move": move, "q": q}][-2:]
-            st["weights"] = new
-            if logits is not None:
-                st["logits"] = logits
-            st["num_updates"] = int(st.get("num_updates", 0)) + 1
-        diagnostics = {
-            "estimator": self.estimator,
-            "h_hat": None if h is None else torch.from_numpy(h.copy()),
-            "h_normalized": None if h_norm is None else torch.from_numpy(h_norm.copy()),
-            "grad_norm_sq": grad_sq,
-            "normalize": mode,
-            "step_scale": float(st["step_scale"]),
-            **extras,
-            "next_weights": torch.from_numpy(st["weights"].copy()),
-        }
-        self.num_steps += 1
-        if self.num_tasks is None:
-            self.num_tasks = int(values.shape[0])
-        return used, diagnostics
-
-    def _control_step(self, h: np.ndarray, at: np.ndarray) -> None:
-        """Secant step control [R]: after a move ``delta`` of lam taken with slope
-        ``q = h_before . delta < 0``, the new estimate at the arrival point gives
-        ``p = h_after . delta``; along the move F is quadratic, so the best multiple of that move
-        was ``sigma* = q / (q - p)``. The scale ``s`` of ``lr_weights`` is multiplied by
-        ``sigma*`` clipped to [1/2, 2], and ``s`` is kept in [min_step_scale, 1]: the rule only
-        ever damps the plain step (an overshoot, ``p > 0``, shrinks it; an undershoot lets it
-        grow back)."""
-        st = self.balancer_state
-        for i, m in enumerate(st["moves"]):
-            if np.array_equal(m["to"], at):
-                p, q = float(h @ m["move"]), float(m["q"])
-                ratio = 2.0 if p <= q else q / (q - p)
-                ratio = min(2.0, max(0.5, ratio))
-                scale = float(st["step_scale"]) * ratio
-                st["step_scale"] = min(1.0, max(self.min_step_scale, scale))
-                st["moves"] = st["moves"][i + 1 :]
-                return
-
-    def _amortized_estimate(self, values: np.ndarray) -> np.ndarray | None:
-        prev = self._state().get("previous")
-        if not prev or float(prev["lr"]) <= 0:
-            return None
-        estimate: np.ndarray = (prev["losses"] - values) / float(prev["lr"])
-        return estimate
-
-    def _remember(self, values: np.ndarray, used: np.ndarray, grad_sq: float | None) -> None:
-        if self.estimator == "amortized":
-            self.balancer_state["previous"] = {
-                "weights": used.copy(),
-                "losses": np.array(values, dtype=np.float64),
-                "lr": self._lr(),
-                "grad_norm_sq": grad_sq,
-            }
 
     def _result(
         self, level: Level, used: np.ndarray, values: np.ndarray, extras: dict[str, Any]
