@@ -224,6 +224,26 @@ def _detached_total(losses: Tensor | list[Tensor]) -> Tensor:
     return torch.stack([t.detach().reshape(()) for t in losses]).sum()
 
 
+def _scaled_losses(
+    precision: Any, inner: BalancedOptimizer, losses: Tensor | list[Tensor]
+) -> Tensor | list[Tensor]:
+    """The task losses scaled by the precision plugin's ``GradScaler`` (each one), or unchanged
+    without one; a scaler needs a balancer built with ``on_nonfinite="skip"``."""
+    scaler = getattr(precision, "scaler", None)
+    if scaler is None:
+        return losses
+    if inner.on_nonfinite != "skip":
+        raise ValueError(
+            "Lightning's mixed precision uses a GradScaler: construct the balancer with "
+            "on_nonfinite='skip', so that a step whose scaled gradients overflow is skipped "
+            "(the balancer state untouched) and the scaler lowers its scale"
+        )
+    if isinstance(losses, Tensor):
+        scaled: Tensor = scaler.scale(losses)
+        return scaled
+    return [scaler.scale(t) for t in losses]
+
+
 def balanced_manual_backward(
     module: Any,
     optimizer: Any,
@@ -276,21 +296,7 @@ def balanced_manual_backward(
     _check_strategy(strategy)
     precision = strategy.precision_plugin
     task_losses = _as_losses(losses)
-    scaler = getattr(precision, "scaler", None)
-    if scaler is not None:
-        if inner.on_nonfinite != "skip":
-            raise ValueError(
-                "Lightning's mixed precision uses a GradScaler: construct the balancer with "
-                "on_nonfinite='skip', so that a step whose scaled gradients overflow is skipped "
-                "(the balancer state untouched) and the scaler lowers its scale"
-            )
-        scaled: Tensor | list[Tensor] = (
-            scaler.scale(task_losses)
-            if isinstance(task_losses, Tensor)
-            else [scaler.scale(t) for t in task_losses]
-        )
-    else:
-        scaled = task_losses
+    scaled = _scaled_losses(precision, inner, task_losses)
     total = _detached_total(task_losses)
     guard = _guard(inner)
     guard.before_routed(inner)

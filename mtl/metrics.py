@@ -129,6 +129,50 @@ def _group_ids(groups: GroupsLike, n: int) -> NDArray[Any]:
     return arr
 
 
+def _row_weights(weights: ArrayLike, n: int) -> Float64Array:
+    """The per-row weights of :func:`gauc` as float64: ``n`` finite non-negative values."""
+    w_rows = _as_array(weights, "weights")
+    if w_rows.size != n:
+        raise ValueError(f"y_true and weights have different lengths: {n} vs {w_rows.size}")
+    if not np.isfinite(w_rows).all() or (w_rows < 0.0).any():
+        raise ValueError("weights must be finite and non-negative")
+    return w_rows
+
+
+def _group_score_order(g: NDArray[Any], s: Float64Array) -> NDArray[np.intp]:
+    """The permutation that sorts the rows by group, then by score within the group."""
+    try:
+        return np.lexsort((s, g))
+    except TypeError as e:
+        raise ValueError(
+            f"groups must be ids of one sortable type (all ints or all strings): {e}"
+        ) from None
+
+
+def _ranks_within_groups(
+    gs: NDArray[Any], ss: Float64Array
+) -> tuple[NDArray[np.intp], Float64Array, int]:
+    """``(code, ranks, n_groups)`` of rows sorted by group then score (``gs``, ``ss``).
+
+    ``code`` is the dense group index of each row, ``ranks`` its 1-based score rank within its
+    group (tied rows share the mean of their ranks), ``n_groups`` the number of groups.
+    """
+    n = gs.size
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = np.asarray(gs[1:] != gs[:-1], dtype=bool)
+    new_block = new_group.copy()  # a block of tied scores never spans two groups
+    new_block[1:] |= ss[1:] != ss[:-1]
+    code = np.cumsum(new_group) - 1  # dense group index of each sorted row
+    group_first = np.flatnonzero(new_group)  # 0-based position of each group's first row
+    block_first = np.flatnonzero(new_block)
+    block_end = np.append(block_first[1:], n)
+    # 1-based rank within the group: tied rows share the mean of their global positions, minus
+    # the group's offset
+    mean_pos = (block_first + block_end + 1) / 2.0
+    ranks = mean_pos[np.cumsum(new_block) - 1] - group_first[code]
+    return code, ranks, group_first.size
+
+
 def gauc(
     y_true: ArrayLike,
     y_score: ArrayLike,
@@ -165,36 +209,10 @@ def gauc(
     y, s = _pair(y_true, y_score, "y_score")
     _check_labels(y, binary=True)
     g = _group_ids(groups, y.size)
-    w_rows: Float64Array | None = None
-    if weights is not None:
-        w_rows = _as_array(weights, "weights")
-        if w_rows.size != y.size:
-            raise ValueError(
-                f"y_true and weights have different lengths: {y.size} vs {w_rows.size}"
-            )
-        if not np.isfinite(w_rows).all() or (w_rows < 0.0).any():
-            raise ValueError("weights must be finite and non-negative")
-    try:
-        order = np.lexsort((s, g))  # by group, then by score within the group
-    except TypeError as e:
-        raise ValueError(
-            f"groups must be ids of one sortable type (all ints or all strings): {e}"
-        ) from None
-    n = y.size
-    gs, ss, ys = g[order], s[order], y[order]
-    new_group = np.ones(n, dtype=bool)
-    new_group[1:] = np.asarray(gs[1:] != gs[:-1], dtype=bool)
-    new_block = new_group.copy()  # a block of tied scores never spans two groups
-    new_block[1:] |= ss[1:] != ss[:-1]
-    code = np.cumsum(new_group) - 1  # dense group index of each sorted row
-    group_first = np.flatnonzero(new_group)  # 0-based position of each group's first row
-    block_first = np.flatnonzero(new_block)
-    block_end = np.append(block_first[1:], n)
-    # 1-based rank within the group: tied rows share the mean of their global positions, minus
-    # the group's offset
-    mean_pos = (block_first + block_end + 1) / 2.0
-    ranks = mean_pos[np.cumsum(new_block) - 1] - group_first[code]
-    n_groups = group_first.size
+    w_rows = None if weights is None else _row_weights(weights, y.size)
+    order = _group_score_order(g, s)
+    ys = y[order]
+    code, ranks, n_groups = _ranks_within_groups(g[order], s[order])
     size = np.bincount(code, minlength=n_groups).astype(np.float64)
     n_pos = np.bincount(code, weights=ys, minlength=n_groups)
     n_neg = size - n_pos

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, Self, runtime_checkable
 
 import numpy as np
 import torch
@@ -440,7 +440,26 @@ def balance_scalars(
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
-class BalanceLogger:
+class _SinkOwner:
+    """Base of the objects that write to logging sinks (:class:`BalanceLogger`,
+    :class:`~mtl.conflict.ConflictTracker`): :meth:`close` closes the sinks, and the object is
+    a context manager that closes them on exit."""
+
+    sinks: list[Sink]
+
+    def close(self) -> None:
+        """Close every sink."""
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BalanceLogger(_SinkOwner):
     """Log :func:`balance_scalars` of every ``every``-th step to sinks (no Gram matrix needed).
 
     For methods or runs where a :class:`~mtl.conflict.ConflictTracker` is not wanted (the
@@ -481,17 +500,6 @@ class BalanceLogger:
         for sink in self.sinks:
             sink.write(int(step), d)
         return d
-
-    def close(self) -> None:
-        """Close every sink."""
-        for sink in self.sinks:
-            sink.close()
-
-    def __enter__(self) -> BalanceLogger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _check_sink(sink: Any) -> Sink:

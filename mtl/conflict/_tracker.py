@@ -1,14 +1,13 @@
 """``ConflictTracker``: task-conflict metrics recorded during training from each step's
 :class:`~mtl.BalanceInfo`, with an optional parameter-level probe; rolling-window statistics;
-logging sinks; JSON and CSV persistence."""
+logging sinks; JSON and CSV persistence. This module holds the class (schedule, counters,
+sink routing, state); the pieces it combines live next to it: record filling (``_build``), the
+parameter-level probe (``_probe``), rolling windows (``_rolling``) and the files (``_persist``)."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import warnings
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,28 +17,17 @@ import torch
 from torch import Tensor
 
 from .._checks import check_losses
-from .._gram import gram_matrix, task_rows
 from .._info import BalanceInfo
-from ._metrics import as_gram, summarize, update_cosines, update_norm
-from ._records import (
-    GRAM_KEYS,
-    ROLLING_KEY,
-    csv_cell,
-    decode_record,
-    encode,
-    pair_key,
-    record_columns,
-    record_from_csv,
-    record_scalars,
-    rolling_nanmean,
-    scalar_keys,
-    summarize_records,
-    window_cosine,
-    window_pair_key,
-    window_row,
-    window_stats,
-)
-from ._sinks import HeatmapSink, Sink, _check_sink
+from ._build import blank_record, fill_gram, fill_update, set_vector
+from ._metrics import as_gram
+from ._persist import FORMAT as _FORMAT
+from ._persist import VERSION as _VERSION
+from ._persist import read_csv, read_json, write_csv, write_json
+from ._probe import parameter_gram as parameter_gram
+from ._probe import probe_parameters as _probe_parameters
+from ._records import record_scalars, rolling_nanmean, scalar_keys, summarize_records, window_cosine
+from ._rolling import RollingWindows, recent_records
+from ._sinks import HeatmapSink, Sink, _check_sink, _SinkOwner
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -48,13 +36,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ConflictTracker"]
 
-_FORMAT = "mtl.ConflictTracker"
-_VERSION = 1
-
 Source = Literal["balance", "probe"]
 
 
-class ConflictTracker:
+class ConflictTracker(_SinkOwner):
     """Record task-conflict metrics during training, from the Gram matrix the balancer computed.
 
     Call :meth:`update` after every balanced backward pass; on sampled steps
@@ -148,10 +133,7 @@ class ConflictTracker:
         self._pending: tuple[int, Tensor, dict[str, Any]] | None = None
         self.sinks: list[Sink] = [] if sinks is None else [_check_sink(x) for x in sinks]
         self._unsent: list[dict[str, Any]] = []  # probe records not yet written to the sinks
-        # rolling-window rows of the last `window` records per source (see _append)
-        self._rows: dict[str, deque[np.ndarray]] = {}
-        self._rows_of: list[dict[str, Any]] | None = None
-        self._rows_len = 0
+        self._windows = RollingWindows()  # rows of the last `window` records per source
 
     # ------------------------------------------------------------------ schedule
     def is_sampled(self, step: int) -> bool:
@@ -174,39 +156,6 @@ class ConflictTracker:
             )
         return self.task_names
 
-    def _blank(self, step: int, source: Source, level: str, status: str, k: int) -> dict[str, Any]:
-        rec: dict[str, Any] = dict.fromkeys(record_columns(self._names(k)), math.nan)
-        rec.update(step=int(step), source=source, level=str(level), status=status)
-        return rec
-
-    def _fill(self, rec: dict[str, Any], m: Tensor) -> None:
-        names = self.task_names
-        assert names is not None
-        s = summarize(m, conflict_tol=self.conflict_tol)
-        for key in GRAM_KEYS:
-            rec[key] = s[key]
-        for i, n in enumerate(names):
-            rec[f"norm[{n}]"] = s["norms"][i]
-        cos = s["cosine"]
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                rec[pair_key(names[i], names[j])] = cos[i][j]
-
-    def _fill_update(self, rec: dict[str, Any], grams: Tensor, weights: Tensor) -> None:
-        names = self.task_names
-        assert names is not None
-        uc = update_cosines(grams, weights)
-        for i, n in enumerate(names):
-            rec[f"update_cos[{n}]"] = float(uc[i])
-        rec["min_update_cosine"] = float(uc.min())
-        rec["update_norm"] = update_norm(grams, weights)
-
-    @staticmethod
-    def _set_vector(rec: dict[str, Any], prefix: str, names: list[str], values: Tensor) -> None:
-        v = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1).tolist()
-        for n, x in zip(names, v):
-            rec[f"{prefix}[{n}]"] = x
-
     def update(self, step: int, info: BalanceInfo) -> dict[str, Any] | None:
         """Record the metrics of ``info`` if ``step`` is sampled; return the record or ``None``.
 
@@ -223,8 +172,8 @@ class ConflictTracker:
         if self._pending is not None:
             p_step, p_gram, p_rec = self._pending
             if p_step == step and not info.skipped and weights.dim() == 1:
-                self._set_vector(p_rec, "weight", names, weights)
-                self._fill_update(p_rec, p_gram, weights)
+                set_vector(p_rec, "weight", names, weights)
+                fill_update(p_rec, names, p_gram, weights)
             if p_step <= step:
                 self._pending = None
         if not self.is_sampled(step):
@@ -251,19 +200,19 @@ class ConflictTracker:
                 )
         else:
             status = "ok"
-        rec = self._blank(step, "balance", info.level, status, k)
-        self._set_vector(rec, "loss", names, info.losses)
+        rec = blank_record(names, step, "balance", info.level, status)
+        set_vector(rec, "loss", names, info.losses)
         if not info.skipped:
             w_mean = weights if weights.dim() == 1 else weights.mean(0)
-            self._set_vector(rec, "weight", names, w_mean)
+            set_vector(rec, "weight", names, w_mean)
         if status == "ok":
             assert gram is not None
             m = as_gram(gram)
-            self._fill(rec, m)
+            fill_gram(rec, names, m, self.conflict_tol)
             if weights.dim() == 1 or weights.shape[0] == 1:
-                self._fill_update(rec, m, weights)
+                fill_update(rec, names, m, weights)
             elif info.block_grams is not None and info.block_grams.shape[0] == weights.shape[0]:
-                self._fill_update(rec, as_gram(info.block_grams, allow_blocks=True), weights)
+                fill_update(rec, names, as_gram(info.block_grams, allow_blocks=True), weights)
         self._append(rec)
         self._emit_probes(step, rec)
         return rec
@@ -304,11 +253,11 @@ class ConflictTracker:
         m = parameter_gram(items, params)
         self.num_probes += 1
         finite = bool(torch.isfinite(m).all())
-        rec = self._blank(step, "probe", "parameters", "ok" if finite else "skipped", k)
-        self._set_vector(rec, "loss", names, torch.stack([t.detach() for t in items]))
+        rec = blank_record(names, step, "probe", "parameters", "ok" if finite else "skipped")
+        set_vector(rec, "loss", names, torch.stack([t.detach() for t in items]))
         if finite:
             m = as_gram(m)
-            self._fill(rec, m)
+            fill_gram(rec, names, m, self.conflict_tol)
             if weights is None:
                 self._pending = (step, m, rec)  # completed by update() of the same step
             else:
@@ -316,8 +265,8 @@ class ConflictTracker:
                     weights.detach().cpu() if isinstance(weights, Tensor) else weights,
                     dtype=torch.float64,
                 )
-                self._set_vector(rec, "weight", names, w if w.dim() == 1 else w.mean(0))
-                self._fill_update(rec, m, w)
+                set_vector(rec, "weight", names, w if w.dim() == 1 else w.mean(0))
+                fill_update(rec, names, m, w)
         self._append(rec)
         if self.sinks:
             self._unsent.append(rec)  # written with the update() of its step
@@ -326,43 +275,14 @@ class ConflictTracker:
     # ------------------------------------------------------------------ rolling windows
     def _recent(self, source: str, window: int) -> list[dict[str, Any]]:
         """The last ``window`` records of ``source``, oldest first."""
-        out: list[dict[str, Any]] = []
-        hist = self.history
-        i = len(hist)
-        while i > 0 and len(out) < window:
-            i -= 1
-            if hist[i]["source"] == source:
-                out.append(hist[i])
-        out.reverse()
-        return out
+        return recent_records(self.history, source, window)
 
     def _append(self, rec: dict[str, Any]) -> None:
-        """Append ``rec`` and fill its rolling-window entries (this record included).
-
-        The last ``window`` rows of each source are kept as small arrays (:func:`window_row`), so
-        a record costs O(window * K^2) float operations, not a walk over dicts; they are rebuilt
-        from the history when it was replaced (``load_state_dict``, ``from_csv``).
-        """
+        """Append ``rec`` and fill its rolling-window entries (this record included; see
+        :class:`~._rolling.RollingWindows`)."""
         names = self.task_names
         assert names is not None
-        if self._rows_of is not self.history or self._rows_len != len(self.history):
-            self._rows = {
-                src: deque(
-                    (window_row(r, names) for r in self._recent(src, self.window)),
-                    maxlen=self.window,
-                )
-                for src in ("balance", "probe")
-            }
-            self._rows_of = self.history
-        self.history.append(rec)
-        self._rows_len = len(self.history)
-        rows = self._rows[rec["source"]]
-        rows.append(window_row(rec, names))
-        rate, m = window_stats(rows, len(names))
-        rec[ROLLING_KEY] = rate
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                rec[window_pair_key(names[i], names[j])] = float(m[i, j])
+        self._windows.append(self.history, rec, names, self.window)
 
     def rolling_conflict_rate(
         self, window: int | None = None, source: Source = "balance"
@@ -469,9 +389,7 @@ class ConflictTracker:
         # a balance record is written right after it was appended: it is the latest one
         has_balance = any(r["source"] == "balance" for r in recs)
         if has_balance and any(isinstance(sink, HeatmapSink) for sink in self.sinks):
-            rows = self._rows["balance"]
-            matrix = window_stats(rows, len(names))[1]
-            n_ok = sum(not math.isnan(float(r[-1])) for r in rows) if names else 0
+            matrix, n_ok = self._windows.balance_cosine(names)
             title = f"Cosine: mean of the last {n_ok} sampled steps (step {step})"
             for sink in self.sinks:
                 if isinstance(sink, HeatmapSink):
@@ -485,14 +403,7 @@ class ConflictTracker:
     def close(self) -> None:
         """:meth:`flush`, then close every sink (the tracker keeps its history)."""
         self.flush()
-        for sink in self.sinks:
-            sink.close()
-
-    def __enter__(self) -> ConflictTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     def plot_dashboard(
         self,
@@ -598,17 +509,12 @@ class ConflictTracker:
 
     def to_json(self, path: str | PathLike[str]) -> None:
         """Write :meth:`state_dict` as strict JSON (NaN as ``null``, infinities as strings)."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(encode(self.state_dict()), f, indent=1, allow_nan=False)
+        write_json(path, self.state_dict())
 
     @classmethod
     def from_json(cls, path: str | PathLike[str]) -> ConflictTracker:
         """A tracker restored from :meth:`to_json` output (same schedule, names and history)."""
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a ConflictTracker JSON file")
-        state["history"] = [decode_record(r) for r in state.get("history", [])]
+        state = read_json(path)
         tracker = cls(
             every=state["every"],
             param_level_every=state.get("param_level_every"),
@@ -621,12 +527,7 @@ class ConflictTracker:
 
     def to_csv(self, path: str | PathLike[str]) -> None:
         """Write the history as a CSV table, one row per record (:func:`record_columns`)."""
-        cols = record_columns(self.task_names or [])
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(cols)
-            for r in self.history:
-                writer.writerow([csv_cell(r.get(c, math.nan)) for c in cols])
+        write_csv(path, self.task_names or [], self.history)
 
     @classmethod
     def from_csv(
@@ -642,18 +543,14 @@ class ConflictTracker:
         Task names are recovered from the ``norm[...]`` columns; the counters are recomputed
         from the records; the schedule and the window are not stored in the CSV (pass them).
         """
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader)
-            rows = list(reader)
-        names = [c[5:-1] for c in header if c.startswith("norm[") and c.endswith("]")]
+        names, history = read_csv(path)
         tracker = cls(
             every=every,
             param_level_every=param_level_every,
             task_names=names or None,
             window=window,
         )
-        tracker.history = [record_from_csv(header, row) for row in rows]
+        tracker.history = history
         balance = tracker.records("balance")
         tracker.num_sampled = len(balance)
         tracker.num_no_gram = sum(r["status"] == "no_gram" for r in balance)
@@ -688,30 +585,3 @@ def _check_names(names: Sequence[str]) -> list[str]:
     if len(set(out)) != len(out):
         raise ValueError(f"task_names must be unique, got {out}")
     return out
-
-
-def _probe_parameters(shared_parameters: Iterable[Tensor]) -> list[Tensor]:
-    if isinstance(shared_parameters, Tensor):
-        raise TypeError("shared_parameters must be an iterable of tensors (wrap it in a list)")
-    params = [p for p in shared_parameters if p.requires_grad]
-    if not params:
-        raise ValueError("shared_parameters has no tensor that requires grad")
-    return params
-
-
-def parameter_gram(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """The float64 Gram matrix (on the CPU) of the task gradients ``dL_k / d params``.
-
-    K ``torch.autograd.grad(L_k, params, retain_graph=True)`` calls (``.grad`` untouched), then
-    :func:`mtl._gram.gram_matrix` of each parameter's ``(K, n)`` rows (:func:`mtl._gram.task_rows`:
-    sparse gradients keep only the touched rows), summed over the parameters.
-    """
-    grads = [
-        torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses
-    ]
-    m = torch.zeros(len(losses), len(losses), dtype=torch.float64)
-    for j, p in enumerate(params):
-        column: list[Tensor | None] = [g[j] for g in grads]
-        rows, _ = task_rows(column, p, densify=False)
-        m += gram_matrix(rows).cpu()
-    return m
