@@ -99,22 +99,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments",
-        description="Multi-task gradient-balancing experiments (synthetic, Census-Income, toy, "
-        "CSV files).",
-        epilog=CSV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    task_cmd: dict[str, Any] = {
-        "epilog": CSV_HELP,
-        "formatter_class": argparse.RawDescriptionHelpFormatter,
-    }
+_Subparsers = argparse._SubParsersAction  # the object ``add_subparsers`` returns
 
-    p = sub.add_parser("run", help="one model, one balancer, one task, one seed", **task_cmd)
+
+def _task_command(sub: _Subparsers[Any], name: str, summary: str) -> argparse.ArgumentParser:
+    """Subcommand ``name`` that trains on a task: the common options (:func:`_common`) and the
+    CSV task's help after them."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, epilog=CSV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _common(p)
+    return p
+
+
+def _add_run(sub: _Subparsers[Any]) -> None:
+    """``run``: one model, one balancer, one task, one seed."""
+    p = _task_command(sub, "run", "one model, one balancer, one task, one seed")
     p.add_argument("--balancer", default="equal", help="balancer name (default equal)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
@@ -125,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--single-task", action="store_true", help="also train single-task baselines (Δm)"
     )
 
-    p = sub.add_parser("compare", help="every balancer side by side over seeds", **task_cmd)
-    _common(p)
+
+def _add_compare(sub: _Subparsers[Any]) -> None:
+    """``compare``: every balancer side by side over seeds."""
+    p = _task_command(sub, "compare", "every balancer side by side over seeds")
     p.add_argument(
         "--balancers", default="core",
         help="a comma-separated list of balancers and groups: 'core' (default: the six "
@@ -147,13 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         "tuned.json) on these seeds: a row 'static weights (tuned, N runs)'",
     )  # fmt: skip
 
-    p = sub.add_parser(
+
+def _add_tune_static(sub: _Subparsers[Any]) -> None:
+    """``tune-static``: the grid search of fixed task weights."""
+    p = _task_command(
+        sub,
         "tune-static",
-        help="grid-search fixed task weights on the validation set (the tuned static-weight "
+        "grid-search fixed task weights on the validation set (the tuned static-weight "
         "baseline; feed its --out to compare --tuned-static)",
-        **task_cmd,
     )
-    _common(p)
     p.add_argument(
         "--grid", default=",".join(f"{v:g}" for v in DEFAULT_GRID), metavar="V1,V2,...",
         help="values of each weight other than the anchor's (default %(default)s): "
@@ -163,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="tuning seeds (default 1)")
     p.add_argument("--first-seed", type=int, default=0)
 
-    p = sub.add_parser("sweep", help="one balancer over values of one option", **task_cmd)
-    _common(p)
+
+def _add_sweep(sub: _Subparsers[Any]) -> None:
+    """``sweep``: one balancer over values of one option."""
+    p = _task_command(sub, "sweep", "one balancer over values of one option")
     p.add_argument("--balancer", required=True)
     p.add_argument(
         "--param", required=True, metavar="NAME=V1,V2,...",
@@ -178,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--single-task", action="store_true", help="single-task baselines (Δm)")
 
+
+def _add_other_commands(sub: _Subparsers[Any]) -> None:
+    """``list``, ``report`` and ``bench`` (whose options :mod:`experiments.bench` parses)."""
     sub.add_parser("list", help="balancers (and whether they are available), configs, tasks")
     p = sub.add_parser(
         "report",
@@ -191,4 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m experiments bench --help)",
         add_help=False,
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments",
+        description="Multi-task gradient-balancing experiments (synthetic, Census-Income, toy, "
+        "CSV files).",
+        epilog=CSV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_compare(sub)
+    _add_tune_static(sub)
+    _add_sweep(sub)
+    _add_other_commands(sub)
     return parser

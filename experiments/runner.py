@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from balancers.registry import make_balancer
+from mtl import BalancedOptimizer
 from mtl.models import build_model
-from mtl.train import fit
+from mtl.train import TrainResult, fit
 
 from . import report
 
@@ -142,12 +143,7 @@ def train_one(
     torch.manual_seed(int(seed))
     model = build_model(name, **splits.model_kwargs(), **model_kwargs)
     inner = build_inner_optimizer(cfg, model.parameters())
-    extra: dict[str, Any] = {}
-    if "seed" not in options and _takes_seed(balancer):
-        extra["seed"] = int(seed)  # e.g. PCGrad's random order: independent across seeds
-    opt = make_balancer(
-        balancer, inner, splits.num_tasks, task_names=splits.task_names, **dict(options), **extra
-    )
+    opt = _make_balancer(balancer, inner, splits, options, seed)
     scheduler = build_scheduler(cfg, inner)
     regularizer = build_regularizer(cfg, int(seed))
     result = fit(
@@ -169,11 +165,50 @@ def train_one(
         desc=desc,
         regularizer=regularizer,
     )
+    valid_metrics, test_metrics = _final_metrics(cfg, model, splits, result)
+    record: dict[str, Any] = {
+        "balancer": balancer,
+        "options": dict(options),
+        "seed": int(seed),
+        "metrics": test_metrics,
+        "valid_metrics": valid_metrics,
+        **_result_fields(result),
+        "weights_kind": getattr(type(opt), "weights_kind", "weights"),
+        "weights_trace": [[s, w] for s, w in result.weights_trace],
+        "train_time_s": result.train_time_s,
+    }
+    if keep_history:
+        record["history"] = _history(result)
+    return record
+
+
+def _make_balancer(
+    balancer: str,
+    inner: torch.optim.Optimizer,
+    splits: Any,
+    options: Mapping[str, Any],
+    seed: int,
+) -> BalancedOptimizer:
+    """Balancer ``balancer`` with ``options`` around ``inner``; a balancer that takes a seed
+    and is not given one in ``options`` gets the run's ``seed``."""
+    extra: dict[str, Any] = {}
+    if "seed" not in options and _takes_seed(balancer):
+        extra["seed"] = int(seed)  # e.g. PCGrad's random order: independent across seeds
+    return make_balancer(
+        balancer, inner, splits.num_tasks, task_names=splits.task_names, **dict(options), **extra
+    )
+
+
+def _final_metrics(
+    cfg: Mapping[str, Any], model: torch.nn.Module, splits: Any, result: TrainResult
+) -> tuple[dict[str, dict[str, float]] | None, dict[str, dict[str, float]] | None]:
+    """The validation and test metrics of ``result`` (the test ones ``None`` when not
+    evaluated), with the extra binary metrics (:func:`extra_metrics`) of ``model`` merged in."""
     test_metrics: dict[str, dict[str, float]] | None = result.test_metrics
     valid_metrics: dict[str, dict[str, float]] | None = result.valid_metrics
     extra_names = _extra_names(cfg, _has_groups(splits))
     if extra_names:
-        eval_bs = int(train_cfg.get("eval_batch_size", 4096))
+        eval_bs = int(dict(cfg.get("train", {})).get("eval_batch_size", 4096))
         valid_metrics = _merge(
             valid_metrics, extra_metrics(model, splits.valid, extra_names, batch_size=eval_bs)
         )
@@ -181,12 +216,13 @@ def train_one(
             test_metrics = _merge(
                 test_metrics, extra_metrics(model, splits.test, extra_names, batch_size=eval_bs)
             )
-    record: dict[str, Any] = {
-        "balancer": balancer,
-        "options": dict(options),
-        "seed": int(seed),
-        "metrics": test_metrics,
-        "valid_metrics": valid_metrics,
+    return valid_metrics, test_metrics
+
+
+def _result_fields(result: TrainResult) -> dict[str, Any]:
+    """The timings, lengths and mean weights of a :func:`~mtl.train.fit` result, as the run
+    record lists them."""
+    return {
         "step_time_s": result.step_time_s,
         "step_time_mean_s": result.step_time_mean_s,
         "iter_time_s": result.iter_time_s,
@@ -195,23 +231,22 @@ def train_one(
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "weights_mean": result.weights_mean,
-        "weights_kind": getattr(type(opt), "weights_kind", "weights"),
-        "weights_trace": [[s, w] for s, w in result.weights_trace],
-        "train_time_s": result.train_time_s,
     }
-    if keep_history:
-        record["history"] = [
-            {
-                "epoch": h["epoch"],
-                "train_loss": h["train_loss"],
-                "score": h.get("score"),
-                "valid": h.get("valid"),
-                "weights_mean": h["weights_mean"],
-                "step_time_s": h["step_time_s"],
-            }
-            for h in result.history
-        ]
-    return record
+
+
+def _history(result: TrainResult) -> list[dict[str, Any]]:
+    """The per-epoch history of a :func:`~mtl.train.fit` result, as the run record keeps it."""
+    return [
+        {
+            "epoch": h["epoch"],
+            "train_loss": h["train_loss"],
+            "score": h.get("score"),
+            "valid": h.get("valid"),
+            "weights_mean": h["weights_mean"],
+            "step_time_s": h["step_time_s"],
+        }
+        for h in result.history
+    ]
 
 
 def _failed(

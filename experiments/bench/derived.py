@@ -4,6 +4,7 @@ diagnostics overhead and the TorchJD head-to-head, from the sections' rows."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from experiments.bench.results import find_row, pair_ratio
@@ -26,17 +27,22 @@ def _ratio_fields(prefix: str, r: dict[str, Any]) -> dict[str, Any]:
     return {prefix: r["ratio"], f"{prefix}_min": r["ratio_min"], f"{prefix}_max": r["ratio_max"]}
 
 
-def _pair(
-    sections: dict[str, Any], section: str, mode: str, base: str, k: int
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
-    """The ratio of ``mode`` over ``base`` (same rounds) and both rows, or ``None`` when any
-    is missing."""
+def _pair_row(
+    sections: dict[str, Any],
+    section: str,
+    mode: str,
+    base: str,
+    k: int,
+    fields: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The row ``{"K": k, **fields(ratio, row, base_row)}`` from the ratio of ``mode`` over
+    ``base`` (same rounds) and both rows, or ``None`` when any is missing."""
     pr = pair_ratio(sections, section, mode, base, k)
     row = find_row(sections, section, mode, k)
     base_row = find_row(sections, section, base, k)
     if not pr or row is None or base_row is None:
         return None
-    return pr, row, base_row
+    return {"K": k, **fields(pr, row, base_row)}
 
 
 def _multibalance(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
@@ -56,19 +62,19 @@ def _multibalance(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
     }
 
 
-def _mgda_ub(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
-    found = _pair(sections, "param", "rep:mgda", "param:mgda", k)
-    if found is None:
-        return None
-    pr, rep, par = found
+def _mgda_ub_fields(pr: dict[str, Any], rep: dict[str, Any], par: dict[str, Any]) -> dict[str, Any]:
+    """MGDA-UB (``rep:mgda``) against parameter-level MGDA: both times, ratio, saving, speed-up."""
     return {
-        "K": k,
         "rep_ms": rep["ms_per_step"],
         "param_ms": par["ms_per_step"],
         **_ratio_fields("time_ratio", pr),
         "time_saved": 1 - pr["ratio"],
         "speedup": 1 / pr["ratio"],
     }
+
+
+def _mgda_ub(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
+    return _pair_row(sections, "param", "rep:mgda", "param:mgda", k, _mgda_ub_fields)
 
 
 def _marigold_k(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
@@ -82,19 +88,21 @@ def _marigold_k(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
     return row if measured else None  # plain steps alone: MARIGOLD and MGDA were not run
 
 
-def _diagnostics(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
-    found = _pair(sections, "rep", "rep:mgda+tracker", "rep:mgda", k)
-    if found is None:
-        return None
-    d, tracker, mgda = found
+def _diagnostics_fields(
+    d: dict[str, Any], tracker: dict[str, Any], mgda: dict[str, Any]
+) -> dict[str, Any]:
+    """The ConflictTracker's overhead on MGDA (median and range) and both times."""
     return {
-        "K": k,
         "overhead": d["ratio"] - 1,
         "overhead_min": d["ratio_min"] - 1,
         "overhead_max": d["ratio_max"] - 1,
         "mgda_ms": mgda["ms_per_step"],
         "tracker_ms": tracker["ms_per_step"],
     }
+
+
+def _diagnostics(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
+    return _pair_row(sections, "rep", "rep:mgda+tracker", "rep:mgda", k, _diagnostics_fields)
 
 
 def _h2h(sections: dict[str, Any], k: int) -> dict[str, Any] | None:
