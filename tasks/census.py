@@ -54,6 +54,10 @@ Files are looked up in: the explicit ``path`` (a file or a directory), else the 
 environment variable ``MTL_CENSUS_DIR``, else ``../shared/data/census-income-kdd/`` next to the
 repository root. Parsed files are cached in memory (keyed on path, size and mtime), so loading
 several seeds parses the file once; :func:`clear_cache` empties the cache.
+
+This module parses the files and assembles the data set; the column tables and task groups live
+in :mod:`tasks._census_tasks` and the file lookup in :mod:`tasks._census_files` (both
+re-exported here).
 """
 
 from __future__ import annotations
@@ -62,7 +66,6 @@ import functools
 import gzip
 import io
 import os
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -70,6 +73,35 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
+from ._census_files import (  # noqa: F401  (TEST_FILES, TRAIN_FILES, _find_in_dir re-exported)
+    _DOWNLOAD_HELP,
+    ENV_VAR,
+    TEST_FILES,
+    TRAIN_FILES,
+    _find_in_dir,
+    default_census_dir,
+    resolve_census_files,
+)
+from ._census_tasks import (  # noqa: F401  (the unused ones re-exported)
+    _ALWAYS_DROPPED,
+    _GROUP_ALIASES,
+    _REGRESSION_TASKS,
+    _TASK_DROPS,
+    CENSUS_COLUMNS,
+    CENSUS_GROUPS,
+    EDUCATION_POSITIVE,
+    INCOME_NEGATIVE,
+    INCOME_POSITIVE,
+    LOG_COLUMNS,
+    NEVER_MARRIED,
+    NUMERIC_COLUMNS,
+    _group_label,
+    _input_columns,
+    _label,
+    _labels,
+    _resolve_group,
+    _strata,
+)
 from ._data import (
     DataError,
     DataSplits,
@@ -78,6 +110,7 @@ from ._data import (
     TaskSpec,
     stratified_split,
 )
+from ._gzip_files import _GZIP_ERRORS, _open_binary
 from ._preprocess import (
     ColumnEncoder,
     Locate,
@@ -101,177 +134,17 @@ __all__ = [
     "clear_cache",
 ]
 
-CENSUS_COLUMNS: tuple[str, ...] = (
-    "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour",
-    "hs_college", "marital_stat", "major_ind_code", "major_occ_code", "race", "hisp_origin",
-    "sex", "union_member", "unemp_reason", "full_or_part_emp", "capital_gains",
-    "capital_losses", "stock_dividends", "tax_filer_stat", "region_prev_res", "state_prev_res",
-    "det_hh_fam_stat", "det_hh_summ", "instance_weight", "mig_chg_msa", "mig_chg_reg",
-    "mig_move_reg", "mig_same", "mig_prev_sunbelt", "num_emp", "fam_under_18",
-    "country_father", "country_mother", "country_self", "citizenship", "own_or_self",
-    "vet_question", "vet_benefits", "weeks_worked", "year", "income_50k",
-)  # fmt: skip
-"""The 42 fields of the UCI files, in file order."""
-
-NUMERIC_COLUMNS: tuple[str, ...] = (
-    "age", "wage_per_hour", "capital_gains", "capital_losses", "stock_dividends", "num_emp",
-    "weeks_worked",
-)  # fmt: skip
-"""The continuous columns (numeric features); every other input column is categorical."""
-
-LOG_COLUMNS: tuple[str, ...] = (
-    "wage_per_hour",
-    "capital_gains",
-    "capital_losses",
-    "stock_dividends",
-)
-"""Heavy-tailed money columns transformed with ``sign(x) * log1p(|x|)`` when ``log_money``."""
-
-EDUCATION_POSITIVE: frozenset[str] = frozenset(
-    {
-        "Associates degree-academic program",
-        "Associates degree-occup /vocational",
-        "Bachelors degree(BA AB BS)",
-        "Masters degree(MA MS MEng MEd MSW MBA)",
-        "Prof school degree (MD DDS DVM LLB JD)",
-        "Doctorate degree(PhD EdD)",
-    }
-)
-"""``education`` values (stripped, exactly as in the file) counted as "associate degree or higher"."""
-
-INCOME_POSITIVE = "50000+."
-INCOME_NEGATIVE = "- 50000."
-NEVER_MARRIED = "Never married"
-
-_TASK_DROPS = {
-    "income": ("income_50k",),
-    "never_married": ("marital_stat",),
-    "education": ("education", "hs_college"),
-    "weeks_worked": ("weeks_worked", "num_emp"),
-    "has_capital_gains": ("capital_gains",),
-}
-_REGRESSION_TASKS = frozenset({"weeks_worked"})
-_ALWAYS_DROPPED = ("instance_weight", "income_50k")
-
-CENSUS_GROUPS: dict[int | str, tuple[str, ...]] = {
-    1: ("income", "never_married"),
-    2: ("education", "never_married"),
-    3: ("income", "never_married", "education"),
-    "mixed": ("income", "never_married", "weeks_worked"),
-    "mixed_sparse": ("has_capital_gains", "never_married", "weeks_worked"),
-}
-"""Task groups: 1 and 2 from the MMoE paper, 3 the natural 3-task variant, and the mixed-scale
-groups (two binary tasks and a raw-unit regression; ``mixed_sparse`` with a 3.7 % positive task)."""
-
-_GROUP_ALIASES: dict[str, int | str] = {
-    "1": 1, "group1": 1, "income-marital": 1, "income_marital": 1,
-    "2": 2, "group2": 2, "education-marital": 2, "education_marital": 2,
-    "3": 3, "group3": 3, "3task": 3, "3-task": 3, "3tasks": 3,
-    "mixed": "mixed", "mixed-sparse": "mixed_sparse", "mixed_sparse": "mixed_sparse",
-}  # fmt: skip
-
-ENV_VAR = "MTL_CENSUS_DIR"
-"""Environment variable naming the directory (or file) holding the Census-Income files."""
-
-TEST_FILES: tuple[str, ...] = ("census-income.test.gz", "census-income.test")
-TRAIN_FILES: tuple[str, ...] = ("census-income.data.gz", "census-income.data")
-
-_DOWNLOAD_HELP = (
-    "Download the UCI 'Census-Income (KDD)' data set "
-    "(https://archive.ics.uci.edu/dataset/117/census+income+kdd): the files "
-    "census-income.test.gz (99,762 rows; enough for the default re-split protocol) and, for the "
-    "canonical train/test protocol, census-income.data.gz (199,523 rows); plain uncompressed "
-    "files work too. Put them in one directory and pass path=<directory> to load_census, or set "
-    f"the environment variable {ENV_VAR}=<directory>; the default location is "
-    "../shared/data/census-income-kdd/ next to the repository root."
-)
-
 _NUM_FIELDS = len(CENSUS_COLUMNS)
 _CHUNK_BYTES = 8 << 20
 
-
-# ---------------------------------------------------------------------------------- files
-def default_census_dir() -> Path:
-    """``<repository root>/../shared/data/census-income-kdd`` (may not exist)."""
-    return (
-        Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "census-income-kdd"
-    ).resolve()
-
-
-def _find_in_dir(d: Path, names: Sequence[str]) -> Path | None:
-    for name in names:
-        p = d / name
-        if p.is_file():
-            return p
-    return None
-
-
-def resolve_census_files(
-    path: str | os.PathLike[str] | None = None,
-    train_path: str | os.PathLike[str] | None = None,
-) -> tuple[Path, Path | None]:
-    """Locate the Census-Income files.
-
-    Args:
-        path: a file (the one to re-split, or the test file when a training file is also
-            given) or a directory holding ``census-income.test(.gz)`` and optionally
-            ``census-income.data(.gz)``. ``None``: ``$MTL_CENSUS_DIR``, else
-            :func:`default_census_dir`.
-        train_path: the 199,523-row training file (overrides one found in the directory).
-
-    Returns:
-        ``(main_file, train_file)``: ``main_file`` is the test file (or the only file found);
-        ``train_file`` is ``None`` when no training file is available.
-
-    Raises:
-        FileNotFoundError: nothing usable was found; the message says what to download and where.
-    """
-    if path is not None:
-        where = Path(path).expanduser()
-        origin = f"path={str(path)!r}"
-    elif os.environ.get(ENV_VAR):
-        where = Path(os.environ[ENV_VAR]).expanduser()
-        origin = f"${ENV_VAR}={os.environ[ENV_VAR]!r}"
-    else:
-        where = default_census_dir()
-        origin = f"the default directory {str(where)!r}"
-    main: Path | None
-    train: Path | None = None
-    if where.is_file():
-        main = where
-    elif where.is_dir():
-        main = _find_in_dir(where, TEST_FILES)
-        train = _find_in_dir(where, TRAIN_FILES)
-        if main is None and train_path is None:
-            main, train = train, None
-    else:
-        raise FileNotFoundError(
-            f"Census-Income (KDD) data not found: {origin} does not exist. {_DOWNLOAD_HELP}"
-        )
-    if main is None:
-        raise FileNotFoundError(
-            f"Census-Income (KDD) data not found in {origin}: expected one of "
-            f"{', '.join(TEST_FILES + TRAIN_FILES)}. {_DOWNLOAD_HELP}"
-        )
-    if train_path is not None:
-        train = Path(train_path).expanduser()
-        if not train.is_file():
-            raise FileNotFoundError(
-                f"Census-Income training file not found: train_path={str(train_path)!r}. "
-                f"{_DOWNLOAD_HELP}"
-            )
-    if train is not None and train.resolve() == main.resolve():
-        train = None
-    return main, train
+_RESPLIT_NOTE = (
+    "re-split of the UCI test file (4x less training data than the paper): numbers "
+    "are not comparable with published results"
+)
+_CANONICAL_NOTE = "canonical UCI train/test protocol"
 
 
 # ---------------------------------------------------------------------------------- parsing
-def _open_binary(path: Path) -> gzip.GzipFile | io.BufferedReader:
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
-
-
 def _iter_blocks(f: gzip.GzipFile | io.BufferedReader) -> Iterator[bytes]:
     """Blocks of whole lines (each ending at a newline, except possibly the last one)."""
     carry = b""
@@ -341,7 +214,7 @@ def _read_table_cached(
                     n += len(cols[0])
                 if max_rows is not None and n >= max_rows:
                     break
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+    except _GZIP_ERRORS as e:
         raise DataError(
             f"{p}: cannot decompress the gzip data ({type(e).__name__}: {e}); the file is "
             f"truncated or corrupted: download it again"
@@ -378,71 +251,6 @@ def _concat(a: RawColumn, b: RawColumn) -> RawColumn:
 
 
 # ---------------------------------------------------------------------------------- loader
-def _group_label(g: int | str) -> str:
-    return f"group{g}" if isinstance(g, int) else g
-
-
-def _resolve_group(group: int | str | Sequence[str]) -> tuple[tuple[str, ...], str]:
-    if isinstance(group, bool):
-        raise ValueError(
-            f"group must be 1, 2, 3, 'mixed', 'mixed_sparse' or a sequence of task names, "
-            f"got {group!r}"
-        )
-    if isinstance(group, int):
-        if group not in CENSUS_GROUPS:
-            raise ValueError(
-                f"unknown Census-Income group {group!r}; choose 1, 2, 3, 'mixed' or 'mixed_sparse'"
-            )
-        return CENSUS_GROUPS[group], f"group{group}"
-    if isinstance(group, str):
-        key = group.strip().lower()
-        if key not in _GROUP_ALIASES:
-            raise ValueError(
-                f"unknown Census-Income group {group!r}; choose 1, 2, 3, 'mixed', 'mixed_sparse' "
-                f"(or one of {sorted(_GROUP_ALIASES)}) or a sequence of task names from "
-                f"{sorted(_TASK_DROPS)}"
-            )
-        g = _GROUP_ALIASES[key]
-        return CENSUS_GROUPS[g], _group_label(g)
-    names = tuple(str(t) for t in group)
-    unknown = [t for t in names if t not in _TASK_DROPS]
-    if not names or unknown or len(set(names)) != len(names):
-        raise ValueError(
-            f"invalid Census-Income task list {list(names)}: use distinct names from "
-            f"{sorted(_TASK_DROPS)}"
-        )
-    for g, tasks in CENSUS_GROUPS.items():
-        if tasks == names:
-            return names, _group_label(g)
-    return names, "+".join(names)
-
-
-def _label(table: dict[str, RawColumn], task: str, locate: Locate | None) -> np.ndarray:
-    """One target column: 0/1 for the binary tasks, raw units for ``weeks_worked``."""
-    if task == "income":
-        return table["income_50k"].mask([INCOME_POSITIVE])
-    if task == "never_married":
-        return table["marital_stat"].mask([NEVER_MARRIED])
-    if task == "education":
-        return table["education"].mask(EDUCATION_POSITIVE)
-    if task == "has_capital_gains":
-        return numeric_values(table["capital_gains"], "capital_gains", locate=locate) > 0
-    return numeric_values(table[task], task, locate=locate)
-
-
-def _labels(
-    table: dict[str, RawColumn], tasks: Sequence[str], locate: Locate | None = None
-) -> np.ndarray:
-    cols = [np.asarray(_label(table, t, locate), dtype=np.float64) for t in tasks]
-    return np.stack(cols, axis=1).astype(np.float32)
-
-
-def _strata(y: np.ndarray, tasks: Sequence[str]) -> np.ndarray:
-    """The binary label columns, which the stratified split keeps balanced."""
-    keep = [j for j, t in enumerate(tasks) if t not in _REGRESSION_TASKS]
-    return y[:, keep]
-
-
 def _subsample_rows(n: int, subsample: float | int | None, rng: np.random.Generator) -> np.ndarray:
     if subsample is None:
         return np.arange(n)
@@ -540,20 +348,6 @@ def _resplit_table(
     return _Table(table, y, (tr, va, te), files, locate)
 
 
-def _input_columns(
-    task_names: Sequence[str], drop_columns: Sequence[str]
-) -> tuple[list[str], list[str], list[str]]:
-    """``(dropped, numeric, categorical)`` column lists."""
-    dropped = list(_ALWAYS_DROPPED)
-    for t in task_names:
-        dropped += [c for c in _TASK_DROPS[t] if c not in dropped]
-    dropped += [c for c in drop_columns if c not in dropped]
-    inputs = [c for c in CENSUS_COLUMNS if c not in dropped]
-    num_cols = [c for c in inputs if c in NUMERIC_COLUMNS]
-    cat_cols = [c for c in inputs if c not in NUMERIC_COLUMNS]
-    return dropped, num_cols, cat_cols
-
-
 def _numeric_features(
     table: dict[str, RawColumn],
     num_cols: list[str],
@@ -572,6 +366,64 @@ def _numeric_features(
                 raw_num[:, j] = np.sign(raw_num[:, j]) * np.log1p(np.abs(raw_num[:, j]))
     x_num, mean, std = standardize(raw_num, tr, num_cols, locate)
     return torch.from_numpy(x_num), mean, std
+
+
+def _load_table(
+    task_names: Sequence[str],
+    path: str | os.PathLike[str] | None,
+    train_path: str | os.PathLike[str] | None,
+    protocol: str,
+    seed: int,
+    fractions: Sequence[float],
+    valid_fraction: float,
+    max_rows: int | None,
+    subsample: float | int | None,
+) -> tuple[_Table, bool]:
+    """Locate the files and load the rows of the protocol in use, and whether it is the
+    canonical one (a training file is available and ``protocol`` is not ``"resplit"``).
+
+    Raises:
+        FileNotFoundError: the files are missing, or ``protocol="canonical"`` without a
+            training file.
+    """
+    main_file, train_file = resolve_census_files(path, train_path)
+    if protocol == "canonical" and train_file is None:
+        raise FileNotFoundError(
+            "protocol='canonical' needs the UCI training file census-income.data(.gz) next to "
+            f"{main_file} or given as train_path. {_DOWNLOAD_HELP}"
+        )
+    rng = np.random.default_rng(seed)
+    if train_file is not None and protocol != "resplit":
+        canonical = _canonical_table(
+            train_file, main_file, task_names, seed, valid_fraction, max_rows, subsample, rng
+        )
+        return canonical, True
+    return _resplit_table(main_file, task_names, seed, fractions, max_rows, subsample, rng), False
+
+
+def _dataset(
+    loaded: _Table, task_names: Sequence[str], drop_columns: Sequence[str], log_money: bool
+) -> tuple[TabularDataset, dict[str, Any]]:
+    """Every loaded row as one dataset (inputs fitted on the train split), and the ``info``
+    entries that describe its inputs: dropped and log-transformed columns, numeric mean/std,
+    the category list of each categorical column."""
+    table, y, (tr, _, _), _, locate = loaded
+    dropped, num_cols, cat_cols = _input_columns(task_names, drop_columns)
+    x_num_t, mean, std = _numeric_features(table, num_cols, log_money, tr, locate)
+    x_cat, categories = category_id_matrix(table, cat_cols, tr)
+    x_cat_t = None if x_cat is None else torch.from_numpy(x_cat)
+    schema = FeatureSchema(num_cols, cat_cols, [len(categories[c]) + 1 for c in cat_cols])
+    specs = [TaskSpec(t, "regression" if t in _REGRESSION_TASKS else "binary") for t in task_names]
+    full = TabularDataset(x_num_t, x_cat_t, torch.from_numpy(y), schema, specs)
+    inputs: dict[str, Any] = {
+        "dropped_columns": dropped,
+        "log_money": bool(log_money),
+        "log_columns": [c for c in num_cols if c in LOG_COLUMNS] if log_money else [],
+        "numeric_mean": mean.tolist(),
+        "numeric_std": std.tolist(),
+        "categories": categories,
+    }
+    return full, inputs
 
 
 def load_census(
@@ -626,56 +478,26 @@ def load_census(
     """
     task_names, group_label = _resolve_group(group)
     _check_options(protocol, max_rows, valid_fraction, drop_columns)
-    main_file, train_file = resolve_census_files(path, train_path)
-    if protocol == "canonical" and train_file is None:
-        raise FileNotFoundError(
-            "protocol='canonical' needs the UCI training file census-income.data(.gz) next to "
-            f"{main_file} or given as train_path. {_DOWNLOAD_HELP}"
-        )
-    use_canonical = train_file is not None and protocol != "resplit"
-    rng = np.random.default_rng(seed)
-    if use_canonical:
-        assert train_file is not None
-        loaded = _canonical_table(
-            train_file, main_file, task_names, seed, valid_fraction, max_rows, subsample, rng
-        )
-    else:
-        loaded = _resplit_table(main_file, task_names, seed, fractions, max_rows, subsample, rng)
-    table, y, (tr, va, te), files, locate = loaded
-
-    dropped, num_cols, cat_cols = _input_columns(task_names, drop_columns)
-    x_num_t, mean, std = _numeric_features(table, num_cols, log_money, tr, locate)
-    x_cat, categories = category_id_matrix(table, cat_cols, tr)
-    x_cat_t = None if x_cat is None else torch.from_numpy(x_cat)
-    schema = FeatureSchema(num_cols, cat_cols, [len(categories[c]) + 1 for c in cat_cols])
-    specs = [TaskSpec(t, "regression" if t in _REGRESSION_TASKS else "binary") for t in task_names]
-    full = TabularDataset(x_num_t, x_cat_t, torch.from_numpy(y), schema, specs)
-
+    loaded, canonical = _load_table(
+        task_names, path, train_path, protocol, seed, fractions, valid_fraction, max_rows, subsample
+    )
+    full, inputs = _dataset(loaded, task_names, drop_columns, log_money)
     info: dict[str, Any] = {
         "dataset": "census-income-kdd",
         "group": group_label,
         "tasks": list(task_names),
-        "protocol": "canonical" if use_canonical else "resplit",
-        "files": files,
+        "protocol": "canonical" if canonical else "resplit",
+        "files": loaded.files,
         "seed": seed,
-        "fractions": [float(f) for f in fractions] if not use_canonical else None,
-        "valid_fraction": float(valid_fraction) if use_canonical else None,
+        "fractions": [float(f) for f in fractions] if not canonical else None,
+        "valid_fraction": float(valid_fraction) if canonical else None,
         "max_rows": max_rows,
         "subsample": subsample,
-        "num_rows": int(y.shape[0]),
-        "dropped_columns": dropped,
-        "log_money": bool(log_money),
-        "log_columns": [c for c in num_cols if c in LOG_COLUMNS] if log_money else [],
-        "numeric_mean": mean.tolist(),
-        "numeric_std": std.tolist(),
-        "categories": categories,
-        "note": (
-            "re-split of the UCI test file (4x less training data than the paper): numbers "
-            "are not comparable with published results"
-            if not use_canonical
-            else "canonical UCI train/test protocol"
-        ),
+        "num_rows": int(loaded.y.shape[0]),
+        **inputs,
+        "note": _CANONICAL_NOTE if canonical else _RESPLIT_NOTE,
     }
+    tr, va, te = loaded.splits
     return DataSplits(
         full.subset(tr), full.subset(va), full.subset(te), f"census-income/{group_label}", info
     )

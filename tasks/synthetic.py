@@ -19,7 +19,7 @@ Everything is drawn from ``numpy.random.default_rng(seed)``, so a seed fixes the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -86,6 +86,115 @@ def psd_cholesky(mat: np.ndarray, tol: float = 1e-10) -> np.ndarray:
     return a
 
 
+class _Drawn(NamedTuple):
+    """One draw of the benchmark: task weights ``w`` (K, d), the shared sinusoid parameters,
+    the inputs ``x`` (n, d) and the scaled targets ``y`` (n, K), all float64."""
+
+    w: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
+def _checked_loss_scales(
+    k: int,
+    dim: int,
+    num_samples: int,
+    n_valid: int,
+    n_test: int,
+    num_sin: int,
+    noise: float,
+    loss_scales: Sequence[float] | None,
+) -> np.ndarray:
+    """Check the sizes and knobs of :func:`make_synthetic`; the per-task target multipliers
+    (ones when ``loss_scales`` is ``None``)."""
+    if dim < k:
+        raise ValueError(f"dim ({dim}) must be >= num_tasks ({k}) for orthonormal task directions")
+    for name, v in (("num_samples", num_samples), ("n_valid", n_valid), ("n_test", n_test)):
+        if int(v) < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if num_sin < 0 or noise < 0:
+        raise ValueError("num_sin and noise must be non-negative")
+    if loss_scales is None:
+        return np.ones(k)
+    scales = np.asarray(list(loss_scales), dtype=np.float64)
+    if scales.shape != (k,):
+        raise ValueError(f"loss_scales must have {k} entries (one per task), got {len(scales)}")
+    return scales
+
+
+def _draw(
+    rng: np.random.Generator,
+    mat: np.ndarray,
+    n: int,
+    dim: int,
+    num_sin: int,
+    scale: float,
+    noise: float,
+    scales: np.ndarray,
+) -> _Drawn:
+    """Steps 1-4 of the recipe (module docstring) for ``n`` rows, in this order of draws from
+    ``rng``: the task directions, alpha, beta, the inputs, the noise."""
+    k = mat.shape[0]
+    q, _ = np.linalg.qr(rng.standard_normal((dim, k)))  # (d, K) orthonormal columns
+    a = psd_cholesky(mat)
+    w = scale * (a @ q.T)  # (K, d); row k = c * sum_j A_kj u_j
+    alpha = rng.standard_normal(num_sin)
+    beta = rng.standard_normal(num_sin)
+    x = rng.standard_normal((n, dim))
+    z = x @ w.T  # (n, K)
+    y = z.copy()
+    for ai, bi in zip(alpha, beta):
+        y += np.sin(ai * z + bi)
+    y += noise * rng.standard_normal((n, k))
+    y *= scales
+    return _Drawn(w, alpha, beta, x, y)
+
+
+def _info(
+    correlation: float | Sequence[Sequence[float]] | np.ndarray,
+    mat: np.ndarray,
+    drawn: _Drawn,
+    n_train: int,
+    options: dict[str, Any],
+    scales: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """The ``info`` of :func:`make_synthetic`: the requested and measured correlations, the
+    generation ``options`` (dim, num_sin, scale, noise), the weights and the sinusoid
+    parameters; label correlations are measured on the first ``n_train`` rows (the train
+    split) and on all rows."""
+    w, y = drawn.w, drawn.y
+    k = mat.shape[0]
+    norms = np.linalg.norm(w, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (w @ w.T) / np.outer(norms, norms)
+    corr_train = label_correlation(y[:n_train])
+    requested = float(np.asarray(correlation)) if np.ndim(correlation) == 0 else mat.tolist()
+    info: dict[str, Any] = {
+        "dataset": "synthetic-mmoe",
+        "num_tasks": k,
+        "correlation": requested,
+        "correlation_matrix": mat.tolist(),
+        "weight_cosine": cos.tolist(),
+        "label_correlation": corr_train.tolist(),
+        "label_correlation_all": label_correlation(y).tolist(),
+        **options,
+        "loss_scales": scales.tolist(),
+        "seed": seed,
+        "weights": w,
+        "alpha": drawn.alpha,
+        "beta": drawn.beta,
+    }
+    if k == 2:
+        info["p"] = float(mat[0, 1])
+        info["measured_label_correlation"] = float(corr_train[0, 1])
+    return info
+
+
 def make_synthetic(
     num_tasks: int = 2,
     correlation: float | Sequence[Sequence[float]] | np.ndarray = 0.5,
@@ -125,73 +234,21 @@ def make_synthetic(
     """
     k = int(num_tasks)
     mat = correlation_matrix(correlation, k)
-    if dim < k:
-        raise ValueError(f"dim ({dim}) must be >= num_tasks ({k}) for orthonormal task directions")
-    for name, v in (("num_samples", num_samples), ("n_valid", n_valid), ("n_test", n_test)):
-        if int(v) < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if num_sin < 0 or noise < 0:
-        raise ValueError("num_sin and noise must be non-negative")
-    if loss_scales is None:
-        scales = np.ones(k)
-    else:
-        scales = np.asarray(list(loss_scales), dtype=np.float64)
-        if scales.shape != (k,):
-            raise ValueError(f"loss_scales must have {k} entries (one per task), got {len(scales)}")
-
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((dim, k)))  # (d, K) orthonormal columns
-    a = psd_cholesky(mat)
-    w = scale * (a @ q.T)  # (K, d); row k = c * sum_j A_kj u_j
-    alpha = rng.standard_normal(num_sin)
-    beta = rng.standard_normal(num_sin)
+    scales = _checked_loss_scales(k, dim, num_samples, n_valid, n_test, num_sin, noise, loss_scales)
     n_tr, n_va, n_te = int(num_samples), int(n_valid), int(n_test)
-    n = n_tr + n_va + n_te
-    x = rng.standard_normal((n, dim))
-    z = x @ w.T  # (n, K)
-    y = z.copy()
-    for ai, bi in zip(alpha, beta):
-        y += np.sin(ai * z + bi)
-    y += noise * rng.standard_normal((n, k))
-    y *= scales
-
-    norms = np.linalg.norm(w, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = (w @ w.T) / np.outer(norms, norms)
+    rng = np.random.default_rng(seed)
+    drawn = _draw(rng, mat, n_tr + n_va + n_te, dim, num_sin, scale, noise, scales)
     schema = FeatureSchema([f"x{i}" for i in range(dim)], [], [])
     specs = [TaskSpec(f"task{j}", "regression") for j in range(k)]
     full = TabularDataset(
-        torch.from_numpy(x.astype(np.float32)),
+        torch.from_numpy(drawn.x.astype(np.float32)),
         None,
-        torch.from_numpy(y.astype(np.float32)),
+        torch.from_numpy(drawn.y.astype(np.float32)),
         schema,
         specs,
     )
-    corr_train = label_correlation(y[:n_tr])
-    requested = float(np.asarray(correlation)) if np.ndim(correlation) == 0 else mat.tolist()
-    info: dict[str, Any] = {
-        "dataset": "synthetic-mmoe",
-        "num_tasks": k,
-        "correlation": requested,
-        "correlation_matrix": mat.tolist(),
-        "weight_cosine": cos.tolist(),
-        "label_correlation": corr_train.tolist(),
-        "label_correlation_all": label_correlation(y).tolist(),
-        "dim": dim,
-        "num_sin": num_sin,
-        "scale": scale,
-        "noise": noise,
-        "loss_scales": scales.tolist(),
-        "seed": seed,
-        "weights": w,
-        "alpha": alpha,
-        "beta": beta,
-    }
-    if k == 2:
-        info["p"] = float(mat[0, 1])
-        info["measured_label_correlation"] = float(corr_train[0, 1])
+    options = {"dim": dim, "num_sin": num_sin, "scale": scale, "noise": noise}
+    info = _info(correlation, mat, drawn, n_tr, options, scales, seed)
     bounds = np.cumsum([0, n_tr, n_va, n_te])
     parts = [full.subset(slice(int(bounds[i]), int(bounds[i + 1]))) for i in range(3)]
     return DataSplits(parts[0], parts[1], parts[2], "synthetic", info)

@@ -37,26 +37,42 @@ Bad input is a :class:`~tasks._data.DataError` (a ``ValueError``) naming the fil
 cell its line, data row and column: a numeric feature cell that is not finite or beyond the
 float32 range (unless ``invalid_numbers="missing"``), bytes the encoding cannot decode (a UTF-8
 byte-order mark is skipped), a field over the csv module's limit, a corrupted gzip file.
+
+The expression grammar lives in :mod:`tasks._csv_expr` and the file reading in
+:mod:`tasks._csv_read` (both re-exported here); this module checks the options, builds the
+targets, groups and features, and assembles the data set.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
-import gzip
-import io
 import os
-import re
-import zlib
-from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from ._csv_expr import (  # noqa: F401  (the unused ones re-exported)
+    _COMPARISONS,
+    _TOKEN,
+    TaskExpression,
+    _as_float,
+    _comparison,
+    _describe,
+    _evaluate,
+    _literal,
+    _membership,
+    _tokenize,
+    parse_task_expression,
+)
+from ._csv_read import (  # noqa: F401  (the unused ones re-exported)
+    _decode_error,
+    _read_rows,
+    _row_locator,
+    _text_encoding,
+    _undecodable_line,
+)
 from ._data import (
     DataError,
     DataSplits,
@@ -66,6 +82,7 @@ from ._data import (
     TaskSpec,
     stratified_split,
 )
+from ._gzip_files import _GZIP_ERRORS, _is_gzip, _open_binary  # noqa: F401  (re-exported)
 from ._preprocess import (
     DEFAULT_MISSING,
     FLOAT32_MAX,
@@ -82,200 +99,6 @@ from ._preprocess import (
 __all__ = ["load_csv", "TaskExpression", "parse_task_expression"]
 
 TaskDefinition = str | Callable[[Mapping[str, np.ndarray]], Any]
-
-_TOKEN = re.compile(
-    r"""\s*(?:
-      (?P<num>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
-    | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
-    | (?P<bq>`[^`]+`)
-    | (?P<op>==|!=|>=|<=|>|<)
-    | (?P<punct>[(),])
-    | (?P<name>[A-Za-z_][A-Za-z0-9_.]*)
-    )""",
-    re.VERBOSE,
-)
-_COMPARISONS = ("==", "!=", ">", ">=", "<", "<=")
-
-
-@dataclass(frozen=True)
-class TaskExpression:
-    """A parsed task expression: ``column``, an operator (``None`` for a bare column,
-    a comparison, ``"in"`` or ``"not in"``) and its literal values (``str`` or ``float``)."""
-
-    column: str
-    op: str | None = None
-    values: tuple[str | float, ...] = ()
-
-
-def _tokenize(expr: str) -> list[tuple[str, str]]:
-    pos, out = 0, []
-    text = expr.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            raise ValueError(
-                f"cannot parse task expression {expr!r} at position {pos}: {text[pos:]!r}"
-            )
-        kind = m.lastgroup
-        assert kind is not None
-        out.append((kind, m.group(kind)))
-        pos = m.end()
-    return out
-
-
-def _literal(tok: tuple[str, str], expr: str) -> str | float:
-    kind, text = tok
-    if kind == "num":
-        return float(text)
-    if kind == "str":
-        return re.sub(r"\\(.)", r"\1", text[1:-1])
-    raise ValueError(
-        f"task expression {expr!r}: expected a quoted string or a number, got {text!r}"
-    )
-
-
-def parse_task_expression(expr: str, columns: Sequence[str] = ()) -> TaskExpression:
-    """Parse ``"col OP literal"``, ``"col [not] in (lit, ...)"`` or a bare column name.
-
-    A string equal to one of ``columns`` (the header) is a bare column even if it is not an
-    identifier.
-
-    Raises:
-        ValueError: the expression does not follow the grammar (the message shows where).
-    """
-    if not isinstance(expr, str) or not expr.strip():
-        raise ValueError(f"task expression must be a non-empty string, got {expr!r}")
-    if expr.strip() in columns:
-        return TaskExpression(expr.strip())
-    toks = _tokenize(expr)
-    if not toks:
-        raise ValueError(f"empty task expression {expr!r}")
-    kind, text = toks[0]
-    if kind == "name":
-        column = text
-    elif kind == "bq":
-        column = text[1:-1]
-    else:
-        raise ValueError(f"task expression {expr!r} must start with a column name, got {text!r}")
-    rest = toks[1:]
-    if not rest:
-        return TaskExpression(column)
-    if rest[0][0] == "op":
-        return _comparison(column, rest, expr)
-    return _membership(column, rest, expr)
-
-
-def _comparison(column: str, rest: list[tuple[str, str]], expr: str) -> TaskExpression:
-    """``column OP literal`` (``rest`` = the tokens after the column)."""
-    if len(rest) != 2:
-        raise ValueError(f"task expression {expr!r}: expected `column OP literal`")
-    value = _literal(rest[1], expr)
-    op = rest[0][1]
-    if op not in ("==", "!=") and isinstance(value, str):
-        raise ValueError(f"task expression {expr!r}: {op} needs a number")
-    return TaskExpression(column, op, (value,))
-
-
-def _membership(column: str, rest: list[tuple[str, str]], expr: str) -> TaskExpression:
-    """``column [not] in (lit, ...)`` (``rest`` = the tokens after the column)."""
-    words = [t[1] for t in rest[:2]]
-    if words[:1] == ["in"]:
-        op, rest = "in", rest[1:]
-    elif words == ["not", "in"]:
-        op, rest = "not in", rest[2:]
-    else:
-        raise ValueError(
-            f"task expression {expr!r}: expected ==, !=, >, >=, <, <=, 'in' or 'not in' after "
-            f"the column name"
-        )
-    if len(rest) < 3 or rest[0] != ("punct", "(") or rest[-1] != ("punct", ")"):
-        raise ValueError(f"task expression {expr!r}: expected a parenthesized list after {op!r}")
-    values: list[str | float] = []
-    expect_value = True
-    for tok in rest[1:-1]:
-        if expect_value:
-            values.append(_literal(tok, expr))
-        elif tok != ("punct", ","):
-            raise ValueError(f"task expression {expr!r}: expected ',' between list values")
-        expect_value = not expect_value
-    if not values:
-        raise ValueError(f"task expression {expr!r}: empty list")
-    return TaskExpression(column, op, tuple(values))
-
-
-def _as_float(s: str) -> float | None:
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    return v
-
-
-def _describe(ex: TaskExpression) -> str:
-    """The operator and literal(s) of ``ex`` as written, e.g. ``"> 0"``, ``"in (1, 'a')"``."""
-    lits = [f"{v:g}" if isinstance(v, float) else repr(v) for v in ex.values]
-    if ex.op in ("in", "not in"):
-        return f"{ex.op} ({', '.join(lits)})"
-    return f"{ex.op} {lits[0]}"
-
-
-def _evaluate(
-    task: str, ex: TaskExpression, col: RawColumn, missing: Sequence[str], locate: Locate
-) -> tuple[np.ndarray, bool]:
-    """Targets ``(N,)`` float64 and whether the expression is a 0/1 condition.
-
-    Raises:
-        DataError: a bare label column with a missing, non-numeric or non-finite cell, an
-            ordering comparison (``> >= < <=``) on a cell that is not a number (``nan``, a
-            missing token, text), or a ``nan`` cell compared with a number by ``== != in``;
-            the message names the line and the column.
-    """
-    if ex.op is None:
-        # a label cannot be imputed: out-of-range cells are always an error
-        vals = numeric_values(col, ex.column, missing, invalid="error", locate=locate)
-        nan = np.isnan(vals)
-        if nan.any():
-            r = int(np.flatnonzero(nan)[0])
-            raise DataError(
-                f"{locate(r)}, column {ex.column!r}: task {task!r} has a missing label "
-                f"({col.vocab[col.codes[r]]!r}); drop the row or fill in the value"
-            )
-        return vals, False
-    hit = np.zeros(len(col.vocab), dtype=bool)
-    not_number = np.zeros(len(col.vocab), dtype=bool)
-    numeric_literal = any(isinstance(v, float) for v in ex.values)
-    for i, s in enumerate(col.vocab):
-        f = _as_float(s)
-        if ex.op in ("in", "not in", "==", "!="):
-            if numeric_literal and f is not None and np.isnan(f) and s not in ex.values:
-                not_number[i] = True  # a NaN label is neither equal nor unequal to a number
-                continue
-            found = any(
-                (isinstance(v, str) and s == v)
-                or (isinstance(v, float) and f is not None and f == v)
-                for v in ex.values
-            )
-            hit[i] = found != (ex.op in ("not in", "!="))
-        elif f is None or np.isnan(f):
-            not_number[i] = True
-        else:
-            v = float(ex.values[0])
-            hit[i] = {">": f > v, ">=": f >= v, "<": f < v, "<=": f <= v}[ex.op]
-    if not_number.any():
-        r = col.first_row(not_number)
-        s = col.vocab[col.codes[r]]
-        if s in missing:
-            what = f"the missing-value token {s!r}"
-        elif _as_float(s) is None:
-            what = f"the non-numeric value {s!r}"
-        else:
-            what = f"the value {s!r} (not a number)"
-        raise DataError(
-            f"{locate(r)}, column {ex.column!r}: task {task!r} has {what}, for which "
-            f"`{ex.column} {_describe(ex)}` is neither true nor false; drop the row or fill in "
-            f"the label"
-        )
-    return (hit[col.codes] if len(col.vocab) else np.zeros(len(col), bool)).astype(np.float64), True
 
 
 class _LazyColumns(Mapping[str, np.ndarray]):
@@ -299,117 +122,10 @@ class _LazyColumns(Mapping[str, np.ndarray]):
         return len(self._raw)
 
 
-_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 _INVALID_HINT = (
     ", or pass invalid_numbers='missing' (--set data.invalid_numbers=missing on the command "
     "line) to treat such cells as missing"
 )
-
-
-def _text_encoding(encoding: str) -> str:
-    """``utf-8`` reads a leading byte-order mark as such (``utf-8-sig``), not as part of the
-    first column name."""
-    norm = encoding.strip().lower().replace("_", "-")
-    return "utf-8-sig" if norm in ("utf-8", "utf8") else encoding
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
-
-
-def _open_binary(path: Path) -> gzip.GzipFile | io.BufferedReader:
-    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
-
-
-def _undecodable_line(path: Path, encoding: str) -> tuple[int, int, str] | None:
-    """``(line, column, reason)`` of the first line that ``encoding`` cannot decode."""
-    codec = codecs.lookup(encoding)
-    with _open_binary(path) as raw:
-        for line_no, line in enumerate(raw, start=1):
-            try:
-                codec.decode(line)
-            except UnicodeDecodeError as e:
-                return line_no, int(e.start) + 1, str(e.reason)
-    return None
-
-
-def _decode_error(
-    path: Path, encoding: str, text_encoding: str, err: UnicodeDecodeError
-) -> DataError:
-    try:
-        where = _undecodable_line(path, text_encoding)
-    except (OSError, *_GZIP_ERRORS):  # pragma: no cover - the file changed under us
-        where = None
-    bad = err.object[err.start : err.start + 1]
-    if where is None:  # pragma: no cover - an error that only shows across lines
-        loc = f"{path}"
-    else:
-        loc = f"{path}: line {where[0]}, byte {where[1]} of the line"
-    return DataError(
-        f"{loc}: the file is not valid {encoding} (byte {bad!r}: {err.reason}); pass the file's "
-        f"encoding, e.g. encoding='latin-1' (data.encoding=latin-1 on the command line)"
-    )
-
-
-def _read_rows(
-    path: Path, delimiter: str, encoding: str
-) -> tuple[list[str], list[list[str]], np.ndarray]:
-    """Header, data rows and the file line of each data row (where the row ends)."""
-    text_encoding = _text_encoding(encoding)
-    try:
-        codecs.lookup(text_encoding)
-    except LookupError:
-        raise DataError(f"{path}: unknown encoding {encoding!r}") from None
-    header: list[str] | None = None
-    rows: list[list[str]] = []
-    lines = array("q")
-    line_num = 0
-    reader: Any = None
-    try:
-        with (
-            _open_binary(path) as raw,
-            io.TextIOWrapper(raw, encoding=text_encoding, newline="") as text,
-        ):
-            reader = csv.reader(text, delimiter=delimiter, skipinitialspace=True)
-            for row in reader:
-                line_num = reader.line_num
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if header is None:
-                    header = [h.strip() for h in row]
-                    continue
-                if len(row) != len(header):
-                    raise DataError(
-                        f"{path}: line {reader.line_num} has {len(row)} fields, the header has "
-                        f"{len(header)} (delimiter {delimiter!r})"
-                    )
-                rows.append(row)
-                lines.append(reader.line_num)
-    except UnicodeDecodeError as e:
-        raise _decode_error(path, encoding, text_encoding, e) from None
-    except csv.Error as e:
-        line = reader.line_num if reader is not None else line_num + 1
-        hint = (
-            "a field longer than the csv module's limit: check the delimiter and the quoting (an "
-            "unclosed quote swallows the rest of the file)"
-            if "field limit" in str(e)
-            else f"check the delimiter {delimiter!r} and the quoting"
-        )
-        raise DataError(f"{path}: line {line}: {e}; {hint}") from None
-    except _GZIP_ERRORS as e:
-        raise DataError(
-            f"{path}: cannot decompress the gzip data ({type(e).__name__}: {e}); the file is "
-            f"truncated or corrupted"
-        ) from None
-    if header is None:
-        raise DataError(f"{path}: empty file (a header row is required)")
-    dup = sorted({h for h in header if header.count(h) > 1})
-    if dup or any(not h for h in header):
-        raise DataError(f"{path}: header has duplicate or empty column names: {dup or header}")
-    if not rows:
-        raise DataError(f"{path}: no data rows after the header")
-    return header, rows, np.frombuffer(lines, dtype=np.int64)
 
 
 def _column_list(value: object, what: str) -> list[str]:
@@ -465,15 +181,6 @@ def _checked_options(
                 f"used by group metrics (GAUC): remove it from numeric/categorical"
             )
     return p, numeric_cols, categorical_cols, kinds
-
-
-def _row_locator(p: Path, line_of: np.ndarray) -> Locate:
-    """Data row index -> ``"<file>: line L (data row R)"``."""
-
-    def locate(row: int) -> str:
-        return f"{p}: line {int(line_of[row])} (data row {row + 1})"
-
-    return locate
 
 
 def _task_expressions(
@@ -666,6 +373,82 @@ def _numeric_features(
     return torch.from_numpy(x_num), mean, std
 
 
+class _Columns(NamedTuple):
+    """The file as :func:`load_csv` uses it: the header, the raw columns it needs, each task's
+    parsed expression (``None`` for a callable), the number of data rows and their locator."""
+
+    header: list[str]
+    raw: dict[str, RawColumn]
+    exprs: dict[str, TaskExpression | None]
+    n: int
+    locate: Locate
+
+
+def _read_columns(
+    p: Path,
+    delimiter: str,
+    encoding: str,
+    features: list[str],
+    tasks: Mapping[str, TaskDefinition],
+    group_column: str | None,
+) -> _Columns:
+    """Read the file, parse the task expressions against its header and keep the raw columns
+    that the features, the tasks and the group column use."""
+    with gc_paused():  # one list per row: the cyclic GC would rescan them repeatedly
+        header, rows, line_of = _read_rows(p, delimiter, encoding)
+    locate = _row_locator(p, line_of)
+    exprs = _task_expressions(p, header, features, tasks)
+    raw = _raw_columns(header, rows, features, exprs, [group_column] if group_column else [])
+    return _Columns(header, raw, exprs, len(rows), locate)
+
+
+def _groups(
+    p: Path, cols: _Columns, group_column: str | None, missing_values: Sequence[str]
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The group id tensor and its ``info`` entries (the column and the number of groups);
+    ``(None, {})`` without a ``group_column``."""
+    if group_column is None:
+        return None, {}
+    gids, num_groups = _group_ids(
+        p, cols.header, cols.raw, group_column, missing_values, cols.locate
+    )
+    return torch.from_numpy(gids), {"group_column": group_column, "num_groups": num_groups}
+
+
+def _dataset(
+    cols: _Columns,
+    numeric: list[str],
+    categorical: list[str],
+    y: np.ndarray,
+    specs: list[TaskSpec],
+    tr: np.ndarray,
+    groups: torch.Tensor | None,
+    missing_values: Sequence[str],
+    invalid_numbers: InvalidNumbers,
+) -> tuple[TabularDataset, dict[str, Any]]:
+    """Every row as one dataset (inputs fitted on the train rows ``tr``), and the ``info``
+    entries that describe its inputs: numeric mean/std and the category list of each
+    categorical column."""
+    x_num_t, mean, std = _numeric_features(
+        cols.raw, numeric, tr, missing_values, invalid_numbers, cols.locate
+    )
+    x_cat, categories = category_id_matrix(cols.raw, categorical, tr, missing_values)
+    x_cat_t = None if x_cat is None else torch.from_numpy(x_cat)
+    schema = FeatureSchema(
+        list(numeric), list(categorical), [len(categories[c]) + 1 for c in categorical]
+    )
+    full = TabularDataset(x_num_t, x_cat_t, torch.from_numpy(y), schema, specs, groups=groups)
+    inputs = {"numeric_mean": mean.tolist(), "numeric_std": std.tolist(), "categories": categories}
+    return full, inputs
+
+
+def _task_descriptions(tasks: Mapping[str, TaskDefinition]) -> dict[str, str]:
+    """Task name -> its expression, or the name (else the repr) of its callable."""
+    return {
+        k: (v if isinstance(v, str) else getattr(v, "__name__", repr(v))) for k, v in tasks.items()
+    }
+
+
 def load_csv(
     path: str | os.PathLike[str],
     *,
@@ -725,47 +508,22 @@ def load_csv(
     p, numeric, categorical, kinds = _checked_options(
         path, numeric, categorical, tasks, task_kinds, invalid_numbers, fractions, group_column
     )
-    with gc_paused():  # one list per row: the cyclic GC would rescan them repeatedly
-        header, rows, line_of = _read_rows(p, delimiter, encoding)
-    locate = _row_locator(p, line_of)
-    features = numeric + categorical
-    exprs = _task_expressions(p, header, features, tasks)
-    raw = _raw_columns(header, rows, features, exprs, [group_column] if group_column else [])
-    n = len(rows)
-    del rows
-    groups: torch.Tensor | None = None
-    num_groups = 0
-    if group_column is not None:
-        gids, num_groups = _group_ids(p, header, raw, group_column, missing_values, locate)
-        groups = torch.from_numpy(gids)
-
-    y, specs = _targets(p, tasks, exprs, kinds, raw, n, missing_values, locate)
+    cols = _read_columns(p, delimiter, encoding, numeric + categorical, tasks, group_column)
+    groups, group_info = _groups(p, cols, group_column, missing_values)
+    y, specs = _targets(p, tasks, cols.exprs, kinds, cols.raw, cols.n, missing_values, cols.locate)
     tr, va, te = _split(p, y, specs, fractions, seed)
-    x_num_t, mean, std = _numeric_features(
-        raw, numeric, tr, missing_values, invalid_numbers, locate
+    full, inputs = _dataset(
+        cols, numeric, categorical, y, specs, tr, groups, missing_values, invalid_numbers
     )
-    x_cat, categories = category_id_matrix(raw, categorical, tr, missing_values)
-    x_cat_t = None if x_cat is None else torch.from_numpy(x_cat)
-    schema = FeatureSchema(
-        list(numeric), list(categorical), [len(categories[c]) + 1 for c in categorical]
-    )
-    full = TabularDataset(x_num_t, x_cat_t, torch.from_numpy(y), schema, specs, groups=groups)
     info: dict[str, Any] = {
         "dataset": "csv",
         "file": str(p),
-        "tasks": {
-            k: (v if isinstance(v, str) else getattr(v, "__name__", repr(v)))
-            for k, v in tasks.items()
-        },
+        "tasks": _task_descriptions(tasks),
         "seed": seed,
         "fractions": [float(f) for f in fractions],
-        "num_rows": n,
+        "num_rows": cols.n,
         "invalid_numbers": invalid_numbers,
-        "numeric_mean": mean.tolist(),
-        "numeric_std": std.tolist(),
-        "categories": categories,
+        **inputs,
+        **group_info,
     }
-    if group_column is not None:
-        info["group_column"] = group_column
-        info["num_groups"] = num_groups
     return DataSplits(full.subset(tr), full.subset(va), full.subset(te), name or p.stem, info)
