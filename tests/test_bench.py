@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from balancers import registry
-from experiments.bench import cli, options, peers
+from experiments.bench import cli, options, peers, stages
 from experiments.bench.budget import budget_table
 from experiments.bench.derived import derived_tables
 from experiments.bench.memory import run_memory_cuda
@@ -672,3 +672,30 @@ def test_package_imports_point_one_way() -> None:
 
     for name in graph:
         visit(name, ())
+
+
+# ---------------------------------------------------------------------- stage timing
+def test_stage_timer_times_every_stage_and_restores_the_engine() -> None:
+    originals = [
+        owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        for owner, name, _ in stages.STAGES
+    ]
+    out = stages.step_stages("mgda", num_tasks=3, steps=2, warmup=1)
+    # every stage of the representation-level step ran (the split-heads path: no sum_backward)
+    for _, _, label in stages.STAGES:
+        assert out[label] > 0.0, label
+    assert out[stages.STEP_LABEL] > 0.0 and out["whole step"] >= out["whole backward()"]
+    restored = [
+        owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        for owner, name, _ in stages.STAGES
+    ]
+    assert all(a is b for a, b in zip(originals, restored))
+    plain = stages.plain_stages(num_tasks=3, steps=2, warmup=1)
+    assert set(plain) == {*stages.PLAIN_PARTS, "whole step"}
+
+
+def test_stages_cli_prints_one_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert stages.main(["--tasks", "2", "--methods", "equal", "--steps", "2", "--warmup", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| stage (µs per step) | plain | equal |" in table
+    assert "| graph analysis |" in table

@@ -64,5 +64,7 @@ Modules, each importing only those above it in this list (nothing imports this p
   :mod:`~experiments.bench.budget`, :mod:`~experiments.bench.tables`: the derived tables, the
   budget, the markdown; :mod:`~experiments.bench.plots`: the figures;
   :mod:`~experiments.bench.machine`: the machine record;
-* :mod:`~experiments.bench.cli`: ``main``, ``run``, ``add_arguments`` (``__main__`` runs it).
+* :mod:`~experiments.bench.cli`: ``main``, ``run``, ``add_arguments`` (``__main__`` runs it);
+* :mod:`~experiments.bench.stages`: where one step's time goes, stage by stage, on the overhead
+  model (``python -m experiments.bench.stages``; a diagnostic of its own, not a section).
 """
