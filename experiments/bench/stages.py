@@ -20,7 +20,6 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -97,12 +96,7 @@ class StageTimer:
             setattr(owner, name, self.timed(getattr(owner, name), label))
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         for owner, name, original in reversed(self._saved):
             setattr(owner, name, original)
         self._saved.clear()
