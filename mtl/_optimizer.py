@@ -46,7 +46,7 @@ from ._parameter_level import backward_parameters
 from ._representation_level import backward_representation
 from ._single_pass import backward_losses, backward_plain
 from ._verdict import decide, reject_step
-from ._weights import balance_info, block_weights, head_coefficients, host_weights
+from ._weights import block_weights, head_coefficients, host_weights
 from ._window import (
     Window,
     close_window,
@@ -516,20 +516,6 @@ class BalancedOptimizer(Optimizer):
 
     def _head_coefficients(self, weights: np.ndarray) -> list[float] | None:
         return head_coefficients(weights, self.weight_heads)
-
-    def _info(
-        self,
-        level: Literal["representation", "parameters"],
-        weights: np.ndarray,
-        values: np.ndarray,
-        gram: np.ndarray | None,
-        block_grams: np.ndarray | None,
-        extras: dict[str, Any],
-    ) -> BalanceInfo:
-        self.num_steps += 1
-        if self.num_tasks is None:
-            self.num_tasks = values.shape[0]
-        return balance_info(level, weights, values, gram, block_grams, extras)
 
     # -- representation level
     def _plain_backward_is_exact(self) -> bool:

@@ -20,6 +20,7 @@ from ._host import to_device
 from ._info import BalanceInfo
 from ._representation_level import row_buffers
 from ._transfer import transfer_grams
+from ._weights import balance_info
 from ._window import close_window
 
 if TYPE_CHECKING:
@@ -227,7 +228,8 @@ def backward_parameters(
             else:
                 p.grad = p.grad + g if p.grad.is_sparse else p.grad.add_(g)
     close_window(opt)
-    return opt._info(
+    return balance_info(
+        opt,
         "parameters",
         weights,
         host_values,

@@ -25,6 +25,7 @@ from ._gram import device_gram
 from ._host import to_device
 from ._info import BalanceInfo
 from ._transfer import transfer_grams
+from ._weights import balance_info
 from ._window import close_window
 
 if TYPE_CHECKING:
@@ -133,7 +134,8 @@ def backward_representation(
             for h in handles:
                 h.remove()
     close_window(opt)
-    return opt._info(
+    return balance_info(
+        opt,
         "representation",
         weights,
         host_values,

@@ -21,6 +21,7 @@ from ._finite import nonfinite_flag
 from ._graph import depends_on
 from ._info import BalanceInfo
 from ._transfer import reduce_over_ranks
+from ._weights import balance_info
 from ._window import close_window, step_transfer
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def backward_plain(
     if verdict is not None:
         return verdict
     opt._window = None  # checked within this backward's transfer
-    return opt._info(level, weights, host[:k], None, None, extras)
+    return balance_info(opt, level, weights, host[:k], None, None, extras)
 
 
 def backward_losses(
@@ -113,4 +114,4 @@ def backward_losses(
     weights, _, extras = opt._weights(host_values, None, 1)
     sum_backward(losses, [float(c) for c in weights])
     close_window(opt)
-    return opt._info(level, weights, host_values, None, None, extras)
+    return balance_info(opt, level, weights, host_values, None, None, extras)

@@ -3,7 +3,8 @@
 :func:`host_weights` calls the method's ``_compute_weights`` on the step's host copy and checks
 what it returns (shape ``(K,)`` or ``(blocks, K)``, all finite); :func:`block_weights` and
 :func:`head_coefficients` give the coefficients per block and for the head backward;
-:func:`balance_info` builds the step's :class:`~mtl.BalanceInfo` (host tensors only).
+:func:`balance_info` counts the step and builds its :class:`~mtl.BalanceInfo` (host tensors
+only).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def head_coefficients(weights: np.ndarray, weight_heads: bool) -> list[float] | 
 
 
 def balance_info(
+    opt: BalancedOptimizer,
     level: Literal["representation", "parameters"],
     weights: np.ndarray,
     values: np.ndarray,
@@ -67,7 +69,11 @@ def balance_info(
     block_grams: np.ndarray | None,
     extras: dict[str, Any],
 ) -> BalanceInfo:
-    """The step's :class:`~mtl.BalanceInfo`, every array copied into a host tensor."""
+    """The step's :class:`~mtl.BalanceInfo`, every array copied into a host tensor; the step
+    counts as one that updated the balancer (``num_steps``; the first one fixes ``num_tasks``)."""
+    opt.num_steps += 1
+    if opt.num_tasks is None:
+        opt.num_tasks = values.shape[0]
     return BalanceInfo(
         weights=torch.from_numpy(np.array(weights, dtype=np.float64)),
         losses=torch.from_numpy(np.array(values, dtype=np.float64)),

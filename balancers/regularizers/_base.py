@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -21,6 +22,20 @@ from ._noise import NOISES, Representation, _add, draw_noise, noise_scale
 from ._tasks import KINDS, LossFn, LossSpec, _builtin, _infer_kind
 
 Heads = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class PerturbedRun:
+    """What a regularizer's :meth:`PerturbationRegularizer._combine` combines, per task: the
+    clean losses and outputs, the outputs at the perturbed representation, the targets, the
+    loss functions and the task kinds (``"binary"``, ``"regression"`` or ``None``)."""
+
+    clean: list[Tensor]
+    clean_out: list[Tensor]
+    pert_out: list[Tensor]
+    targets: Sequence[Tensor]
+    fns: list[LossFn]
+    kinds: list[str | None]
 
 
 class PerturbationRegularizer:
@@ -295,22 +310,14 @@ class PerturbationRegularizer:
             return clean, diagnostics, {"noise": None, "frozen": {}}
         pert_in = _add(representation, noise)
         pert_out = self._outputs(heads(pert_in), k_tasks, "heads(z~)")
-        losses, diagnostics, frozen = self._combine(
-            clean, clean_out, pert_out, targets, fns, task_kinds, frozen
-        )
+        run = PerturbedRun(clean, clean_out, pert_out, targets, fns, task_kinds)
+        losses, diagnostics, frozen = self._combine(run, frozen)
         diagnostics["clean"] = _stack(clean)
         diagnostics["total"] = _stack(losses)
         return losses, diagnostics, {"noise": noise, "frozen": frozen}
 
     def _combine(
-        self,
-        clean: list[Tensor],
-        clean_out: list[Tensor],
-        pert_out: list[Tensor],
-        targets: Sequence[Tensor],
-        fns: list[LossFn],
-        kinds: list[str | None],
-        frozen: dict[str, Any] | None,
+        self, run: PerturbedRun, frozen: dict[str, Any] | None
     ) -> tuple[list[Tensor], dict[str, Tensor], dict[str, Any]]:
         """(losses, diagnostics, constants to freeze for :meth:`replay`); ``frozen`` given when
         replaying."""

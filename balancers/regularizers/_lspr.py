@@ -7,15 +7,13 @@ losses with a fixed weight ``rho`` or, for ``rho="auto"``, with the detached rat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ._base import PerturbationRegularizer, _stack
+from ._base import PerturbationRegularizer, PerturbedRun, _stack
 from ._checks import _check_real
-from ._tasks import LossFn
 
 
 def lspr_auto_ratio(clean: Tensor, perturbed: Tensor, max_ratio: float = 10.0) -> Tensor:
@@ -114,16 +112,12 @@ class LSPR(PerturbationRegularizer):
         return f"rho={self.rho!r}, max_ratio={self.max_ratio!r}, {super()._repr_options()}"
 
     def _combine(
-        self,
-        clean: list[Tensor],
-        clean_out: list[Tensor],
-        pert_out: list[Tensor],
-        targets: Sequence[Tensor],
-        fns: list[LossFn],
-        kinds: list[str | None],
-        frozen: dict[str, Any] | None,
+        self, run: PerturbedRun, frozen: dict[str, Any] | None
     ) -> tuple[list[Tensor], dict[str, Tensor], dict[str, Any]]:
-        pert = [self._loss(k, fns[k], pert_out[k], targets[k]) for k in range(len(clean))]
+        clean = run.clean
+        pert = [
+            self._loss(k, run.fns[k], run.pert_out[k], run.targets[k]) for k in range(len(clean))
+        ]
         diagnostics = {"perturbed": _stack(pert)}
         if self.rho == "auto":
             if frozen is not None and "ratio" in frozen:

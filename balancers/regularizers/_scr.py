@@ -7,15 +7,13 @@ logits, or the mean squared difference).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ._base import PerturbationRegularizer, _stack
+from ._base import PerturbationRegularizer, PerturbedRun, _stack
 from ._checks import _check_bool, _check_choice, _check_real
-from ._tasks import LossFn
 
 DIVERGENCES: tuple[str, ...] = ("auto", "kl", "mse")
 
@@ -122,18 +120,11 @@ class SCR(PerturbationRegularizer):
         return "kl" if kind == "binary" else "mse"
 
     def _combine(
-        self,
-        clean: list[Tensor],
-        clean_out: list[Tensor],
-        pert_out: list[Tensor],
-        targets: Sequence[Tensor],
-        fns: list[LossFn],
-        kinds: list[str | None],
-        frozen: dict[str, Any] | None,
+        self, run: PerturbedRun, frozen: dict[str, Any] | None
     ) -> tuple[list[Tensor], dict[str, Tensor], dict[str, Any]]:
-        divs = [self._divergence_of(k, kind) for k, kind in enumerate(kinds)]
+        divs = [self._divergence_of(k, kind) for k, kind in enumerate(run.kinds)]
         terms = []
-        for a, b, div in zip(clean_out, pert_out, divs):
+        for a, b, div in zip(run.clean_out, run.pert_out, divs):
             if b.shape != a.shape:
                 raise ValueError(
                     f"perturbed output shape {tuple(b.shape)} differs from the clean output "
@@ -141,5 +132,5 @@ class SCR(PerturbationRegularizer):
                 )
             terms.append(consistency_divergence(a.detach() if self.stop_grad_clean else a, b, div))
         w = self.weight
-        losses = [c + w * d for c, d in zip(clean, terms)]
+        losses = [c + w * d for c, d in zip(run.clean, terms)]
         return losses, {"consistency": _stack(terms)}, {}

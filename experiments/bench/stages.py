@@ -59,7 +59,7 @@ STAGES: tuple[tuple[Any, str, str], ...] = (
     (rep_level, "device_gram", "Gram matrix on the device"),
     (rep_level, "accumulate_head_grads", "head gradients accumulated"),
     (BalancedOptimizer, "_decide", "verdict"),
-    (BalancedOptimizer, "_info", "BalanceInfo"),
+    (rep_level, "balance_info", "BalanceInfo"),
 )
 #: the label of the balanced optimizer's ``step()`` (timed on the instance: ``torch.optim``
 #: patches ``step`` on each optimizer class when an instance is made)
