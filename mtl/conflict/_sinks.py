@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal, Protocol, Self, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
@@ -440,6 +440,9 @@ def balance_scalars(
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
+_Owner = TypeVar("_Owner", bound="_SinkOwner")
+
+
 class _SinkOwner:
     """Base of the objects that write to logging sinks (:class:`BalanceLogger`,
     :class:`~mtl.conflict.ConflictTracker`): :meth:`close` closes the sinks, and the object is
@@ -452,7 +455,7 @@ class _SinkOwner:
         for sink in self.sinks:
             sink.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self: _Owner) -> _Owner:
         return self
 
     def __exit__(self, *exc: object) -> None:
