@@ -45,8 +45,6 @@ from ._info import BalanceInfo
 from ._parameter_level import backward_parameters
 from ._representation_level import backward_representation
 from ._single_pass import backward_losses, backward_plain
-from ._verdict import decide, reject_step
-from ._weights import block_weights, head_coefficients, host_weights
 from ._window import (
     Window,
     close_window,
@@ -474,28 +472,6 @@ class BalancedOptimizer(Optimizer):
         """:meth:`_split_heads` of a fresh analysis of the graph."""
         return self._split_heads(analyse_graph(losses, blocks, self._managed()))
 
-    def _nonfinite(
-        self,
-        level: Literal["representation", "parameters"],
-        values: np.ndarray,
-        what: str,
-        bad: list[int],
-    ) -> BalanceInfo:
-        """Raise, or skip the step without touching the balancer state
-        (:func:`mtl._verdict.reject_step`)."""
-        return reject_step(self, level, values, what, bad)
-
-    def _decide(
-        self,
-        level: Literal["representation", "parameters"],
-        values: np.ndarray,
-        block_grams: np.ndarray | None,
-        grad_finite: bool = True,
-    ) -> BalanceInfo | None:
-        """The host-side verdict on a step: ``None`` to go on, else the skip (or a raise); see
-        :mod:`mtl._verdict`."""
-        return decide(self, level, values, block_grams, grad_finite)
-
     # -- distributed
     def _group(self) -> tuple[bool, Any]:
         """(active, group): whether losses and Gram matrices are all-reduced, and over what."""
@@ -503,19 +479,6 @@ class BalancedOptimizer(Optimizer):
             return False, None
         group = None if self.process_group == "auto" else self.process_group
         return dist.get_world_size(group) > 1, group
-
-    # -- weights (:mod:`mtl._weights`)
-    def _weights(
-        self, values: np.ndarray, block_grams: np.ndarray | None, num_blocks: int
-    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-        return host_weights(self, values, block_grams, num_blocks)
-
-    @staticmethod
-    def _block_weights(weights: np.ndarray, num_blocks: int) -> np.ndarray:
-        return block_weights(weights, num_blocks)
-
-    def _head_coefficients(self, weights: np.ndarray) -> list[float] | None:
-        return head_coefficients(weights, self.weight_heads)
 
     # -- representation level
     def _plain_backward_is_exact(self) -> bool:

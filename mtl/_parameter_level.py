@@ -20,7 +20,8 @@ from ._host import to_device
 from ._info import BalanceInfo
 from ._representation_level import row_buffers
 from ._transfer import transfer_grams
-from ._weights import balance_info
+from ._verdict import decide
+from ._weights import balance_info, block_weights, head_coefficients, host_weights
 from ._window import close_window
 
 if TYPE_CHECKING:
@@ -190,11 +191,11 @@ def backward_parameters(
     zero = [blk.zero_rows(j) for blk, j in pieces]
     grams = torch.stack([device_gram(r) for r in piece_rows])
     host_values, host_grams = transfer_grams(opt, values, grams, piece_rows, zero, gram_power=0)
-    verdict = opt._decide("parameters", host_values, host_grams)
+    verdict = decide(opt, "parameters", host_values, host_grams)
     if verdict is not None:
         return verdict
-    weights, gram, extras = opt._weights(host_values, host_grams, len(pieces))
-    bw = to_device(opt._block_weights(weights, len(pieces)), piece_rows[0].device)
+    weights, gram, extras = host_weights(opt, host_values, host_grams, len(pieces))
+    bw = to_device(block_weights(weights, len(pieces)), piece_rows[0].device)
     combined: list[tuple[Tensor, Tensor]] = []  # (parameter, its combined gradient)
     for (blk, j), r, w in zip(pieces, piece_rows, bw):
         flat = w.to(r.dtype) @ r
@@ -202,7 +203,7 @@ def backward_parameters(
             p = blk.params[jj]
             part = flat if j is not None else flat[blk.offsets[jj] : blk.offsets[jj + 1]]
             combined.append((p, combine_rows(part, blk.ids, p)))
-    coef = opt._head_coefficients(weights)
+    coef = head_coefficients(weights, opt.weight_heads)
     if parameter_update_mode(opt) == "backward":
         # one ordinary backward; hooks replace each shared parameter's incoming gradient,
         # so DDP's own hooks average the combined gradient as usual

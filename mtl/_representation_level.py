@@ -25,7 +25,8 @@ from ._gram import device_gram
 from ._host import to_device
 from ._info import BalanceInfo
 from ._transfer import transfer_grams
-from ._weights import balance_info
+from ._verdict import decide
+from ._weights import balance_info, block_weights, head_coefficients, host_weights
 from ._window import close_window
 
 if TYPE_CHECKING:
@@ -116,13 +117,13 @@ def backward_representation(
         rows, head_grads, zeros = representation_rows(opt, losses, blocks, heads, analysis.targets)
     grams = torch.stack([device_gram(r) for r in rows])
     host_values, host_grams = transfer_grams(opt, values, grams, rows, zeros)
-    verdict = opt._decide("representation", host_values, host_grams)
+    verdict = decide(opt, "representation", host_values, host_grams)
     if verdict is not None:
         return verdict
-    weights, gram, extras = opt._weights(host_values, host_grams, len(blocks))
-    bw = to_device(opt._block_weights(weights, len(blocks)), rows[0].device)
+    weights, gram, extras = host_weights(opt, host_values, host_grams, len(blocks))
+    bw = to_device(block_weights(weights, len(blocks)), rows[0].device)
     combined = [(bw[b].to(rows[b].dtype) @ rows[b]).view_as(blocks[b]) for b in range(len(blocks))]
-    coef = opt._head_coefficients(weights)
+    coef = head_coefficients(weights, opt.weight_heads)
     if heads is not None:
         torch.autograd.backward(blocks, grad_tensors=combined)  # the trunk only
         accumulate_head_grads(heads, head_grads, coef)

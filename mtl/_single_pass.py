@@ -21,7 +21,8 @@ from ._finite import nonfinite_flag
 from ._graph import depends_on
 from ._info import BalanceInfo
 from ._transfer import reduce_over_ranks
-from ._weights import balance_info
+from ._verdict import decide
+from ._weights import balance_info, host_weights
 from ._window import close_window, step_transfer
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def backward_plain(
     """
     _check_reached(opt, losses, blocks, level)
     # the weights depend on neither gradients nor losses (see _plain_backward_is_exact)
-    weights, _, extras = opt._weights(np.ones(len(losses)), None, len(blocks))
+    weights, _, extras = host_weights(opt, np.ones(len(losses)), None, len(blocks))
     flags: list[Tensor] = []
     handles = []
     if level == "representation":
@@ -86,7 +87,7 @@ def backward_plain(
     (host,) = step_transfer(opt, packed)
     assert host is not None
     k = values.shape[0]
-    verdict = opt._decide(level, host[:k], None, bool(host[k] == 0.0))
+    verdict = decide(opt, level, host[:k], None, bool(host[k] == 0.0))
     if verdict is not None:
         return verdict
     opt._window = None  # checked within this backward's transfer
@@ -108,10 +109,10 @@ def backward_losses(
     reduced, _ = reduce_over_ranks(opt, values, None)
     (host_values,) = step_transfer(opt, reduced)
     assert host_values is not None
-    verdict = opt._decide(level, host_values, None)
+    verdict = decide(opt, level, host_values, None)
     if verdict is not None:
         return verdict
-    weights, _, extras = opt._weights(host_values, None, 1)
+    weights, _, extras = host_weights(opt, host_values, None, 1)
     sum_backward(losses, [float(c) for c in weights])
     close_window(opt)
     return balance_info(opt, level, weights, host_values, None, None, extras)

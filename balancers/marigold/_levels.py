@@ -18,6 +18,7 @@ from mtl._combine import (
     replace_grad,
     weighted_sum,
 )
+from mtl._verdict import reject_step
 
 from .._rerun import cuda_indices
 from ._closure import (
@@ -74,15 +75,15 @@ def marigold_parameters(
     bad = opt._bad(host_values)
     if bad:
         _unstash_grads(stash, keep_new=False)
-        return opt._nonfinite("parameters", host_values, "loss", bad)
+        return reject_step(opt, "parameters", host_values, "loss", bad)
     if not math.isfinite(grad_sq) or not np.isfinite(scalars[1:]).all():
         _unstash_grads(stash, keep_new=False)
-        return opt._nonfinite("parameters", host_values, "gradient", opt._support())
+        return reject_step(opt, "parameters", host_values, "gradient", opt._support())
     h, extras = _estimate(opt, value_sums, raw_sums, grad_sq, world, u, scalars[1:], grad_sq)
     if h is not None and not np.isfinite(h).all():
         _unstash_grads(stash, keep_new=False)
-        return opt._nonfinite(
-            "parameters", host_values, "loss at the shifted parameters", opt._bad(h)
+        return reject_step(
+            opt, "parameters", host_values, "loss at the shifted parameters", opt._bad(h)
         )
     _unstash_grads(stash, keep_new=True)
     return _conclude(opt, "parameters", host_values, h, grad_sq, extras, remembered=grad_sq)
@@ -166,18 +167,18 @@ def marigold_representation(
     host_values = value_sums / world
     bad = opt._bad(host_values)
     if bad:
-        return opt._nonfinite("representation", host_values, "loss", bad)
+        return reject_step(opt, "representation", host_values, "loss", bad)
     shift_sq = float(scalars[0])
     grad_sq = shift_sq / world**2
     if not np.isfinite(scalars).all():
-        return opt._nonfinite("representation", host_values, "gradient", opt._support())
+        return reject_step(opt, "representation", host_values, "gradient", opt._support())
     # representation-level Gram convention under DDP: sum_r / W^2
     h, extras = _estimate(
         opt, value_sums, raw_sums, shift_sq, world**2, u, scalars[1:] / world**2, grad_sq
     )
     if h is not None and not np.isfinite(h).all():  # NaN on any rank reaches every rank
-        return opt._nonfinite(
-            "representation", host_values, "loss at the shifted representation", opt._bad(h)
+        return reject_step(
+            opt, "representation", host_values, "loss at the shifted representation", opt._bad(h)
         )
     coef = lam if opt.weight_heads else None
     if heads is not None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import mtl._representation_level as rep_level
+import mtl._single_pass as single_pass
 from mtl import BalancedOptimizer
 
 from .model import (
@@ -51,15 +52,19 @@ __all__ = [
 STAGES: tuple[tuple[Any, str, str], ...] = (
     (BalancedOptimizer, "_backward", "whole backward()"),
     (rep_level, "representation_rows", "K per-task passes through the heads + row copies"),
-    (BalancedOptimizer, "_weights", "the method's weights (host)"),
+    (rep_level, "host_weights", "the method's weights (host)"),
     (torch.autograd, "backward", "trunk backward (autograd.backward)"),
     (BalancedOptimizer, "_analyse", "graph analysis"),
     (rep_level, "close_window", "written-gradient flag"),
     (rep_level, "transfer_grams", "the one host transfer"),
     (rep_level, "device_gram", "Gram matrix on the device"),
     (rep_level, "accumulate_head_grads", "head gradients accumulated"),
-    (BalancedOptimizer, "_decide", "verdict"),
+    (rep_level, "decide", "verdict"),
     (rep_level, "balance_info", "BalanceInfo"),
+    # the same stages on the single-pass paths (EqualWeight's plain backward, loss-level methods)
+    (single_pass, "host_weights", "the method's weights (host)"),
+    (single_pass, "decide", "verdict"),
+    (single_pass, "balance_info", "BalanceInfo"),
 )
 #: the label of the balanced optimizer's ``step()`` (timed on the instance: ``torch.optim``
 #: patches ``step`` on each optimizer class when an instance is made)
@@ -164,7 +169,12 @@ def plain_stages(
 
 
 def _table(columns: dict[str, dict[str, float]]) -> str:
-    labels = ["whole step", *PLAIN_PARTS, *(label for _, _, label in STAGES), STEP_LABEL]
+    labels = [
+        "whole step",
+        *PLAIN_PARTS,
+        *dict.fromkeys(label for _, _, label in STAGES),
+        STEP_LABEL,
+    ]
     lines = [
         "| stage (µs per step) | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
