@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from mtl._gram import rescaled_gram
 
-from .._rerun import cuda_indices
 from ._functional import _TINY
 
 
@@ -121,10 +120,6 @@ class _Shift:
     def restore(self) -> None:
         if self.shifted:
             self._copy_back()
-
-
-#: the CUDA devices whose random state a closure call forks (one home: :mod:`balancers._rerun`)
-_cuda_indices = cuda_indices
 
 
 @contextmanager
